@@ -1,0 +1,48 @@
+"""The gathered low-rank ops (Punica's BGMV/SGMV idea) that every adapted layer calls.
+
+    y[i] = x[i] @ W.T + bias + scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T
+    s = index[i] (-1: base only), r = ranks[s] (default: max_rank)
+    A (slots, max_rank, in), B (slots, out, max_rank), scale (slots,) fp32, index int64
+
+Compiled kernels (adapterhub._C) when built, else the pure-PyTorch reference with the
+same results; `backend()` says which.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .loader import load_backend
+
+_BACKEND = load_backend()
+from . import meta  # noqa: E402,F401  (fake kernels and autograd, registered on the ops just defined)
+
+
+def backend() -> str:
+    """"compiled" when adapterhub._C runs the ops, "fallback" for the pure-PyTorch reference."""
+    return _BACKEND
+
+
+def lora_shrink(x: torch.Tensor, A: torch.Tensor, index: torch.Tensor,
+                ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """t (rows, max_rank) = x (rows, in) @ A[index].T per row, fp32 (fp64 for fp64 x); rows with -1 get 0."""
+    return torch.ops.adapterhub.lora_shrink(x, A, index, ranks)
+
+
+def lora_expand(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                index: torch.Tensor, ranks: torch.Tensor | None = None) -> None:
+    """y (rows, out) += scale[index] * t (rows, max_rank) @ B[index].T per row, in place; -1 rows untouched."""
+    torch.ops.adapterhub.lora_expand(y, t, B, scale, index, ranks)
+
+
+def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, scale: torch.Tensor, index: torch.Tensor,
+                ranks: torch.Tensor | None = None) -> torch.Tensor:
+    """x (n0, ..., in) -> (n0, ..., out): base linear plus the low-rank delta of slot index[i] for all of x[i].
+
+    Differentiable in x, W, bias, A and B. For per-token routing flatten x to (tokens, in).
+    """
+    return torch.ops.adapterhub.lora_linear(x, W, bias, A, B, scale, index, ranks)
+
+
+__all__ = ["backend", "lora_shrink", "lora_expand", "lora_linear"]

@@ -1,0 +1,106 @@
+// lora_linear and its backward, composed from ATen and the per-device kernels of
+// lora_shrink / lora_expand, so every device that has those two gets these too.
+//
+//   y[i] = x[i] @ W.T + bias + scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T   s = index[i], r = ranks[s]
+//
+// x may carry leading batch dims: x (n0, ..., in) with index (n0,); entry i routes every
+// position of x[i] (per-sequence routing). For per-token routing, flatten x to (tokens, in).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "segments.h"
+
+namespace adapterhub {
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+at::Tensor call_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& index, const OptTensor& ranks) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adapterhub::lora_shrink", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>();
+  return op.call(x, A, index, ranks);
+}
+
+void call_expand(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, const at::Tensor& scale,
+                 const at::Tensor& index, const OptTensor& ranks) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adapterhub::lora_expand", "")
+                       .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const OptTensor&)>();
+  op.call(y, t, B, scale, index, ranks);
+}
+
+// index (n0,) -> (rows,) for x (n0, ..., in) flattened to (rows, in).
+at::Tensor index_per_row(const at::Tensor& index, int64_t rows) {
+  const int64_t n0 = index.size(0);
+  if (n0 == rows || n0 == 0) return index;
+  return index.repeat_interleave(rows / n0);
+}
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& W, const OptTensor& bias, const at::Tensor& A,
+                       const at::Tensor& B, const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks) {
+  check_linear_args("lora_linear", x, W, bias, A, B, scale, index, ranks);
+  const int64_t in = x.size(-1), out = W.size(0);
+  auto x2 = x.view({-1, in});                                              // (rows, in)
+  auto y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (rows, out)
+  auto idx = index_per_row(index, x2.size(0));
+  auto t = call_shrink(x2, A, idx, ranks);  // (rows, max_rank) fp32
+  call_expand(y, t, B, scale, idx, ranks);
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return y.view(shape);
+}
+
+// Gradients of lora_linear for 2-D grad_y (rows, out) and x (rows, in), index (rows,):
+// grad_x (rows, in) including grad_y @ W, grad_A like A, grad_B like B. Rows are
+// grouped per slot on the host; each segment is a handful of small GEMMs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                    const at::Tensor& W, const at::Tensor& A,
+                                                                    const at::Tensor& B, const at::Tensor& scale,
+                                                                    const at::Tensor& index, const OptTensor& ranks) {
+  const char* op = "lora_linear_backward";
+  check_linear_args(op, x, W, c10::nullopt, A, B, scale, index, ranks);
+  check_dim(op, "grad_y", grad_y, 2, "(rows, out)");
+  check_dim(op, "x", x, 2, "(rows, in)");
+  check_size(op, "grad_y", grad_y, 0, x.size(0), "rows, = x.size(0)");
+  check_size(op, "grad_y", grad_y, 1, W.size(0), "out features, = W.size(0)");
+  const int64_t slots = A.size(0), max_rank = A.size(1);
+  const auto acc = intermediate_dtype(x.scalar_type());
+  auto grad_x = grad_y.mm(W);
+  auto grad_A = at::zeros_like(A);
+  auto grad_B = at::zeros_like(B);
+  auto index_host = index.cpu();
+  auto scale_host = scale.cpu();
+  auto ranks_host = ranks.has_value() ? c10::optional<at::Tensor>(ranks->cpu()) : c10::nullopt;
+  const int64_t* rk = ranks_host.has_value() ? ranks_host->data_ptr<int64_t>() : nullptr;
+  check_routing_values(op, index_host.data_ptr<int64_t>(), x.size(0), rk, slots, max_rank);
+  const Segments seg = group_rows_by_slot(index_host.data_ptr<int64_t>(), x.size(0), slots);
+  for (int64_t k = 0; k < seg.count(); ++k) {
+    const int64_t s = seg.slot[k], r = rk == nullptr ? max_rank : rk[s];
+    if (r == 0) continue;
+    const double sc = scale_host.data_ptr<float>()[s];
+    auto rows = at::from_blob(const_cast<int64_t*>(seg.rows_of(k)), {seg.length(k)}, at::kLong).to(x.device());
+    auto xs = x.index_select(0, rows).to(acc);                          // (n, in)
+    auto gs = grad_y.index_select(0, rows).to(acc);                     // (n, out)
+    auto As = A.select(0, s).narrow(0, 0, r).to(acc);                   // (r, in)
+    auto Bs = B.select(0, s).narrow(1, 0, r).to(acc);                   // (out, r)
+    auto ts = xs.mm(As.t());                                            // (n, r)
+    auto us = gs.mm(Bs);                                                // (n, r)
+    grad_x.index_add_(0, rows, us.mm(As).mul_(sc).to(grad_x.scalar_type()));
+    grad_B.select(0, s).narrow(1, 0, r).copy_(gs.t().mm(ts).mul_(sc));  // (out, r)
+    grad_A.select(0, s).narrow(0, 0, r).copy_(us.t().mm(xs).mul_(sc));  // (r, in)
+  }
+  return {grad_x, grad_A, grad_B};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adapterhub, CompositeExplicitAutograd, m) {
+  m.impl("lora_linear", &lora_linear);
+  m.impl("lora_linear_backward", &lora_linear_backward);
+}
+
+}  // namespace adapterhub

@@ -1,0 +1,28 @@
+// The op schemas of the `adapterhub` library and the Python module `adapterhub._C`.
+// Kernels register themselves per device (csrc/cpu, csrc/cuda); the composite
+// lora_linear and its backward live in csrc/lora_linear.cpp.
+// adapterhub/ops/schemas.py holds the same schema strings for the pure-PyTorch
+// fallback; tests/test_ops_registration.py checks that the two agree.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(adapterhub, m) {
+  m.set_python_module("adapterhub.ops.meta");
+  m.def("lora_shrink(Tensor x, Tensor A, Tensor index, Tensor? ranks=None) -> Tensor");
+  m.def("lora_expand(Tensor(a!) y, Tensor t, Tensor B, Tensor scale, Tensor index, Tensor? ranks=None) -> ()");
+  m.def(
+      "lora_linear(Tensor x, Tensor W, Tensor? bias, Tensor A, Tensor B, Tensor scale, Tensor index, "
+      "Tensor? ranks=None) -> Tensor");
+  m.def(
+      "lora_linear_backward(Tensor grad_y, Tensor x, Tensor W, Tensor A, Tensor B, Tensor scale, "
+      "Tensor index, Tensor? ranks=None) -> (Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "adapterhub compiled core: gathered low-rank (LoRA) ops registered under torch.ops.adapterhub";
+#ifdef ADAPTERHUB_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
