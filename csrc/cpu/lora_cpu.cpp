@@ -14,27 +14,13 @@
 
 #include "checks.h"
 #include "segments.h"
+#include "cpu/row_kernels.h"
 
 namespace adapterhub {
 namespace {
 
 constexpr int64_t kMinRowsForGemm = 8;
 constexpr int64_t kOutChunk = 256;  // expand splits a row's outputs into chunks of this many for parallelism
-
-// sum_k a[k] * b[k] in acc_t, with independent lanes so the compiler vectorizes it.
-template <typename acc_t, typename scalar_t>
-inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
-  constexpr int kLanes = 16;
-  acc_t lane[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lane[j] += a[k + j] * static_cast<acc_t>(b[k + j]);
-  }
-  acc_t sum = 0;
-  for (int j = 0; j < kLanes; ++j) sum += lane[j];
-  for (; k < n; ++k) sum += a[k] * static_cast<acc_t>(b[k]);
-  return sum;
-}
 
 inline int64_t rank_of(const int64_t* ranks, int64_t slot, int64_t max_rank) {
   return ranks == nullptr ? max_rank : ranks[slot];
@@ -108,7 +94,7 @@ void shrink_rows(const at::Tensor& x, const at::Tensor& A, const int64_t* index,
       }
       const scalar_t* As = A_ptr + s * max_rank * in;
       acc_t* ti = t_ptr + i * max_rank;
-      for (int64_t q = 0; q < r; ++q) ti[q] = dot(xa, As + q * in, in);
+      for (int64_t q = 0; q < r; ++q) ti[q] = cpu::dot(xa, As + q * in, in);
     }
   });
 }
@@ -125,15 +111,16 @@ void expand_rows(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, const 
   const scalar_t* B_ptr = B.data_ptr<scalar_t>();
   const int64_t work = static_cast<int64_t>(rows.size()) * chunks;
   at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> c(max_rank), delta(kOutChunk);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t i = rows[w / chunks], s = index[i], r = rank_of(ranks, s, max_rank);
       const int64_t o_begin = (w % chunks) * kOutChunk, o_end = std::min(out, o_begin + kOutChunk);
       const acc_t sc = static_cast<acc_t>(scale[s]);
-      const acc_t* ti = t_ptr + i * max_rank;
-      const scalar_t* Bs = B_ptr + s * out * max_rank;
+      for (int64_t q = 0; q < r; ++q) c[q] = sc * t_ptr[i * max_rank + q];  // scale folded into t
+      cpu::gemv_rows(c.data(), B_ptr + s * out * max_rank, max_rank, r, o_begin, o_end, delta.data());
       scalar_t* yi = y_ptr + i * out;
       for (int64_t o = o_begin; o < o_end; ++o) {
-        yi[o] = static_cast<scalar_t>(static_cast<acc_t>(yi[o]) + sc * dot(ti, Bs + o * max_rank, r));
+        yi[o] = static_cast<scalar_t>(static_cast<acc_t>(yi[o]) + delta[o - o_begin]);
       }
     }
   });

@@ -1,0 +1,36 @@
+# make demo: the main job on this machine (until the server lands: the op benchmark table).
+# make test: the test suite.  make bench: every benchmark, side by side with its peer.
+# Each target creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: test bench demo cuda-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): $(PY) $(SOURCES)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja pybind11
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]" --no-build-isolation
+	touch $(INSTALLED)
+
+cuda-check:
+	@if command -v nvcc >/dev/null 2>&1 && [ -f csrc/cuda/compile_check.sh ]; then \
+		bash csrc/cuda/compile_check.sh; \
+	else echo "cuda-check: no nvcc here, CUDA sources not compile-checked"; fi
+
+test: $(INSTALLED) cuda-check
+	$(PY) -m pytest -q
+
+bench: $(INSTALLED)
+	$(PY) -m pytest bench -q
+
+demo: $(INSTALLED)
+	$(PY) -m pytest bench/bench_ops.py -q --benchmark-disable-gc --benchmark-columns=median,rounds
+
+clean:
+	rm -rf build adapterhub/_C*.so *.egg-info
