@@ -54,7 +54,7 @@ inline void check_routing(const char* op, const at::Tensor& index, const c10::op
                           int64_t rows, int64_t slots, int64_t max_rank, const at::Tensor& x) {
   check_dim(op, "index", index, 1, "(rows,)");
   check_dtype(op, "index", index, at::kLong, "one slot id per row, -1 = no adapter");
-  TORCH_CHECK_VALUE(index.size(0) == rows, op, ": index has ", index.size(0), " entries but x has ", rows,
+  TORCH_CHECK_VALUE(index.size(0) == rows, op, ": index has ", index.size(0), " entries but the batch has ", rows,
               " rows; give one slot id per row (-1 = no adapter)");
   check_same_device(op, "index", index, x);
   check_contiguous(op, "index", index);
@@ -158,6 +158,17 @@ inline void check_linear_args(const char* op, const at::Tensor& x, const at::Ten
     check_contiguous(op, name, *tensor);
   }
   check_routing(op, index, ranks, x.size(0), A.size(0), A.size(1), x);
+}
+
+// grad_y (rows, out) and x (rows, in) of lora_linear_backward, on top of check_linear_args.
+inline void check_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& W) {
+  check_dim(op, "x", x, 2, "(rows, in)");
+  check_dim(op, "grad_y", grad_y, 2, "(rows, out)");
+  check_size(op, "grad_y", grad_y, 0, x.size(0), "rows, = x.size(0)");
+  check_size(op, "grad_y", grad_y, 1, W.size(0), "out features, = W.size(0)");
+  check_dtype(op, "grad_y", grad_y, x.scalar_type(), "the dtype of x");
+  check_same_device(op, "grad_y", grad_y, x);
+  check_contiguous(op, "grad_y", grad_y);
 }
 
 }  // namespace adapterhub

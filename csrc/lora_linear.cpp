@@ -62,11 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(const at::Te
                                                                     const at::Tensor& B, const at::Tensor& scale,
                                                                     const at::Tensor& index, const OptTensor& ranks) {
   const char* op = "lora_linear_backward";
+  check_backward_args(op, grad_y, x, W);
   check_linear_args(op, x, W, c10::nullopt, A, B, scale, index, ranks);
-  check_dim(op, "grad_y", grad_y, 2, "(rows, out)");
-  check_dim(op, "x", x, 2, "(rows, in)");
-  check_size(op, "grad_y", grad_y, 0, x.size(0), "rows, = x.size(0)");
-  check_size(op, "grad_y", grad_y, 1, W.size(0), "out features, = W.size(0)");
   const int64_t slots = A.size(0), max_rank = A.size(1);
   const auto acc = intermediate_dtype(x.scalar_type());
   auto grad_x = grad_y.mm(W);

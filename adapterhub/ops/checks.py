@@ -62,7 +62,7 @@ def check_routing(op: str, index: torch.Tensor, ranks: torch.Tensor | None, rows
     check_dim(op, "index", index, 1, "(rows,)")
     check_dtype(op, "index", index, torch.int64, "one slot id per row, -1 = no adapter")
     if index.size(0) != rows:
-        _fail(op, f"index has {index.size(0)} entries but x has {rows} rows; "
+        _fail(op, f"index has {index.size(0)} entries but the batch has {rows} rows; "
                   "give one slot id per row (-1 = no adapter)")
     check_same_device(op, "index", index, x)
     check_contiguous(op, "index", index)
@@ -151,3 +151,14 @@ def check_linear_args(op: str, x, W, bias, A, B, scale, index, ranks) -> None:
         check_same_device(op, name, tensor, x)
         check_contiguous(op, name, tensor)
     check_routing(op, index, ranks, x.size(0), A.size(0), x)
+
+
+def check_backward_args(op: str, grad_y, x, W) -> None:
+    """grad_y (rows, out) and x (rows, in) of lora_linear_backward, on top of check_linear_args."""
+    check_dim(op, "x", x, 2, "(rows, in)")
+    check_dim(op, "grad_y", grad_y, 2, "(rows, out)")
+    check_size(op, "grad_y", grad_y, 0, x.size(0), "rows, = x.size(0)")
+    check_size(op, "grad_y", grad_y, 1, W.size(0), "out features, = W.size(0)")
+    check_dtype(op, "grad_y", grad_y, x.dtype, "the dtype of x")
+    check_same_device(op, "grad_y", grad_y, x)
+    check_contiguous(op, "grad_y", grad_y)

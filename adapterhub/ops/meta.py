@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_expand_args, check_linear_args, check_shrink_args, intermediate_dtype
+from .checks import check_backward_args, check_expand_args, check_linear_args, check_shrink_args, intermediate_dtype
 from .reference import index_per_row
 
 
@@ -33,6 +33,7 @@ def _linear_fake(x, W, bias, A, B, scale, index, ranks=None):
 
 @torch.library.register_fake("adapterhub::lora_linear_backward")
 def _linear_backward_fake(grad_y, x, W, A, B, scale, index, ranks=None):
+    check_backward_args("lora_linear_backward", grad_y, x, W)
     check_linear_args("lora_linear_backward", x, W, None, A, B, scale, index, ranks)
     return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B)
 

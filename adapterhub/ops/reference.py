@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .checks import (
+    check_backward_args,
     check_expand_args,
     check_linear_args,
     check_routing_values,
@@ -73,6 +74,7 @@ def lora_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, W: torch.Tensor,
                          B: torch.Tensor, scale: torch.Tensor, index: torch.Tensor,
                          ranks: torch.Tensor | None = None):
     """grad_y (rows, out), x (rows, in) -> grad_x (rows, in) with the base term, grad_A like A, grad_B like B."""
+    check_backward_args("lora_linear_backward", grad_y, x, W)
     check_linear_args("lora_linear_backward", x, W, None, A, B, scale, index, ranks)
     check_routing_values("lora_linear_backward", index, ranks, A.size(0), A.size(1))
     acc = intermediate_dtype(x.dtype)

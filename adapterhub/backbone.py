@@ -1,0 +1,338 @@
+"""Backbone: one frozen model, many resident adapters in preallocated slots, routed per row.
+
+    bb = Backbone(model, max_adapters=64, max_rank=64)
+    bb.load("org/name", name="support"); bb.load("./legal-lora", name="legal")
+    with bb.use(["support", "legal", None]):   # one adapter per row, None = base
+        model(ids)
+
+Loading reads and checks the whole adapter before touching any slot, then copies it into
+a free slot of every target module (evicting the least recently used unpinned adapter
+when all are taken). Nothing in the model is rebuilt or reshaped, so a compiled model
+never recompiles. A swap writes the new weights into another slot and then remaps the
+name, so a batch in flight finishes on the weights it started with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import AdapterError
+from .formats import LoraAdapter, LoraModule, read_peft_lora, write_peft_lora
+from .host_cache import HostCache
+from .hub import resolve
+from .layers import HeadSlots, LoraSlots, Routing, is_conv1d, linear_weight
+from .slots import SlotTable
+
+log = logging.getLogger("adapterhub")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What `Backbone.info` tells about a resident adapter."""
+
+    name: str
+    source: str
+    slot: int
+    rank: int
+    modules: int
+    use_dora: bool
+    nbytes: int
+    pinned: bool
+    config: dict
+
+
+@dataclass
+class _Record:
+    source_key: tuple
+    config: dict
+    rank: int
+    modules: int
+    use_dora: bool
+    nbytes: int
+    heads: tuple[str, ...]
+
+
+def find_targets(model: nn.Module, target_modules: Sequence[str] | str | None) -> dict[str, nn.Module]:
+    """Linear layers to adapt: by default every nn.Linear / Conv1D inside the model's repeated
+    blocks (any nn.ModuleList); else names (exact or dotted suffix) or one regex (full match)."""
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+    if target_modules is None:
+        blocks = [name + "." for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        chosen = {n: m for n, m in linear.items() if any(n.startswith(b) for b in blocks)}
+    elif isinstance(target_modules, str):
+        chosen = {n: m for n, m in linear.items() if re.fullmatch(target_modules, n)}
+    else:
+        wanted = list(target_modules)
+        chosen = {n: m for n, m in linear.items() if any(n == t or n.endswith("." + t) for t in wanted)}
+    if not chosen:
+        raise AdapterError(f"no linear layer of {type(model).__name__} matches target_modules={target_modules!r}; "
+                           f"linear layers include {sorted(linear)[:8]}")
+    return chosen
+
+
+class Backbone:
+    """A frozen model serving many adapters at once. See the module docstring."""
+
+    def __init__(self, model: nn.Module, *, max_adapters: int = 16, max_rank: int = 16,
+                 target_modules: Sequence[str] | str | None = None, host_cache_bytes: int = 1 << 30):
+        if max_adapters < 1 or max_rank < 1:
+            raise ValueError(f"max_adapters and max_rank must be >= 1, got {max_adapters} and {max_rank}")
+        self.model = model.requires_grad_(False)
+        self.max_adapters, self.max_rank = max_adapters, max_rank
+        self.routing = Routing()
+        self.table = SlotTable(max_adapters)
+        self.host_cache = HostCache(host_cache_bytes)
+        self._records: dict[str, _Record] = {}
+        self._lock = threading.RLock()  # slot table and records
+        self._use_lock = threading.Lock()  # one routed batch at a time
+        self._targets = find_targets(model, target_modules)
+        self._lora: dict[str, LoraSlots] = {}
+        for path, module in self._targets.items():
+            slots = LoraSlots(module, self.routing, max_adapters, max_rank)
+            module.add_module("adapterhub_lora", slots)
+            module.register_forward_hook(slots.hook)
+            self._lora[path] = slots
+        self._heads: dict[str, HeadSlots] = {}
+
+    # ---- what is resident --------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self.table.slot_of)
+
+    def info(self, name: str) -> AdapterInfo:
+        with self._lock:
+            record = self._record(name)
+            return AdapterInfo(name=name, source=record.source_key[0], slot=self.table.slot_of[name],
+                               rank=record.rank, modules=record.modules, use_dora=record.use_dora,
+                               nbytes=record.nbytes, pinned=name in self.table.pinned, config=dict(record.config))
+
+    def pin(self, name: str) -> None:
+        """Keeps `name` resident: LRU eviction passes it over until `unpin`."""
+        with self._lock:
+            self._record(name)
+            self.table.pinned.add(name)
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            self._record(name)
+            self.table.pinned.discard(name)
+
+    # ---- loading -------------------------------------------------------------------------
+    def load(self, source: str | os.PathLike, name: str | None = None, *, revision: str | None = None,
+             subfolder: str | None = None, token: str | bool | None = None,
+             cache_dir: str | os.PathLike | None = None, allow_pickle: bool = False) -> str:
+        """Loads a PEFT LoRA adapter (local directory or Hub repo id) into a free slot; returns its name."""
+        name = name or os.path.basename(os.path.normpath(str(subfolder or source)))
+        with self._lock:
+            if name in self._records:
+                raise AdapterError(f"an adapter named {name!r} is already loaded (from "
+                                   f"{self._records[name].source_key[0]}); use swap({name!r}, ...) to replace "
+                                   "its weights, or load under another name")
+        key = (str(source), revision, subfolder)
+        adapter = self._fetch(key, token, cache_dir, allow_pickle)
+        self._check(adapter)
+        with self._lock:
+            if name in self._records:
+                raise AdapterError(f"an adapter named {name!r} was loaded meanwhile; use swap to replace it")
+            slot = self._free_slot(name)
+            self._write(slot, adapter)
+            self._remember(name, slot, key, adapter)
+        return name
+
+    def swap(self, name: str, source: str | os.PathLike, *, revision: str | None = None,
+             subfolder: str | None = None, token: str | bool | None = None,
+             cache_dir: str | os.PathLike | None = None, allow_pickle: bool = False) -> None:
+        """Replaces `name`'s weights with those at `source`; batches in flight finish on the old ones."""
+        with self._lock:
+            self._record(name)
+        key = (str(source), revision, subfolder)
+        adapter = self._fetch(key, token, cache_dir, allow_pickle)
+        self._check(adapter)
+        with self._lock:
+            pinned = name in self.table.pinned
+            old = self.table.slot_of[name]
+            # Another slot if one is free or no batch reads the old one (no batch can start
+            # while we hold the lock); else evict another adapter rather than tear one in flight.
+            if self.table.free_slots() or self.table.in_flight.get(old):
+                slot = self._free_slot(name, keep=name)
+            else:
+                slot = old
+            self.table.remove(name)
+            self._forget_heads(old)
+            self._write(slot, adapter)
+            self._remember(name, slot, key, adapter)
+            if pinned:
+                self.table.pinned.add(name)
+            log.info("swapped adapter %r: slot %d -> %d", name, old, slot)
+
+    def unload(self, name: str) -> None:
+        """Removes `name`; its slot is reused once no batch in flight reads it."""
+        with self._lock:
+            self._record(name)
+            self._forget_heads(self.table.remove(name))
+            del self._records[name]
+
+    def save(self, name: str, directory: str | os.PathLike) -> None:
+        """Writes `name` in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+        with self._lock:
+            write_peft_lora(self._extract(name), directory)
+
+    # ---- routing -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def use(self, names: str | None | Sequence[str | None]) -> Iterator[None]:
+        """Routes forwards inside the block: one name (or None) for all rows, or one per row.
+
+        Generation works unchanged: num_beams copies of a row keep that row's adapter. One
+        routed block runs at a time; swaps and loads from other threads go on meanwhile.
+        """
+        per_row = [names] if names is None or isinstance(names, str) else list(names)
+        with self._use_lock:
+            with self._lock:
+                slots = [self._slot_for_use(n) for n in per_row]
+                used = sorted({s for s in slots if s >= 0})
+                self.table.acquire(used)
+                owners = {self.table.slot_of[n]: self._records[n] for n in per_row if n is not None}
+            device = next(iter(self._lora.values())).A.device
+            self.routing.set(torch.tensor(slots, dtype=torch.long, device=device),
+                             dora=any(r.use_dora for r in owners.values()),
+                             head_slots=tuple(s for s, r in sorted(owners.items()) if r.heads))
+            try:
+                yield
+            finally:
+                self.routing.set(None)
+                with self._lock:
+                    self.table.release(used)
+
+    # ---- internals -----------------------------------------------------------------------
+    def _record(self, name: str) -> _Record:
+        if name not in self._records:
+            raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {sorted(self._records)}")
+        return self._records[name]
+
+    def _slot_for_use(self, name: str | None) -> int:
+        if name is None:
+            return -1
+        self._record(name)
+        self.table.touch(name)
+        return self.table.slot_of[name]
+
+    def _fetch(self, key: tuple, token, cache_dir, allow_pickle: bool) -> LoraAdapter:
+        cached = self.host_cache.take(key)
+        if cached is not None:
+            return cached
+        source, revision, subfolder = key
+        directory = resolve(source, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
+        return read_peft_lora(directory, allow_pickle=allow_pickle)
+
+    def _check(self, adapter: LoraAdapter) -> None:
+        """Every tensor fits a target module and the slots; raises before anything is written."""
+        all_modules = dict(self.model.named_modules())
+        for path, module in adapter.modules.items():
+            if path not in self._lora:
+                why = ("does not exist in the model" if path not in all_modules
+                       else "is not a target module of this Backbone (pass target_modules including it)")
+                raise AdapterError(f"{adapter.source}: the adapter adapts module {path!r}, which {why}; "
+                                   f"target modules include {sorted(self._lora)[:6]}")
+            slots = self._lora[path]
+            r = module.A.size(0)
+            if r > self.max_rank:
+                raise AdapterError(f"{adapter.source}: module {path!r} has rank {r} > max_rank {self.max_rank}; "
+                                   f"create the Backbone with max_rank >= {adapter.rank}")
+            expected = {"lora_A": (r, slots.in_features), "lora_B": (slots.out_features, r)}
+            for tensor_name, tensor in (("lora_A", module.A), ("lora_B", module.B)):
+                if tuple(tensor.shape) != expected[tensor_name]:
+                    raise AdapterError(f"{adapter.source}: tensor {path}.{tensor_name} has shape "
+                                       f"{tuple(tensor.shape)}, expected {expected[tensor_name]} for this backbone; "
+                                       "was the adapter trained on another base model?")
+            if module.magnitude is not None and tuple(module.magnitude.shape) != (slots.out_features,):
+                raise AdapterError(f"{adapter.source}: tensor {path}.lora_magnitude_vector has shape "
+                                   f"{tuple(module.magnitude.shape)}, expected ({slots.out_features},)")
+        for path, state in adapter.modules_to_save.items():
+            module = all_modules.get(path)
+            if not isinstance(module, nn.Linear):
+                raise AdapterError(f"{adapter.source}: modules_to_save names {path!r}, which is "
+                                   f"{'missing from the model' if module is None else type(module).__name__}; "
+                                   "only nn.Linear modules can be saved per adapter")
+            for key, tensor in state.items():
+                own = getattr(module, key, None)
+                if own is None or own.shape != tensor.shape:
+                    raise AdapterError(f"{adapter.source}: tensor {path}.{key} has shape {tuple(tensor.shape)}, "
+                                       f"expected {None if own is None else tuple(own.shape)}")
+
+    def _free_slot(self, name: str, keep: str | None = None) -> int:
+        free = self.table.free_slots()
+        if free:
+            return free[0]
+        victim = self.table.eviction_candidate(exclude=keep)
+        if victim is None:
+            raise AdapterError(f"cannot load {name!r}: all {self.max_adapters} slots are pinned or in use by "
+                               "batches in flight; unpin or unload an adapter, or create the Backbone with a "
+                               "larger max_adapters")
+        self.host_cache.put(self._records[victim].source_key, self._extract(victim))
+        slot = self.table.remove(victim)
+        self._forget_heads(slot)
+        del self._records[victim]
+        log.info("evicted adapter %r (least recently used) from slot %d to make room for %r", victim, slot, name)
+        return slot
+
+    def _write(self, slot: int, adapter: LoraAdapter) -> None:
+        for path, slots in self._lora.items():
+            module = adapter.modules.get(path)
+            weight = linear_weight(self._targets[path])
+            if module is None:
+                slots.write(slot, None, None, 0.0, None, weight)
+            else:
+                slots.write(slot, module.A, module.B, module.scale, module.magnitude, weight)
+        for path, state in adapter.modules_to_save.items():
+            head = self._head(path)
+            head.weight[slot].copy_(state["weight"])
+            head.bias[slot].copy_(state.get("bias", torch.zeros_like(head.bias[slot])))
+            head.present.add(slot)
+
+    def _head(self, path: str) -> HeadSlots:
+        if path not in self._heads:
+            module = self.model.get_submodule(path)
+            head = HeadSlots(module, self.routing, self.max_adapters)
+            module.add_module("adapterhub_head", head)
+            module.register_forward_hook(head.hook)
+            self._heads[path] = head
+        return self._heads[path]
+
+    def _forget_heads(self, slot: int) -> None:
+        for head in self._heads.values():
+            head.present.discard(slot)
+
+    def _remember(self, name: str, slot: int, key: tuple, adapter: LoraAdapter) -> None:
+        self.table.assign(name, slot)
+        self._records[name] = _Record(source_key=key, config=dict(adapter.config), rank=adapter.rank,
+                                      modules=len(adapter.modules), use_dora=adapter.use_dora,
+                                      nbytes=adapter.nbytes(), heads=tuple(adapter.modules_to_save))
+
+    def _extract(self, name: str) -> LoraAdapter:
+        """The resident adapter copied out of its slot, as read from disk."""
+        record, slot = self._records[name], self.table.slot_of[name]
+        modules = {}
+        for path, slots in self._lora.items():
+            found = slots.read(slot, record.use_dora)
+            if found is not None:
+                A, B, scale, magnitude = found
+                modules[path] = LoraModule(A=A, B=B, scale=scale, magnitude=magnitude)
+        heads = {}
+        for path in record.heads:
+            head = self._heads[path]
+            heads[path] = {"weight": head.weight[slot].clone()}
+            if head.has_bias:
+                heads[path]["bias"] = head.bias[slot].clone()
+        return LoraAdapter(config=dict(record.config), modules=modules, modules_to_save=heads,
+                           source=record.source_key[0], use_dora=record.use_dora,
+                           fan_in_fan_out=bool(record.config.get("fan_in_fan_out", False)))

@@ -1,0 +1,46 @@
+"""Recently evicted adapters kept in host memory, bounded in bytes, so that loading one
+again costs a copy into a slot instead of a read from disk or the Hub."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Hashable
+
+from .formats import LoraAdapter
+
+
+class HostCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Hashable, LoraAdapter] = OrderedDict()  # least recent first
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def put(self, key: Hashable, adapter: LoraAdapter) -> None:
+        size = adapter.nbytes()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                self._bytes -= self._entries.pop(key).nbytes()
+            self._entries[key] = adapter
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.nbytes()
+
+    def take(self, key: Hashable) -> LoraAdapter | None:
+        """The cached adapter for `key`, removed from the cache (it is about to live in a slot)."""
+        with self._lock:
+            adapter = self._entries.pop(key, None)
+            if adapter is not None:
+                self._bytes -= adapter.nbytes()
+            return adapter
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,345 @@
+// CUDA kernels of the gathered low-rank ops. Needs only the CUDA toolkit (no ATen), so
+// csrc/cuda/compile_check.sh compiles them with nvcc on a machine without torch or GPU.
+//
+//   shrink: t[i, q]  = x[i] . A[s, q]                    q < r;  t[i, q] = 0 for r <= q < R
+//   expand: y[i, o] += scale[s] * sum_{q<r} t[i, q] * B[s, o, q]
+//   s = index[i] (-1: no adapter), r = ranks[s] (R = max_rank when ranks is null)
+//   x (rows, in), A (slots, R, in), t (rows, R), B (slots, out, R), y (rows, out), all contiguous.
+//
+// Work comes in items of kRows rows that share one slot:
+//   BGMV (kRows = 1): one item per row, the slot read on the device; decode batches and
+//     CUDA-graph capture (no host knowledge of the index needed).
+//   SGMV (kRows > 1): the host groups a segment's rows into items (Routing::items), so each
+//     weight vector loaded feeds kRows rows; prefill batches.
+// Both accumulate in fp32 (fp64 for fp64), load 16-byte vectors when VEC > 1 (the launcher
+// checks sizes and alignment), never read A/B padding beyond the slot's rank (B vectors
+// straddling r are masked), and are safe for any index/ranks values: a slot outside
+// [0, slots) acts as -1 and a rank is clamped to [0, R], so nothing is read out of bounds.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace adapterhub {
+namespace cuda {
+
+// ---- element types ------------------------------------------------------------------
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// Elements per 16-byte vector: 8 for fp16/bf16, 4 for fp32, 2 for fp64.
+template <typename T>
+constexpr int kVecWidth = 16 / static_cast<int>(sizeof(T));
+
+template <int Bytes>
+struct RawOf;
+template <>
+struct RawOf<16> {
+  using type = uint4;
+};
+template <>
+struct RawOf<8> {
+  using type = uint2;
+};
+template <>
+struct RawOf<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawOf<2> {
+  using type = unsigned short;
+};
+
+template <typename T, int N>
+struct Vec {
+  T v[N];
+};
+
+// N elements at p through the read-only cache, or zeros when !pred (p is not touched then).
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p, bool pred) {
+  using Raw = typename RawOf<sizeof(T) * N>::type;
+  Raw raw{};
+  if (pred) raw = __ldg(reinterpret_cast<const Raw*>(p));
+  Vec<T, N> out;
+  memcpy(&out, &raw, sizeof(raw));
+  return out;
+}
+
+// a[m] for a run-time m, by compile-time indices only (a run-time index would move `a` to local memory).
+template <typename V, int M>
+__device__ __forceinline__ V pick(const V (&a)[M], int m) {
+  V v = a[0];
+#pragma unroll
+  for (int k = 1; k < M; ++k) v = k == m ? a[k] : v;
+  return v;
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v, int width = 32) {
+  for (int off = width / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// ---- routing ------------------------------------------------------------------------
+
+struct Routing {
+  const int64_t* index;  // (rows,) slot per row, -1 = no adapter
+  const int64_t* ranks;  // (slots,) rank in use per slot, or nullptr: every slot has max_rank
+  const int64_t* items;  // (items * kRows,) row ids grouped by slot, -1 pads; nullptr: item w is row w
+  int64_t slots;
+  int64_t max_rank;
+};
+
+__device__ __forceinline__ int64_t slot_of(const Routing& route, int64_t row) {
+  const int64_t s = route.index[row];
+  return (s >= 0 && s < route.slots) ? s : -1;
+}
+
+__device__ __forceinline__ int64_t rank_of(const Routing& route, int64_t slot) {
+  if (slot < 0) return 0;
+  if (route.ranks == nullptr) return route.max_rank;
+  const int64_t r = route.ranks[slot];
+  return r < 0 ? 0 : (r > route.max_rank ? route.max_rank : r);
+}
+
+// Rows of item w and their shared slot (that of the first row). A row is valid when it
+// exists and routes to that slot, so a malformed item list can only skip rows.
+template <int M>
+__device__ __forceinline__ int64_t item_rows(const Routing& route, int64_t w, int64_t (&row)[M], bool (&valid)[M]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) row[m] = route.items != nullptr ? route.items[w * M + m] : w * M + m;
+  const int64_t slot = row[0] >= 0 ? slot_of(route, row[0]) : -1;
+#pragma unroll
+  for (int m = 0; m < M; ++m) valid[m] = row[m] >= 0 && (m == 0 || slot_of(route, row[m]) == slot);
+  return slot;
+}
+
+// ---- configurations -----------------------------------------------------------------
+
+// Shrink: a block computes kRows rows x kRanks ranks of t; its warps split the in dimension.
+// Each lane keeps kUnroll * (kRows + kRanks) vector loads in flight.
+struct BgmvShrink {
+  static constexpr int kRows = 1, kRanks = 4, kUnroll = 2;
+};
+struct SgmvShrink {
+  static constexpr int kRows = 4, kRanks = 4, kUnroll = 2;
+};
+constexpr int kShrinkMaxWarps = 8;
+
+// Expand: a block of kExpandThreads covers kOutputs outputs per lane group for kRows rows;
+// a group of `lanes` lanes shares one output row of B (its rank entries).
+struct BgmvExpand {
+  static constexpr int kRows = 1, kOutputs = 4;
+};
+struct SgmvExpand {
+  static constexpr int kRows = 4, kOutputs = 4;
+};
+constexpr int kExpandThreads = 256;
+
+// ---- shrink -------------------------------------------------------------------------
+
+template <typename T>
+struct ShrinkParams {
+  const T* x;      // (rows, in)
+  const T* A;      // (slots, R, in)
+  acc_t<T>* t;     // (rows, R)
+  Routing route;
+  int64_t in;
+};
+
+// grid (items, ceil(R / kRanks)), block 32 * warps (warps <= kShrinkMaxWarps).
+template <typename T, int VEC, typename Cfg>
+__global__ void __launch_bounds__(32 * kShrinkMaxWarps) lora_shrink_kernel(ShrinkParams<T> p) {
+  constexpr int M = Cfg::kRows, Q = Cfg::kRanks, U = Cfg::kUnroll;
+  using Acc = acc_t<T>;
+  __shared__ Acc partial[kShrinkMaxWarps][M * Q];
+
+  const int64_t R = p.route.max_rank;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * Q;
+  int64_t row[M];
+  bool valid[M];
+  const int64_t slot = item_rows<M>(p.route, blockIdx.x, row, valid);
+  const int64_t r = rank_of(p.route, slot);
+
+  if (q0 >= r) {  // whole block in the padding (or no adapter): zeros, no weight reads
+    for (int i = threadIdx.x; i < M * Q; i += blockDim.x) {
+      const int m = i / Q;
+      const int64_t q = q0 + i % Q;
+      if (pick(valid, m) && q < R) p.t[pick(row, m) * R + q] = Acc(0);
+    }
+    return;
+  }
+
+  const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int nvec = static_cast<int>(p.in / VEC);
+  const int stride = warps * 32;
+  const T* xrow[M];
+  const T* arow[Q];
+  bool live[Q];
+#pragma unroll
+  for (int m = 0; m < M; ++m) xrow[m] = p.x + (valid[m] ? row[m] : 0) * p.in;
+#pragma unroll
+  for (int j = 0; j < Q; ++j) {
+    live[j] = q0 + j < r;
+    arow[j] = p.A + (slot * R + (live[j] ? q0 + j : 0)) * p.in;
+  }
+
+  Acc acc[M][Q] = {};
+  for (int base = warp * 32 + lane; base < nvec; base += stride * U) {
+    Vec<T, VEC> xv[U][M], av[U][Q];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = base + u * stride;
+#pragma unroll
+      for (int m = 0; m < M; ++m) xv[u][m] = load_vec<T, VEC>(xrow[m] + k * VEC, k < nvec && valid[m]);
+#pragma unroll
+      for (int j = 0; j < Q; ++j) av[u][j] = load_vec<T, VEC>(arow[j] + k * VEC, k < nvec && live[j]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int j = 0; j < Q; ++j) acc[m][j] += to_acc(xv[u][m].v[e]) * to_acc(av[u][j].v[e]);
+  }
+
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int j = 0; j < Q; ++j) {
+      const Acc v = warp_sum(acc[m][j]);
+      if (lane == 0) partial[warp][m * Q + j] = v;
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < M * Q; i += blockDim.x) {
+    const int m = i / Q;
+    const int64_t q = q0 + i % Q;
+    if (!pick(valid, m) || q >= R) continue;
+    Acc sum = 0;
+    for (int w = 0; w < warps; ++w) sum += partial[w][i];
+    p.t[pick(row, m) * R + q] = q < r ? sum : Acc(0);
+  }
+}
+
+// ---- expand -------------------------------------------------------------------------
+
+template <typename T>
+struct ExpandParams {
+  T* y;                 // (rows, out)
+  const acc_t<T>* t;    // (rows, R)
+  const T* B;           // (slots, out, R)
+  const float* scale;   // (slots,)
+  Routing route;
+  int64_t out;
+  int lanes;            // lanes per output: a power of two in [1, 32]
+};
+
+// Lanes per output row of B for vectors of `vec` elements: enough for ceil(R / vec), at most 32.
+inline int expand_lanes(int64_t max_rank, int vec) {
+  const int64_t vectors = (max_rank + vec - 1) / vec;
+  int lanes = 1;
+  while (lanes < vectors && lanes < 32) lanes *= 2;
+  return lanes;
+}
+
+// Outputs one expand block covers.
+template <typename Cfg>
+inline int64_t expand_outputs_per_block(int lanes) {
+  return static_cast<int64_t>(kExpandThreads / lanes) * Cfg::kOutputs;
+}
+
+// grid (items, ceil(out / expand_outputs_per_block)), block kExpandThreads,
+// dynamic shared memory kRows * R * sizeof(acc_t<T>) (the items' t rows).
+template <typename T, int VEC, typename Cfg>
+__global__ void __launch_bounds__(kExpandThreads, 2) lora_expand_kernel(ExpandParams<T> p) {
+  constexpr int M = Cfg::kRows, OU = Cfg::kOutputs;
+  using Acc = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  Acc* t_sh = reinterpret_cast<Acc*>(smem);  // (M, R), zero beyond the slot's rank
+
+  const int64_t R = p.route.max_rank;
+  int64_t row[M];
+  bool valid[M];
+  const int64_t slot = item_rows<M>(p.route, blockIdx.x, row, valid);
+  const int64_t r = rank_of(p.route, slot);
+  if (r == 0) return;  // no adapter: y untouched, nothing read
+
+  for (int64_t i = threadIdx.x; i < M * R; i += blockDim.x) {
+    const int m = static_cast<int>(i / R);
+    const int64_t q = i % R;
+    t_sh[i] = (pick(valid, m) && q < r) ? p.t[pick(row, m) * R + q] : Acc(0);
+  }
+  __syncthreads();
+
+  const int L = p.lanes, groups = blockDim.x / L;
+  const int lg = threadIdx.x % L;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * groups * OU + threadIdx.x / L;
+  const int64_t nvec = (r + VEC - 1) / VEC;
+  const T* Bs = p.B + slot * p.out * R;
+
+  Acc acc[OU][M] = {};
+  for (int64_t pv = lg; pv < nvec; pv += L) {  // once per lane when R <= 32 * VEC
+    Vec<T, VEC> bv[OU];
+#pragma unroll
+    for (int u = 0; u < OU; ++u) {
+      const int64_t o = o0 + static_cast<int64_t>(u) * groups;
+      bv[u] = load_vec<T, VEC>(Bs + (o < p.out ? o : 0) * R + pv * VEC, o < p.out);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const int64_t q = pv * VEC + e;
+      Acc tq[M];
+#pragma unroll
+      for (int m = 0; m < M; ++m) tq[m] = t_sh[m * R + q];
+#pragma unroll
+      for (int u = 0; u < OU; ++u) {
+        const Acc b = q < r ? to_acc(bv[u].v[e]) : Acc(0);  // B padding may hold anything
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[u][m] += tq[m] * b;
+      }
+    }
+  }
+
+  const Acc sc = static_cast<Acc>(p.scale[slot]);
+#pragma unroll
+  for (int u = 0; u < OU; ++u) {
+    const int64_t o = o0 + static_cast<int64_t>(u) * groups;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const Acc v = warp_sum(acc[u][m], L);
+      if (lg == 0 && o < p.out && valid[m]) {
+        T* yo = p.y + row[m] * p.out + o;
+        store(yo, to_acc(*yo) + sc * v);
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace adapterhub

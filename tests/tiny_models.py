@@ -1,0 +1,62 @@
+"""Tiny backbones built from transformers configs, and PEFT adapters saved for them.
+
+Each builder seeds its own weights, so calling it twice gives two identical models:
+one for adapterhub, one for PEFT (which wraps the model it is given).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
+
+VOCAB = 128
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert_cls() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_peft_adapter(build, directory: pathlib.Path, seed: int, **lora_kwargs) -> pathlib.Path:
+    """Saves a PEFT LoRA adapter for `build()` with random (nonzero) weights; returns the directory."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build(), LoraConfig(**lora_kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if "magnitude" in name else 0.0))
+    model.save_pretrained(directory)
+    return pathlib.Path(directory)
+
+
+def peft_model(build, directory: pathlib.Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(build(), directory).eval()
+
+
+def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
