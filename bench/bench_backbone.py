@@ -71,7 +71,7 @@ def decode_inputs(model):
 def run_step(model, step, cache, **kw):
     with torch.no_grad():
         out = model(step, past_key_values=cache, use_cache=True, **kw).logits
-    cache.crop(16)
+    cache.crop(-1)  # drop the token just appended
     return out
 
 
