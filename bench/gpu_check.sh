@@ -10,6 +10,10 @@ out="${OUT:-bench/results}"
 mkdir -p "$out"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+# The GPU machines preset CC/CXX to /opt/gcc, whose C++ runtime differs from the one torch loads:
+# any C++ exception from the extension then crashes the process (seen: rc 139). Build with the
+# system compiler (ADAPTERHUB_CXX / ADAPTERHUB_CC choose another).
+if [[ -x /usr/bin/g++ ]]; then export CC="${ADAPTERHUB_CC:-/usr/bin/gcc}" CXX="${ADAPTERHUB_CXX:-/usr/bin/g++}"; fi
 deadline=$((SECONDS + ${CHECK_SECONDS:-400}))
 status=0
 
