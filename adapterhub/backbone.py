@@ -29,7 +29,7 @@ from .errors import AdapterError
 from .formats import LoraAdapter, LoraModule, read_peft_lora, write_peft_lora
 from .host_cache import HostCache
 from .hub import resolve
-from .layers import HeadSlots, LoraSlots, Routing, is_conv1d, linear_weight
+from .layers import HeadSlots, LoraSlots, Routing, is_conv1d
 from .slots import SlotTable
 
 log = logging.getLogger("adapterhub")
@@ -289,11 +289,10 @@ class Backbone:
     def _write(self, slot: int, adapter: LoraAdapter) -> None:
         for path, slots in self._lora.items():
             module = adapter.modules.get(path)
-            weight = linear_weight(self._targets[path])
             if module is None:
-                slots.write(slot, None, None, 0.0, None, weight)
+                slots.write(slot, None, None, 0.0, None, self._targets[path])
             else:
-                slots.write(slot, module.A, module.B, module.scale, module.magnitude, weight)
+                slots.write(slot, module.A, module.B, module.scale, module.magnitude, self._targets[path])
         for path, state in adapter.modules_to_save.items():
             head = self._head(path)
             head.weight[slot].copy_(state["weight"])

@@ -13,7 +13,7 @@ from .formats import LoraAdapter
 class HostCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, LoraAdapter] = OrderedDict()  # least recent first
+        self._entries: OrderedDict[Hashable, tuple[LoraAdapter, int]] = OrderedDict()  # (adapter, bytes), LRU first
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -27,19 +27,18 @@ class HostCache:
             return
         with self._lock:
             if key in self._entries:
-                self._bytes -= self._entries.pop(key).nbytes()
-            self._entries[key] = adapter
+                self._bytes -= self._entries.pop(key)[1]
+            self._entries[key] = (adapter, size)
             self._bytes += size
             while self._bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= dropped.nbytes()
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped
 
     def take(self, key: Hashable) -> LoraAdapter | None:
         """The cached adapter for `key`, removed from the cache (it is about to live in a slot)."""
         with self._lock:
-            adapter = self._entries.pop(key, None)
-            if adapter is not None:
-                self._bytes -= adapter.nbytes()
+            adapter, size = self._entries.pop(key, (None, 0))
+            self._bytes -= size
             return adapter
 
     def __len__(self) -> int:

@@ -85,25 +85,26 @@ class LoraSlots(nn.Module):
         self.dora_slots: set[int] = set()  # slots whose dora_scale row is not all ones
 
     def write(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float,
-              magnitude: torch.Tensor | None, weight: torch.Tensor) -> None:
+              magnitude: torch.Tensor | None, base: nn.Module) -> None:
         """Copies one adapter's tensors into `slot` (A (r, in), B (out, r)); None: the adapter skips this module.
 
         Only the first r ranks are written: the kernels never read past `ranks[slot]`.
         """
+        buffers = self._buffers  # direct access: this runs for every target module on every load
         r = 0 if A is None else A.size(0)
         if r:
-            self.A[slot, :r].copy_(A)
-            self.B[slot, :, :r].copy_(B)
-        self.scale[slot:slot + 1].fill_(scale if r else 0.0)
-        self.ranks[slot:slot + 1].fill_(r)
+            buffers["A"][slot, :r].copy_(A)
+            buffers["B"][slot, :, :r].copy_(B)
+        buffers["scale"][slot:slot + 1].fill_(scale if r else 0.0)
+        buffers["ranks"][slot:slot + 1].fill_(r)
         if slot in self.dora_slots:
-            self.dora_scale[slot].fill_(1.0)
+            buffers["dora_scale"][slot].fill_(1.0)
             self.dora_slots.discard(slot)
         if magnitude is not None and r:
-            self.magnitude[slot].copy_(magnitude)
+            buffers["magnitude"][slot].copy_(magnitude)
             delta = scale * (B.to(torch.float32) @ A.to(torch.float32))  # (out, in)
-            norm = torch.linalg.norm(weight.to(torch.float32) + delta, dim=1)  # (out,)
-            self.dora_scale[slot].copy_(magnitude.to(torch.float32) / norm)
+            norm = torch.linalg.norm(linear_weight(base).to(torch.float32) + delta, dim=1)  # (out,)
+            buffers["dora_scale"][slot].copy_(magnitude.to(torch.float32) / norm)
             self.dora_slots.add(slot)
 
     def read(self, slot: int, dora: bool) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None] | None:

@@ -144,6 +144,27 @@ def bench_load_with_32_resident(benchmark, setup, column):
     record("backbone_smollm2", "load one adapter, 32 resident", "peft" if column == "peft" else column, benchmark)
 
 
+def bench_load_with_1_resident(benchmark, setup):
+    """The same load with one adapter resident instead of 32: the cost must not depend on how many are."""
+    _, _, bb, _, dirs = setup
+    others = [f"a{i}" for i in range(1, RESIDENT)]
+    for name in others:
+        bb.unload(name)
+
+    def reset():
+        if "new" in bb.names:
+            bb.unload("new")
+
+    try:
+        benchmark.pedantic(lambda: bb.load(dirs[RESIDENT], name="new"), setup=reset, rounds=8, warmup_rounds=1,
+                           iterations=1)
+    finally:
+        reset()
+        for i, name in enumerate(others, start=1):
+            bb.load(dirs[i], name=name)
+    record("backbone_smollm2", "load one adapter, 1 resident", "ours", benchmark)
+
+
 @layout("backbone_smollm2")
 def backbone_table(rows: dict[str, dict[str, float]]) -> str:
     lines = ["| case (SmolLM2-135M, LoRA r=16 x 7 projections, fp32) | base ms | ours ms | PEFT ms "
