@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import AdapterError
 from .formats import LoraAdapter, LoraModule, read_peft_lora, write_peft_lora
-from .host_cache import HostCache
+from .host_cache import HostCache, source_key
 from .hub import resolve
 from .layers import HeadSlots, LoraSlots, Routing, is_conv1d
 from .slots import SlotTable
@@ -52,6 +52,7 @@ class AdapterInfo:
 
 @dataclass
 class _Record:
+    source: str
     source_key: tuple
     config: dict
     rank: int
@@ -94,6 +95,7 @@ class Backbone:
         self._records: dict[str, _Record] = {}
         self._lock = threading.RLock()  # slot table and records
         self._use_lock = threading.Lock()  # one routed batch at a time
+        self._use_owner: int | None = None  # the thread inside use()
         self._modules = dict(model.named_modules())  # before our slot modules are attached
         self._targets = find_targets(model, target_modules)
         self._lora: dict[str, LoraSlots] = {}
@@ -113,7 +115,7 @@ class Backbone:
     def info(self, name: str) -> AdapterInfo:
         with self._lock:
             record = self._record(name)
-            return AdapterInfo(name=name, source=record.source_key[0], slot=self.table.slot_of[name],
+            return AdapterInfo(name=name, source=record.source, slot=self.table.slot_of[name],
                                rank=record.rank, modules=record.modules, use_dora=record.use_dora,
                                nbytes=record.nbytes, pinned=name in self.table.pinned, config=dict(record.config))
 
@@ -135,19 +137,13 @@ class Backbone:
         """Loads a PEFT LoRA adapter (local directory or Hub repo id) into a free slot; returns its name."""
         name = name or os.path.basename(os.path.normpath(str(subfolder or source)))
         with self._lock:
-            if name in self._records:
-                raise AdapterError(f"an adapter named {name!r} is already loaded (from "
-                                   f"{self._records[name].source_key[0]}); use swap({name!r}, ...) to replace "
-                                   "its weights, or load under another name")
-        key = (str(source), revision, subfolder)
-        adapter = self._fetch(key, token, cache_dir, allow_pickle)
-        self._check(adapter)
-        with self._lock:
-            if name in self._records:
-                raise AdapterError(f"an adapter named {name!r} was loaded meanwhile; use swap to replace it")
+            self._check_new_name(name)
+        key, adapter = self._fetch(source, revision, subfolder, token, cache_dir, allow_pickle)
+        with self._placing(key, adapter):
+            self._check_new_name(name)
             slot = self._free_slot(name)
             self._write(slot, adapter)
-            self._remember(name, slot, key, adapter)
+            self._remember(name, slot, str(source), key, adapter)
         return name
 
     def swap(self, name: str, source: str | os.PathLike, *, revision: str | None = None,
@@ -156,31 +152,29 @@ class Backbone:
         """Replaces `name`'s weights with those at `source`; batches in flight finish on the old ones."""
         with self._lock:
             self._record(name)
-        key = (str(source), revision, subfolder)
-        adapter = self._fetch(key, token, cache_dir, allow_pickle)
-        self._check(adapter)
-        with self._lock:
+        key, adapter = self._fetch(source, revision, subfolder, token, cache_dir, allow_pickle)
+        with self._placing(key, adapter):
+            self._record(name)  # it may have been unloaded or evicted while the files were read
             pinned = name in self.table.pinned
             old = self.table.slot_of[name]
-            # Another slot if one is free or no batch reads the old one (no batch can start
-            # while we hold the lock); else evict another adapter rather than tear one in flight.
+            # Another slot if one is free or a batch reads the old one (no batch can start while
+            # we hold the lock); else the old slot in place.
             if self.table.free_slots() or self.table.in_flight.get(old):
                 slot = self._free_slot(name, keep=name)
             else:
                 slot = old
             self.table.remove(name)
-            self._forget_heads(old)
             self._write(slot, adapter)
-            self._remember(name, slot, key, adapter)
+            self._remember(name, slot, str(source), key, adapter)
             if pinned:
                 self.table.pinned.add(name)
             log.info("swapped adapter %r: slot %d -> %d", name, old, slot)
 
     def unload(self, name: str) -> None:
-        """Removes `name`; its slot is reused once no batch in flight reads it."""
+        """Removes `name` (pinned or not); its slot is reused once no batch in flight reads it."""
         with self._lock:
             self._record(name)
-            self._forget_heads(self.table.remove(name))
+            self.table.remove(name)
             del self._records[name]
 
     def save(self, name: str, directory: str | os.PathLike) -> None:
@@ -190,29 +184,41 @@ class Backbone:
 
     # ---- routing -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def use(self, names: str | None | Sequence[str | None]) -> Iterator[None]:
-        """Routes forwards inside the block: one name (or None) for all rows, or one per row.
+    def use(self, names: str | None | Sequence[str | None], *, repeat: int = 1) -> Iterator[None]:
+        """Routes every forward of the model inside the block.
 
-        Generation works unchanged: num_beams copies of a row keep that row's adapter. One
-        routed block runs at a time; swaps and loads from other threads go on meanwhile.
+        `names`: one name (or None = base) for all rows of any batch, or one per row of the batch.
+        `repeat`: rows per name, for generate() with num_beams x num_return_sequences > 1.
+        One block runs at a time (blocks in other threads wait; blocks do not nest), and while
+        it runs it routes this model's forwards from every thread. Loads, swaps and unloads from
+        other threads go on meanwhile.
         """
-        per_row = [names] if names is None or isinstance(names, str) else list(names)
+        broadcast = names is None or isinstance(names, str)
+        per_row = [names] if broadcast else list(names)
+        if not per_row or repeat < 1:
+            raise AdapterError(f"Backbone.use needs at least one name and repeat >= 1, got {names!r}, repeat={repeat}")
+        if self._use_owner == threading.get_ident():
+            raise AdapterError("Backbone.use blocks do not nest: leave the current block first")
         with self._use_lock:
-            with self._lock:
-                slots = [self._slot_for_use(n) for n in per_row]
-                used = sorted({s for s in slots if s >= 0})
-                self.table.acquire(used)
-                owners = {self.table.slot_of[n]: self._records[n] for n in per_row if n is not None}
-            device = next(iter(self._lora.values())).A.device
-            self.routing.set(torch.tensor(slots, dtype=torch.long, device=device),
-                             dora=any(r.use_dora for r in owners.values()),
-                             head_slots=tuple(s for s, r in sorted(owners.items()) if r.heads))
+            self._use_owner = threading.get_ident()
             try:
-                yield
-            finally:
-                self.routing.set(None)
                 with self._lock:
-                    self.table.release(used)
+                    slots = [self._slot_for_use(n) for n in per_row]
+                    used = sorted({s for s in slots if s >= 0})
+                    self.table.acquire(used)
+                    dora = any(self._records[n].use_dora for n in per_row if n is not None)
+                try:
+                    device = next(iter(self._lora.values())).A.device
+                    index = torch.tensor(slots, dtype=torch.long, device=device)
+                    self.routing.set(index.repeat_interleave(repeat) if repeat > 1 else index,
+                                     broadcast=broadcast, dora=dora)
+                    yield
+                finally:
+                    self.routing.set(None)
+                    with self._lock:
+                        self.table.release(used)
+            finally:
+                self._use_owner = None
 
     # ---- internals -----------------------------------------------------------------------
     def _record(self, name: str) -> _Record:
@@ -227,13 +233,31 @@ class Backbone:
         self.table.touch(name)
         return self.table.slot_of[name]
 
-    def _fetch(self, key: tuple, token, cache_dir, allow_pickle: bool) -> LoraAdapter:
-        cached = self.host_cache.take(key)
-        if cached is not None:
-            return cached
-        source, revision, subfolder = key
+    def _check_new_name(self, name: str) -> None:
+        if name in self._records:
+            raise AdapterError(f"an adapter named {name!r} is already loaded (from {self._records[name].source}); "
+                               f"use swap({name!r}, ...) to replace its weights, or load under another name")
+
+    def _fetch(self, source, revision, subfolder, token, cache_dir, allow_pickle: bool) -> tuple[tuple, LoraAdapter]:
+        """(key of the files, adapter): from the host cache when these very files were evicted, else read and checked."""
         directory = resolve(source, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir)
-        return read_peft_lora(directory, allow_pickle=allow_pickle)
+        key = source_key(directory)
+        adapter = self.host_cache.take(key)
+        if adapter is None:
+            adapter = read_peft_lora(directory, allow_pickle=allow_pickle)
+            self._check(adapter)
+        return key, adapter
+
+    @contextlib.contextmanager
+    def _placing(self, key: tuple, adapter: LoraAdapter) -> Iterator[None]:
+        """The locked section that puts a checked adapter into a slot; if it is refused (no slot,
+        name taken meanwhile), the adapter goes back to the host cache instead of being lost."""
+        with self._lock:
+            try:
+                yield
+            except AdapterError:
+                self.host_cache.put(key, adapter)
+                raise
 
     def _check(self, adapter: LoraAdapter) -> None:
         """Every tensor fits a target module and the slots; raises before anything is written."""
@@ -264,11 +288,14 @@ class Backbone:
                 raise AdapterError(f"{adapter.source}: modules_to_save names {path!r}, which is "
                                    f"{'missing from the model' if module is None else type(module).__name__}; "
                                    "only nn.Linear modules can be saved per adapter")
-            for key, tensor in state.items():
-                own = getattr(module, key, None)
-                if own is None or own.shape != tensor.shape:
-                    raise AdapterError(f"{adapter.source}: tensor {path}.{key} has shape {tuple(tensor.shape)}, "
-                                       f"expected {None if own is None else tuple(own.shape)}")
+            expected = {key: tuple(p.shape) for key, p in module.named_parameters(recurse=False)}
+            got = {key: tuple(t.shape) for key, t in state.items()}
+            if got != expected:
+                raise AdapterError(f"{adapter.source}: the modules_to_save copy of {path!r} has tensors {got}, "
+                                   f"expected {expected} (the module's own parameters)")
+            if module.weight.numel() > HeadSlots.MAX_PARAMETERS:
+                raise AdapterError(f"{adapter.source}: modules_to_save names {path!r} with {module.weight.numel()} "
+                                   f"weights; per-adapter copies are for small heads (<= {HeadSlots.MAX_PARAMETERS})")
 
     def _free_slot(self, name: str, keep: str | None = None) -> int:
         free = self.table.free_slots()
@@ -281,7 +308,6 @@ class Backbone:
                                "larger max_adapters")
         self.host_cache.put(self._records[victim].source_key, self._extract(victim))
         slot = self.table.remove(victim)
-        self._forget_heads(slot)
         del self._records[victim]
         log.info("evicted adapter %r (least recently used) from slot %d to make room for %r", victim, slot, name)
         return slot
@@ -293,11 +319,15 @@ class Backbone:
                 slots.write(slot, None, None, 0.0, None, self._targets[path])
             else:
                 slots.write(slot, module.A, module.B, module.scale, module.magnitude, self._targets[path])
-        for path, state in adapter.modules_to_save.items():
-            head = self._head(path)
-            head.weight[slot].copy_(state["weight"])
-            head.bias[slot].copy_(state.get("bias", torch.zeros_like(head.bias[slot])))
-            head.present.add(slot)
+        for path in adapter.modules_to_save:
+            self._head(path)
+        for path, head in self._heads.items():
+            state = adapter.modules_to_save.get(path)
+            head.present[slot] = state is not None
+            if state is not None:
+                head.weight[slot].copy_(state["weight"])
+                if head.has_bias:
+                    head.bias[slot].copy_(state["bias"])
 
     def _head(self, path: str) -> HeadSlots:
         if path not in self._heads:
@@ -308,13 +338,9 @@ class Backbone:
             self._heads[path] = head
         return self._heads[path]
 
-    def _forget_heads(self, slot: int) -> None:
-        for head in self._heads.values():
-            head.present.discard(slot)
-
-    def _remember(self, name: str, slot: int, key: tuple, adapter: LoraAdapter) -> None:
+    def _remember(self, name: str, slot: int, source: str, key: tuple, adapter: LoraAdapter) -> None:
         self.table.assign(name, slot)
-        self._records[name] = _Record(source_key=key, config=dict(adapter.config), rank=adapter.rank,
+        self._records[name] = _Record(source=source, source_key=key, config=dict(adapter.config), rank=adapter.rank,
                                       modules=len(adapter.modules), use_dora=adapter.use_dora,
                                       nbytes=adapter.nbytes(), heads=tuple(adapter.modules_to_save))
 
@@ -334,5 +360,5 @@ class Backbone:
             if head.has_bias:
                 heads[path]["bias"] = head.bias[slot].clone()
         return LoraAdapter(config=dict(record.config), modules=modules, modules_to_save=heads,
-                           source=record.source_key[0], use_dora=record.use_dora,
+                           source=record.source, use_dora=record.use_dora,
                            fan_in_fan_out=bool(record.config.get("fan_in_fan_out", False)))

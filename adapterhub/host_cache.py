@@ -1,13 +1,23 @@
 """Recently evicted adapters kept in host memory, bounded in bytes, so that loading one
-again costs a copy into a slot instead of a read from disk or the Hub."""
+again costs a copy into a slot instead of reading and checking its files again."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Hashable
 
 from .formats import LoraAdapter
+
+
+def source_key(directory: str | os.PathLike) -> tuple:
+    """What identifies an adapter's files: their real path and each file's size and mtime, so that
+    files rewritten in place (a retrained adapter, a new Hub commit's snapshot) are not served stale."""
+    root = Path(directory).resolve()
+    return (str(root),) + tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                                       for p in root.iterdir() if p.is_file()))
 
 
 class HostCache:
@@ -23,11 +33,11 @@ class HostCache:
 
     def put(self, key: Hashable, adapter: LoraAdapter) -> None:
         size = adapter.nbytes()
-        if size > self.max_bytes:
-            return
         with self._lock:
             if key in self._entries:
                 self._bytes -= self._entries.pop(key)[1]
+            if size > self.max_bytes:
+                return
             self._entries[key] = (adapter, size)
             self._bytes += size
             while self._bytes > self.max_bytes:

@@ -24,33 +24,33 @@ from . import ops
 class Routing:
     """The batch in flight, shared by every hook: per-row slot ids and what they need."""
 
-    index: torch.Tensor | None = None  # (n0,) int64 slot per row, -1 = base; None: no adapter in use
+    index: torch.Tensor | None = None  # (n,) int64 slot per row, -1 = base; None: no adapter in use
+    broadcast: bool = False  # index holds one slot for every row of any batch
     dora: bool = False  # some row uses a DoRA adapter
-    head_slots: tuple[int, ...] = ()  # slots in the batch that carry modules_to_save copies
     _per_row: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def rows(self, n0: int, rows: int) -> torch.Tensor:
-        """index expanded to x (n0, ..., in) flattened to (rows, in): beams and positions share their row's slot."""
+        """index for x (n0, ..., in) flattened to (rows, in): every position of row i gets row i's slot."""
         if torch.compiler.is_compiling():
-            return _expand(self.index, n0, rows)
+            return self._expand(n0, rows)
         key = n0 * (1 << 32) + rows
         if key not in self._per_row:
-            self._per_row[key] = _expand(self.index, n0, rows)
+            self._per_row[key] = self._expand(n0, rows)
         return self._per_row[key]
 
-    def set(self, index: torch.Tensor | None, dora: bool = False, head_slots: tuple[int, ...] = ()) -> None:
-        self.index, self.dora, self.head_slots = index, dora, head_slots
+    def set(self, index: torch.Tensor | None, broadcast: bool = False, dora: bool = False) -> None:
+        self.index, self.broadcast, self.dora = index, broadcast, dora
         self._per_row = {}
 
-
-def _expand(index: torch.Tensor, n0: int, rows: int) -> torch.Tensor:
-    n = index.size(0)
-    if n0 % n:
-        raise ValueError(f"the batch has {n0} rows but {n} adapter names were given to Backbone.use; "
-                         "give one name per row, or a single name for all rows")
-    if n != n0:
-        index = index.repeat_interleave(n0 // n)  # one name for all rows, or num_beams copies per row
-    return index if rows == n0 else index.repeat_interleave(rows // n0)
+    def _expand(self, n0: int, rows: int) -> torch.Tensor:
+        index = self.index
+        if self.broadcast:
+            index = index.expand(n0).contiguous()
+        elif index.size(0) != n0:
+            raise ValueError(f"the batch has {n0} rows but Backbone.use routes {index.size(0)}; give one name "
+                             "per row (with repeat=k when generate() expands each row k times: num_beams x "
+                             "num_return_sequences), or a single name for all rows")
+        return index if rows == n0 else index.repeat_interleave(rows // n0)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -136,7 +136,11 @@ class LoraSlots(nn.Module):
 
 
 class HeadSlots(nn.Module):
-    """Per-slot full copies of one nn.Linear (PEFT's modules_to_save), chosen per row."""
+    """Per-slot full copies of one small nn.Linear (PEFT's modules_to_save, e.g. a classifier),
+    chosen per row by gathering each row's copy: no Python branch on which slots are present,
+    so a compiled model does not recompile as adapters with heads come and go."""
+
+    MAX_PARAMETERS = 1 << 22  # a classifier or score head; not lm_head or embeddings
 
     def __init__(self, base: nn.Linear, routing: Routing, slots: int):
         super().__init__()
@@ -144,19 +148,16 @@ class HeadSlots(nn.Module):
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.register_buffer("weight", torch.zeros(slots, *base.weight.shape, **kw), persistent=False)
         self.register_buffer("bias", torch.zeros(slots, base.weight.size(0), **kw), persistent=False)
+        self.register_buffer("present", torch.zeros(slots, dtype=torch.bool, device=kw["device"]), persistent=False)
         self.has_bias = base.bias is not None
-        self.present: set[int] = set()  # slots whose adapter carries a copy of this module
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        routing = self.routing
-        if routing.index is None or not routing.head_slots:
+        if self.routing.index is None:
             return None
-        x = args[0]
-        index = routing.rows(x.size(0), x.size(0))  # (n0,)
-        shape = (-1,) + (1,) * (output.dim() - 1)
-        for slot in routing.head_slots:
-            if slot not in self.present:
-                continue
-            mine = (index == slot).view(shape)
-            output = torch.where(mine, nn.functional.linear(x, self.weight[slot], self.bias[slot]), output)
-        return output
+        x = args[0]  # (n0, ..., in)
+        index = self.routing.rows(x.size(0), x.size(0))  # (n0,)
+        slot = index.clamp(min=0)
+        mine = self.present[slot] & (index >= 0)  # (n0,)
+        shape = (-1,) + (1,) * (output.dim() - 2)
+        own = torch.einsum("n...i,noi->n...o", x, self.weight[slot]) + self.bias[slot].view(*shape, output.size(-1))
+        return torch.where(mine.view(*shape, 1), own, output)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import adapterhub as ah
 from adapterhub.formats import read_peft_lora
+from adapterhub.host_cache import source_key
 from bench.tables import layout, record
 
 RANK, RESIDENT = 16, 32
@@ -117,7 +118,7 @@ def bench_decode_32_distinct(benchmark, setup, column):
 def bench_load_with_32_resident(benchmark, setup, column):
     """Load (and activate) one more adapter while 32 are resident; the previous round's copy is removed untimed."""
     _, _, bb, peft, dirs = setup
-    new, key = dirs[RESIDENT], (str(dirs[RESIDENT]), None, None)
+    new, key = dirs[RESIDENT], source_key(dirs[RESIDENT])
     if column == "peft":
         def reset():
             if "new" in peft.peft_config:

@@ -1,5 +1,7 @@
 """Runtime behaviour: generation, torch.compile without recompiles, threads, LRU, pins, host cache."""
 
+import shutil
+import sys
 import threading
 
 import pytest
@@ -28,7 +30,7 @@ def test_generate_with_beams_keeps_each_rows_adapter(adapters):
     prompt = ids(batch=3, length=5)
     kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
     names = [a, None, b]
-    with bb.use(names), torch.no_grad():
+    with bb.use(names, repeat=3), torch.no_grad():  # generate() expands each row num_beams times
         mixed = model.generate(prompt, **kw)
     for row, name in enumerate(names):
         with bb.use(name), torch.no_grad():
@@ -95,7 +97,11 @@ def test_swap_during_forward_in_another_thread_is_never_torn(adapters):
         assert torch.allclose(got, old, atol=1e-5) or torch.allclose(got, new, atol=1e-5)
 
 
-def test_lru_eviction_pins_and_host_cache(adapters, caplog, tmp_path):
+OPENED: list[str] = []  # files opened by Python code, recorded by the audit hook below
+sys.addaudithook(lambda event, args: OPENED.append(str(args[0])) if event == "open" and args else None)
+
+
+def test_lru_eviction_pins_and_host_cache(adapters, caplog):
     model = tiny_llama()
     bb = ah.Backbone(model, max_adapters=2, max_rank=8)
     batch = ids(batch=1)
@@ -111,17 +117,65 @@ def test_lru_eviction_pins_and_host_cache(adapters, caplog, tmp_path):
     bb.unpin("a")
     with bb.use("c"):
         pass  # c is now the most recently used
-    # a is evicted next and kept in the host cache: reloading it must not touch the disk
-    moved = tmp_path / "moved"
-    adapters[0].rename(moved)
-    try:
-        bb.load(adapters[3], name="d")
-        assert "a" not in bb.names and len(bb.host_cache) == 2
-        bb.load(adapters[0], name="a")  # the directory is gone; only the host cache has it
-    finally:
-        moved.rename(adapters[0])
+    bb.load(adapters[3], name="d")  # evicts a, into the host cache
+    assert sorted(bb.names) == ["c", "d"] and len(bb.host_cache) == 2
+    OPENED.clear()
+    bb.load(adapters[0], name="a")  # from the host cache: its files are not read again
+    assert not [f for f in OPENED if f.startswith(str(adapters[0]))], OPENED
     with bb.use("a"):
         torch.testing.assert_close(logits(model, batch), a_out)
+
+
+def test_host_cache_never_serves_rewritten_files(adapters, tmp_path):
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=1, max_rank=8)
+    retrained = shutil.copytree(adapters[0], tmp_path / "retrained")
+    bb.load(retrained, name="r")
+    bb.load(adapters[1], name="other")  # evicts r into the host cache
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapters[2] / f, retrained / f)  # the adapter is retrained in place
+    bb.load(retrained, name="r")
+    batch = ids(batch=1)
+    with bb.use("r"):
+        got = logits(model, batch)
+    bb.load(adapters[2], name="expected")
+    with bb.use("expected"):
+        torch.testing.assert_close(got, logits(model, batch))
+
+
+def test_use_checks_names_against_the_batch(adapters):
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=2, max_rank=8)
+    bb.load(adapters[0], name="a")
+    with pytest.raises(ValueError, match="the batch has 4 rows but Backbone.use routes 2"):
+        with bb.use(["a", None]):
+            logits(model, ids(batch=4))
+    with pytest.raises(ah.AdapterError, match="at least one name"):
+        bb.use([]).__enter__()
+    with bb.use("a"):
+        with pytest.raises(ah.AdapterError, match="do not nest"):
+            bb.use(None).__enter__()
+    with bb.use(["a", None]):  # the failed calls above left nothing acquired or routed
+        logits(model, ids(batch=2))
+    assert bb.routing.index is None and not bb.table.in_flight
+
+
+def test_swap_of_a_name_unloaded_meanwhile_is_a_clear_error(adapters, monkeypatch):
+    import adapterhub.backbone as backbone_module
+
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=2, max_rank=8)
+    bb.load(adapters[0], name="x")
+    real_read = backbone_module.read_peft_lora
+
+    def read_while_another_thread_unloads(directory, **kw):
+        bb.unload("x")  # what another thread may do while this one reads the files
+        return real_read(directory, **kw)
+
+    monkeypatch.setattr(backbone_module, "read_peft_lora", read_while_another_thread_unloads)
+    with pytest.raises(ah.AdapterError, match="no adapter named 'x'"):
+        bb.swap("x", adapters[1])
+    assert bb.names == [] and len(bb.host_cache) == 1  # the adapter read is kept, not lost
 
 
 def test_all_slots_pinned_or_in_flight_refuses_to_load(adapters):

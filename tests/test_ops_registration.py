@@ -34,6 +34,12 @@ def test_namespace_holds_exactly_the_documented_ops():
     assert names == {f"adapterhub::{name}" for name in SCHEMAS}
 
 
+@pytest.mark.skipif(os.environ.get("ADAPTERHUB_EXPECT_COMPILED") != "1", reason="set by `make test`")
+def test_make_test_runs_the_compiled_kernels():
+    """`make test` builds the extension: a run that silently fell back would test the wrong code."""
+    assert BUILT and backend() == "compiled"
+
+
 def test_backend_matches_environment():
     forced = os.environ.get("ADAPTERHUB_FORCE_FALLBACK", "0") not in ("", "0")
     assert backend() == ("compiled" if BUILT and not forced else "fallback")
