@@ -27,15 +27,16 @@ class Routing:
     index: torch.Tensor | None = None  # (n,) int64 slot per row, -1 = base; None: no adapter in use
     broadcast: bool = False  # index holds one slot for every row of any batch
     dora: bool = False  # some row uses a DoRA adapter
-    _per_row: dict[int, torch.Tensor] = field(default_factory=dict)
+    _per_row: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
-    def rows(self, n0: int, rows: int) -> torch.Tensor:
-        """index for x (n0, ..., in) flattened to (rows, in): every position of row i gets row i's slot."""
+    def rows(self, n0: int, rows: int, device: torch.device) -> torch.Tensor:
+        """index for x (n0, ..., in) flattened to (rows, in) on x's device (a model may span
+        devices): every position of row i gets row i's slot."""
         if torch.compiler.is_compiling():
-            return self._expand(n0, rows)
-        key = n0 * (1 << 32) + rows
+            return self._expand(n0, rows).to(device)
+        key = (n0, rows, device)
         if key not in self._per_row:
-            self._per_row[key] = self._expand(n0, rows)
+            self._per_row[key] = self._expand(n0, rows).to(device)
         return self._per_row[key]
 
     def set(self, index: torch.Tensor | None, broadcast: bool = False, dora: bool = False) -> None:
@@ -122,7 +123,7 @@ class LoraSlots(nn.Module):
         x = args[0]
         x2 = x.reshape(-1, self.in_features).contiguous()  # (rows, in)
         y2 = output.view(-1, self.out_features)  # (rows, out), written in place
-        index = routing.rows(x.size(0), x2.size(0))  # (rows,)
+        index = routing.rows(x.size(0), x2.size(0), x.device)  # (rows,)
         bias = getattr(module, "bias", None)
         if routing.dora and bias is not None:
             y2.sub_(bias)
@@ -155,7 +156,7 @@ class HeadSlots(nn.Module):
         if self.routing.index is None:
             return None
         x = args[0]  # (n0, ..., in)
-        index = self.routing.rows(x.size(0), x.size(0))  # (n0,)
+        index = self.routing.rows(x.size(0), x.size(0), x.device)  # (n0,)
         slot = index.clamp(min=0)
         mine = self.present[slot] & (index >= 0)  # (n0,)
         shape = (-1,) + (1,) * (output.dim() - 2)
