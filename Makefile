@@ -1,4 +1,5 @@
-# make demo: the main job on this machine (until the server lands: the op benchmark table).
+# make demo: the main job on the embedded default (until the server lands: SmolLM2 serving 32
+#   adapters through the Backbone, side by side with PEFT, and the op table).
 # make test: the test suite.  make bench: every benchmark, side by side with its peer.
 # Each target creates .venv and installs what it needs on first use.
 PYTHON ?= python3
@@ -31,7 +32,7 @@ bench: $(INSTALLED)
 	$(PY) -m pytest bench -q
 
 demo: $(INSTALLED)
-	$(PY) -m pytest bench/bench_ops.py -q --benchmark-disable-gc --benchmark-columns=median,rounds
+	$(PY) -m pytest bench/bench_backbone.py bench/bench_ops.py -q --benchmark-disable-gc --benchmark-columns=median,rounds
 
 clean:
 	rm -rf build adapterhub/_C*.so *.egg-info $(INSTALLED)
