@@ -1,14 +1,13 @@
 """Bad adapters and bad calls: a clear error naming the culprit, and the running system unchanged."""
 
-import json
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import adapterhub as ah
-from tiny_models import LLAMA_TARGETS, ids, save_peft_adapter, tiny_llama
+from tiny_models import LLAMA_TARGETS, broken_copy, ids, save_peft_adapter, tiny_llama
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -41,26 +40,13 @@ def serving(good):
     return bb, unchanged
 
 
-def broken_copy(src, dst, edit_tensors=None, edit_config=None):
-    shutil.copytree(src, dst)
-    if edit_tensors:
-        tensors = load_file(dst / WEIGHTS)
-        edit_tensors(tensors)
-        save_file(tensors, dst / WEIGHTS, metadata={"format": "pt"})
-    if edit_config:
-        config = json.loads((dst / "adapter_config.json").read_text())
-        edit_config(config)
-        (dst / "adapter_config.json").write_text(json.dumps(config))
-    return dst
-
-
 def first_key(tensors, part):
     return next(k for k in sorted(tensors) if part in k)
 
 
 def test_unknown_peft_type(serving, good, tmp_path):
     bb, unchanged = serving
-    bad = broken_copy(good[0], tmp_path / "bad", edit_config=lambda c: c.update(peft_type="NOT_A_TYPE"))
+    bad = broken_copy(good[0], tmp_path / "bad", config=lambda c: c.update(peft_type="NOT_A_TYPE"))
     with pytest.raises(ah.AdapterError, match="NOT_A_TYPE"):
         bb.load(bad, name="bad")
     unchanged()
@@ -74,8 +60,8 @@ def test_module_missing_from_backbone(serving, good, tmp_path):
             key = first_key(t, f"q_proj.{part}")
             t[key.replace("q_proj", "qq_proj")] = t.pop(key)
 
-    bad = broken_copy(good[0], tmp_path / "bad", edit_tensors=rename,
-                      edit_config=lambda c: c.update(target_modules=list(c["target_modules"]) + ["qq_proj"]))
+    bad = broken_copy(good[0], tmp_path / "bad", tensors=rename,
+                      config=lambda c: c.update(target_modules=list(c["target_modules"]) + ["qq_proj"]))
     with pytest.raises(ah.AdapterError, match="qq_proj.*does not exist"):
         bb.load(bad, name="bad")
     unchanged()
@@ -96,7 +82,7 @@ def test_shape_mismatch_names_the_tensor(serving, good, tmp_path):
         key = first_key(t, "layers.1.mlp.up_proj.lora_B")
         t[key] = torch.randn(t[key].size(0) + 1, t[key].size(1))
 
-    bad = broken_copy(good[0], tmp_path / "bad", edit_tensors=widen)
+    bad = broken_copy(good[0], tmp_path / "bad", tensors=widen)
     with pytest.raises(ah.AdapterError, match=r"up_proj.*\(65, 8\).*\(64, 8\)"):
         bb.load(bad, name="bad")
     unchanged()
@@ -109,7 +95,7 @@ def test_non_finite_weights(serving, good, tmp_path, value):
     def poison(t):
         t[first_key(t, "v_proj.lora_A")][0, 0] = value
 
-    bad = broken_copy(good[0], tmp_path / "bad", edit_tensors=poison)
+    bad = broken_copy(good[0], tmp_path / "bad", tensors=poison)
     with pytest.raises(ah.AdapterError, match="v_proj"):
         bb.load(bad, name="bad")
     unchanged()

@@ -21,11 +21,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import ModulesToSaveWrapper, get_pattern_key
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
 from adapterhub.errors import AdapterError
+from tiny_models import broken_copy
 from adapterhub.formats import LoraAdapter, LoraModule, read_peft_lora, write_peft_lora
 from adapterhub.formats.peft_lora import (CONFIG_FILE, PICKLE_FILE, PREFIX, SAFETENSORS_FILE, is_targeted,
                                           pattern_key, rank_and_alpha, saved_module)
@@ -279,21 +280,8 @@ def good_dir(tmp_path_factory):
     return directory
 
 
-def broken(src: Path, dst: Path, *, tensors=None, config=None, files=None) -> Path:
-    """A copy of src with its tensors dict, config dict or files changed in place by the given functions."""
-    dst = dst / "adapter"
-    shutil.copytree(src, dst)
-    if tensors:
-        state = load_file(dst / SAFETENSORS_FILE)
-        tensors(state)
-        save_file(state, dst / SAFETENSORS_FILE, metadata={"format": "pt"})
-    if config:
-        data = json.loads((dst / CONFIG_FILE).read_text())
-        config(data)
-        (dst / CONFIG_FILE).write_text(json.dumps(data))
-    if files:
-        files(dst)
-    return dst
+def broken(src: Path, dst: Path, **changes) -> Path:
+    return broken_copy(src, dst / "adapter", **changes)
 
 
 def _truncate(directory: Path) -> None:

@@ -6,9 +6,12 @@ one for adapterhub, one for PEFT (which wraps the model it is given).
 
 from __future__ import annotations
 
+import json
 import pathlib
+import shutil
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
@@ -60,3 +63,19 @@ def peft_model(build, directory: pathlib.Path):
 
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def broken_copy(src: pathlib.Path, dst: pathlib.Path, *, tensors=None, config=None, files=None) -> pathlib.Path:
+    """A copy of the adapter at src, its tensors dict, config dict or files changed in place by the given functions."""
+    shutil.copytree(src, dst)
+    if tensors:
+        state = load_file(dst / "adapter_model.safetensors")
+        tensors(state)
+        save_file(state, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    if config:
+        data = json.loads((dst / "adapter_config.json").read_text())
+        config(data)
+        (dst / "adapter_config.json").write_text(json.dumps(data))
+    if files:
+        files(dst)
+    return dst
