@@ -43,6 +43,10 @@ at::Tensor index_per_row(const at::Tensor& index, int64_t rows) {
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& W, const OptTensor& bias, const at::Tensor& A,
                        const at::Tensor& B, const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks) {
   check_linear_args("lora_linear", x, W, bias, A, B, scale, index, ranks);
+  if (index.device().is_cpu()) {  // on a GPU the kernels check, without a sync when capturing
+    check_routing_values("lora_linear", index.data_ptr<int64_t>(), index.size(0),
+                         ranks.has_value() ? ranks->data_ptr<int64_t>() : nullptr, A.size(0), A.size(1));
+  }
   const int64_t in = x.size(-1), out = W.size(0);
   auto x2 = x.view({-1, in});                                              // (rows, in)
   auto y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (rows, out)

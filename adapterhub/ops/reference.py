@@ -63,6 +63,7 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: 
                 ranks: torch.Tensor | None = None) -> torch.Tensor:
     """x (n0, ..., in) -> y (n0, ..., out): the base linear plus each row's low-rank delta."""
     check_linear_args("lora_linear", x, W, bias, A, B, scale, index, ranks)
+    check_routing_values("lora_linear", index, ranks, A.size(0), A.size(1))
     x2 = x.reshape(-1, x.size(-1))  # (rows, in)
     y = torch.nn.functional.linear(x2, W, bias)  # (rows, out)
     idx = index_per_row(index, x2.size(0))
