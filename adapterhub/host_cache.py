@@ -16,8 +16,8 @@ def source_key(directory: str | os.PathLike) -> tuple:
     """What identifies an adapter's files: their real path and each file's size and mtime, so that
     files rewritten in place (a retrained adapter, a new Hub commit's snapshot) are not served stale."""
     root = Path(directory).resolve()
-    return (str(root),) + tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
-                                       for p in root.iterdir() if p.is_file()))
+    stats = {p.name: p.stat() for p in root.iterdir() if p.is_file()}
+    return (str(root),) + tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats.items()))
 
 
 class HostCache:

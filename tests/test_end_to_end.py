@@ -32,16 +32,22 @@ def hub(smollm2, tmp_path_factory):
     return cache, {"support": support, "legal": legal}
 
 
+def serving_offline(model, cache, monkeypatch, **revisions):
+    """(a copy of model, its Backbone) with the named org/<name> adapters loaded by repo id, offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    served = copy.deepcopy(model)
+    bb = ah.Backbone(served, max_adapters=4, max_rank=16, target_modules=LLAMA_TARGETS)
+    for name, revision in revisions.items():
+        bb.load(f"org/{name}", name=name, revision=revision, cache_dir=cache)
+    return served, bb
+
+
 def test_hub_adapters_offline_match_peft_in_one_mixed_batch(smollm2, hub, monkeypatch):
     from peft import PeftModel
 
     model, tokenizer = smollm2
     cache, local = hub
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    served = copy.deepcopy(model)
-    bb = ah.Backbone(served, max_adapters=4, max_rank=16, target_modules=LLAMA_TARGETS)
-    bb.load("org/support", name="support", cache_dir=cache)
-    bb.load("org/legal", name="legal", revision="v1", cache_dir=cache)
+    served, bb = serving_offline(model, cache, monkeypatch, support=None, legal="v1")
     prompts = ["How do I reset my password?", "Is this contract binding?", "Hello"]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     names = ["support", "legal", None]
@@ -60,10 +66,7 @@ def test_hub_adapters_offline_match_peft_in_one_mixed_batch(smollm2, hub, monkey
 def test_generate_per_row_adapters(smollm2, hub, monkeypatch):
     model, tokenizer = smollm2
     cache, _ = hub
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    served = copy.deepcopy(model)
-    bb = ah.Backbone(served, max_adapters=2, max_rank=16, target_modules=LLAMA_TARGETS)
-    bb.load("org/support", name="support", cache_dir=cache)
+    served, bb = serving_offline(model, cache, monkeypatch, support=None)
     tokenizer.padding_side = "left"
     batch = tokenizer(["Write a haiku", "Write a haiku"], return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
