@@ -9,7 +9,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Hashable
 
-from .formats import LoraAdapter
+from .adapter_type import Adapter
 
 
 def source_key(directory: str | os.PathLike) -> tuple:
@@ -23,7 +23,7 @@ def source_key(directory: str | os.PathLike) -> tuple:
 class HostCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, tuple[LoraAdapter, int]] = OrderedDict()  # (adapter, bytes), LRU first
+        self._entries: OrderedDict[Hashable, tuple[Adapter, int]] = OrderedDict()  # (adapter, bytes), LRU first
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -31,7 +31,7 @@ class HostCache:
     def nbytes(self) -> int:
         return self._bytes
 
-    def put(self, key: Hashable, adapter: LoraAdapter) -> None:
+    def put(self, key: Hashable, adapter: Adapter) -> None:
         size = adapter.nbytes()
         with self._lock:
             if key in self._entries:
@@ -44,7 +44,7 @@ class HostCache:
                 _, (_, dropped) = self._entries.popitem(last=False)
                 self._bytes -= dropped
 
-    def take(self, key: Hashable) -> LoraAdapter | None:
+    def take(self, key: Hashable) -> Adapter | None:
         """The cached adapter for `key`, removed from the cache (it is about to live in a slot)."""
         with self._lock:
             adapter, size = self._entries.pop(key, (None, 0))

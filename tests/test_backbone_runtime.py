@@ -157,22 +157,22 @@ def test_use_checks_names_against_the_batch(adapters):
             bb.use(None).__enter__()
     with bb.use(["a", None]):  # the failed calls above left nothing acquired or routed
         logits(model, ids(batch=2))
-    assert bb.routing.index is None and not bb.table.in_flight
+    assert bb.routing.routes == {} and bb.routing.any is None and not bb.table.in_flight
 
 
 def test_swap_of_a_name_unloaded_meanwhile_is_a_clear_error(adapters, monkeypatch):
-    import adapterhub.backbone as backbone_module
+    from adapterhub.types.lora import LoraType
 
     model = tiny_llama()
     bb = ah.Backbone(model, max_adapters=2, max_rank=8)
     bb.load(adapters[0], name="x")
-    real_read = backbone_module.read_peft_lora
+    real_read = LoraType.read
 
-    def read_while_another_thread_unloads(directory, **kw):
+    def read_while_another_thread_unloads(self, directory, **kw):
         bb.unload("x")  # what another thread may do while this one reads the files
-        return real_read(directory, **kw)
+        return real_read(self, directory, **kw)
 
-    monkeypatch.setattr(backbone_module, "read_peft_lora", read_while_another_thread_unloads)
+    monkeypatch.setattr(LoraType, "read", read_while_another_thread_unloads)
     with pytest.raises(ah.AdapterError, match="no adapter named 'x'"):
         bb.swap("x", adapters[1])
     assert bb.names == [] and len(bb.host_cache) == 1  # the adapter read is kept, not lost
@@ -195,8 +195,8 @@ def test_info_and_unload(adapters):
     bb = ah.Backbone(model, max_adapters=2, max_rank=8)
     bb.load(adapters[0], name="a")
     info = bb.info("a")
-    assert (info.rank, info.modules, info.pinned, info.use_dora) == (8, 14, False, False)
+    assert (info.type, info.rank, info.modules, info.pinned) == ("lora", 8, 14, False)
     assert info.nbytes == sum(8 * (i + o) * 4 for i, o in [(32, 32), (32, 16), (32, 16), (32, 32),
-                                                            (32, 64), (32, 64), (64, 32)]) * 2
+                                                            (32, 64), (32, 64), (64, 32)]) * 2 + 14 * 8  # + fp64 scales
     bb.unload("a")
     assert bb.names == []

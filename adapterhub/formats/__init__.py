@@ -1,5 +1,6 @@
-"""On-disk adapter formats: PEFT's LoRA, read and written without importing peft."""
+"""On-disk adapter formats: PEFT's layout (shared by every PEFT type) and its LoRA format, without importing peft."""
 
-from .peft_lora import LoraAdapter, LoraModule, read_peft_lora, write_peft_lora
+from .peft import PeftFiles, read_peft, write_peft
+from .peft_lora import read_peft_lora, write_peft_lora
 
-__all__ = ["LoraAdapter", "LoraModule", "read_peft_lora", "write_peft_lora"]
+__all__ = ["PeftFiles", "read_peft", "write_peft", "read_peft_lora", "write_peft_lora"]

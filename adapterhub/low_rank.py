@@ -1,0 +1,62 @@
+"""Slots for any type whose effect on a Linear is a low-rank delta, computed with the gathered ops:
+
+    y[i] += scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T      s = slot of row i (-1: none), r = ranks[s]
+
+LoRA uses it directly; a plugin type that can express its delta as some A (r, in) and B (out, r)
+(VeRA: scaled shared projections; LoHa: the Hadamard product of two low-rank pairs as one pair of
+rank r1*r2) subclasses it, converting in `write`/`read` and calling `write_low_rank`/`read_low_rank`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .adapter_type import ModuleSlots, Route, linear_weight
+
+
+class LowRankSlots(ModuleSlots):
+    """Preallocated A (slots, max_rank, in), B (slots, out, max_rank), scale and rank per slot of one
+    Linear/Conv1D; writes go in place, shapes never change."""
+
+    def __init__(self, base: nn.Module, slots: int, max_rank: int):
+        super().__init__()
+        weight = linear_weight(base)  # (out, in)
+        out_features, in_features = weight.shape
+        kw = dict(device=weight.device)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("A", torch.zeros(slots, max_rank, in_features, dtype=weight.dtype, **kw), persistent=False)
+        self.register_buffer("B", torch.zeros(slots, out_features, max_rank, dtype=weight.dtype, **kw),
+                             persistent=False)
+        self.register_buffer("scale", torch.zeros(slots, dtype=torch.float32, **kw), persistent=False)
+        self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int64, **kw), persistent=False)
+
+    def write_low_rank(self, slot: int, A: torch.Tensor | None, B: torch.Tensor | None, scale: float = 1.0) -> None:
+        """A (r, in), B (out, r) into `slot` (None: no delta). Only the first r ranks are written:
+        the kernels never read past `ranks[slot]`."""
+        buffers = self._buffers  # direct access: this runs for every target module on every load
+        r = 0 if A is None else A.size(0)
+        if r:
+            buffers["A"][slot, :r].copy_(A)
+            buffers["B"][slot, :, :r].copy_(B)
+        buffers["scale"][slot:slot + 1].fill_(scale if r else 0.0)
+        buffers["ranks"][slot:slot + 1].fill_(r)
+
+    def read_low_rank(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A (r, in), B (out, r), scale) copied out of `slot`, or None."""
+        r = int(self.ranks[slot])
+        if r == 0:
+            return None
+        return self.A[slot, :r].clone(), self.B[slot, :, :r].clone(), float(self.scale[slot])
+
+    def add_delta(self, x: torch.Tensor, output: torch.Tensor, route: Route) -> torch.Tensor:
+        """output (n0, ..., out) += each row's delta of x (n0, ..., in), in place."""
+        x2 = x.reshape(-1, self.in_features).contiguous()  # (rows, in)
+        y2 = output.view(-1, self.out_features)  # (rows, out), written in place
+        index = route.rows(x.size(0), x2.size(0), x.device)  # (rows,)
+        ops.lora_expand(y2, ops.lora_shrink(x2, self.A, index, self.ranks), self.B, self.scale, index, self.ranks)
+        return output
+
+    def after(self, module: nn.Module, args: tuple, output: torch.Tensor, route: Route) -> torch.Tensor:
+        return self.add_delta(args[0], output, route)
