@@ -136,7 +136,8 @@ class Registry:
     def _load_entry_points(self) -> None:
         only = _env_list("ADAPTERHUB_PLUGINS")
         blocked = _env_list("ADAPTERHUB_DISABLE_PLUGINS")
-        for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        # The built-ins first, so that an outside plugin cannot take a built-in type's name.
+        for ep in sorted(entry_points(group=GROUP), key=lambda e: (e.dist is None or e.dist.name != "adapterhub", e.name)):
             if (only is not None and ep.name not in only) or (blocked and ep.name in blocked):
                 if blocked and ep.name in blocked:
                     self.pm.set_blocked(ep.name)

@@ -43,14 +43,23 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 def save_peft_adapter(build, directory: pathlib.Path, seed: int, **lora_kwargs) -> pathlib.Path:
     """Saves a PEFT LoRA adapter for `build()` with random (nonzero) weights; returns the directory."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    model = get_peft_model(build(), LoraConfig(**lora_kwargs))
+    return save_peft(build, directory, seed, LoraConfig(**lora_kwargs))
+
+
+def save_peft(build, directory: pathlib.Path, seed: int, config) -> pathlib.Path:
+    """Saves a PEFT adapter of any type for `build()`, every trainable tensor random (scales around 1),
+    so that no factor initialised to zero or one hides a mistake; returns the directory."""
+    from peft import get_peft_model
+
+    model = get_peft_model(build(), config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if "magnitude" in name else 0.0))
+            if p.requires_grad:
+                around_one = any(k in name for k in ("magnitude", "ia3_l"))
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if around_one else 0.0))
     model.save_pretrained(directory)
     return pathlib.Path(directory)
 
