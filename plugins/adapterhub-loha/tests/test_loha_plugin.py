@@ -25,7 +25,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LOHA_A = dict(r=4, alpha=8, target_modules=TARGETS, rank_pattern={"v_proj": 2},
               alpha_pattern={"o_proj": 3, "layers.1.mlp.down_proj": 5.5})
 LOHA_B = dict(r=3, alpha=5, target_modules=r".*\.(q_proj|up_proj)")
-IDS = torch.randint(0, 128, (4, 6), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 128, (5, 6), generator=torch.Generator().manual_seed(0))
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -90,7 +90,7 @@ def test_mixed_batch_rows_equal_each_row_alone(dirs, refs):
     bb = ah.Backbone(tiny_llama(), max_adapters=4, max_rank=16)
     for name, directory in dirs.items():
         bb.load(directory, name=name)
-    names = ["a", None, "b", "lora"]
+    names = ["a", None, "b", "lora", None]
     mixed = routed(bb, names)
     for i, name in enumerate(names):
         alone = routed(bb, name, IDS[i:i + 1])[0]

@@ -25,7 +25,7 @@ def hadamard_low_rank(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
     """(A' (r1*r2, in), B' (out, r1*r2)) with B' @ A' = (w1a @ w1b) * (w2a @ w2b), exactly in real arithmetic."""
     r1, r2 = w1b.size(0), w2b.size(0)
     A = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, w1b.size(1))  # (r1*r2, in)
-    B = (w1a[:, None, :] * w2a[:, :, None]).reshape(w1a.size(0), r1 * r2)  # (out, r1*r2)
+    B = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.size(0), r1 * r2)  # (out, r1*r2)
     return A, B
 
 
