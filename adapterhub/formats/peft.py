@@ -44,14 +44,17 @@ class PeftFiles:
     file: Path  # the tensor file, for error messages
     modules: dict[str, dict[str, torch.Tensor]]  # module path -> {suffix: tensor}
     modules_to_save: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # the `shared` keys found, e.g. prompt_embeddings
 
 
 def read_peft(directory: str | os.PathLike, *, peft_types: Iterable[str], suffixes: Iterable[str],
               schema: Mapping, known_keys: Iterable[str] = (), refused: Mapping[str, str] | None = None,
-              allow_pickle: bool = False) -> PeftFiles:
+              shared: Iterable[str] = (), prefix: str = PREFIX, allow_pickle: bool = False) -> PeftFiles:
     """Reads a PEFT directory whose peft_type is one of `peft_types` and whose tensor keys end with one
     of `suffixes` (or belong to modules_to_save); every problem is an AdapterError naming file and key.
-    `refused`: key suffixes the type cannot run -> why and what to do instead.
+    `refused`: key suffixes the type cannot run -> why and what to do instead. `shared`: whole keys
+    outside any module (VeRA's base_model.vera_A, prompt tuning's prompt_embeddings). `prefix`:
+    PROMPT_PREFIX for prompt-learning types.
 
     Safetensors only unless allow_pickle=True, which loads a legacy adapter_model.bin with
     torch.load(weights_only=True). Tensors keep their dtype and stay on the CPU.
@@ -60,31 +63,35 @@ def read_peft(directory: str | os.PathLike, *, peft_types: Iterable[str], suffix
     config = read_config(directory, peft_types, schema, known_keys)
     tensors, file = read_tensors(directory, allow_pickle)
     suffixes = sorted(suffixes, key=len, reverse=True)
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    saved: dict[str, dict[str, torch.Tensor]] = {}
+    shared = set(shared)
+    files = PeftFiles(config=config, file=file, modules={})
     unexpected = []
     for key, tensor in tensors.items():
         for suffix, why in (refused or {}).items():
             if key.endswith(suffix):
                 raise AdapterError(f"{file}: {key}: {why}")
         check_values(file, key, tensor)
-        path = key.removeprefix(PREFIX)
-        suffix = next((s for s in suffixes if path.endswith(s)), None) if key.startswith(PREFIX) else None
-        if suffix is not None:
-            modules.setdefault(path.removesuffix(suffix), {})[suffix] = tensor
-        elif key.startswith(PREFIX) and (owner := saved_module(path, config.get("modules_to_save") or [])):
-            saved.setdefault(owner, {})[path.removeprefix(owner + ".")] = tensor
+        path = key.removeprefix(prefix)
+        suffix = next((s for s in suffixes if path.endswith(s)), None) if key.startswith(prefix) else None
+        if key in shared:
+            files.shared[key] = tensor
+        elif suffix is not None:
+            files.modules.setdefault(path.removesuffix(suffix), {})[suffix] = tensor
+        elif key.startswith(prefix) and (owner := saved_module(path, config.get("modules_to_save") or [])):
+            files.modules_to_save.setdefault(owner, {})[path.removeprefix(owner + ".")] = tensor
         else:
             unexpected.append(key)
     if unexpected:
         raise AdapterError(
-            f"{file}: {len(unexpected)} unexpected key(s) {preview(unexpected)}; expected '{PREFIX}<module>' + one "
-            f"of {suffixes}, or a parameter of a module in modules_to_save ({config.get('modules_to_save')}): "
-            "remove them or list their module in modules_to_save in adapter_config.json")
-    if not modules:
-        raise AdapterError(f"{file}: no tensor ends with {suffixes}: this is not a {'/'.join(peft_types)} adapter; "
-                           "re-save it with PEFT")
-    return PeftFiles(config=config, file=file, modules=dict(sorted(modules.items())), modules_to_save=saved)
+            f"{file}: {len(unexpected)} unexpected key(s) {preview(unexpected)}; expected '{prefix}<module>' + one "
+            f"of {suffixes}{f', one of {sorted(shared)}' if shared else ''}, or a parameter of a module in "
+            f"modules_to_save ({config.get('modules_to_save')}): remove them or list their module in "
+            "modules_to_save in adapter_config.json")
+    if not files.modules and not files.shared:
+        raise AdapterError(f"{file}: no tensor ends with {suffixes or sorted(shared)}: this is not a "
+                           f"{'/'.join(peft_types)} adapter; re-save it with PEFT")
+    files.modules = dict(sorted(files.modules.items()))
+    return files
 
 
 def read_config(directory: Path, peft_types: Iterable[str], schema: Mapping, known_keys: Iterable[str] = ()) -> dict:

@@ -21,8 +21,7 @@ from torch import nn
 
 from ..adapter_type import Adapter, AdapterType, ModuleSlots, Route
 from ..errors import AdapterError
-from ..formats.peft import (CONFIG_FILE, PROMPT_PREFIX, check_config, check_values, preview, read_config, read_tensors,
-                            saved_module, write_peft)
+from ..formats.peft import CONFIG_FILE, PROMPT_PREFIX, check_config, read_peft, write_peft
 from ..hookspecs import hookimpl
 
 KEY = "prompt_embeddings"
@@ -136,26 +135,17 @@ class PromptTuningType(AdapterType):
     description = "prompt tuning (PEFT format): learned virtual tokens, padded per row in mixed batches"
 
     def read(self, directory: Path, *, allow_pickle: bool = False) -> Adapter:
-        config = read_config(directory, self.aliases, SCHEMA, KNOWN_KEYS)
-        tensors, file = read_tensors(directory, allow_pickle)
-        saved, unexpected = {}, []
-        for key, tensor in tensors.items():
-            check_values(file, key, tensor)
-            owner = saved_module(key.removeprefix(PROMPT_PREFIX), config.get("modules_to_save") or [])
-            if key.startswith(PROMPT_PREFIX) and owner:
-                saved.setdefault(owner, {})[key.removeprefix(PROMPT_PREFIX + owner + ".")] = tensor
-            elif key != KEY:
-                unexpected.append(key)
-        if unexpected or KEY not in tensors:
-            raise AdapterError(f"{file}: expected the key {KEY!r} (n_virtual, dim) and modules_to_save parameters, "
-                               f"got unexpected {preview(unexpected)}{'' if KEY in tensors else f' and no {KEY!r}'}; "
-                               "save the adapter again with PEFT")
-        prompt = tensors[KEY]
+        files = read_peft(directory, peft_types=self.aliases, suffixes=(), schema=SCHEMA, known_keys=KNOWN_KEYS,
+                          shared=[KEY], prefix=PROMPT_PREFIX, allow_pickle=allow_pickle)
+        config, file = files.config, files.file
+        if KEY not in files.shared:
+            raise AdapterError(f"{file}: no {KEY!r} (n_virtual, dim); save the adapter again with PEFT")
+        prompt = files.shared[KEY]
         n, dim = config["num_virtual_tokens"], config.get("token_dim")
         if prompt.ndim != 2 or prompt.size(0) != n or (dim is not None and prompt.size(1) != dim):
             raise AdapterError(f"{file}: {KEY} has shape {tuple(prompt.shape)}, but {CONFIG_FILE} gives "
                                f"num_virtual_tokens={n}, token_dim={dim}; save the adapter again")
-        return Adapter(type=self.name, config=config, modules={"": {KEY: prompt}}, modules_to_save=saved,
+        return Adapter(type=self.name, config=config, modules={"": {KEY: prompt}}, modules_to_save=files.modules_to_save,
                        source=str(directory))
 
     def write(self, adapter: Adapter, directory: Path) -> None:
