@@ -36,8 +36,11 @@ class Adapter:
         return [t for m in (*self.modules.values(), *self.modules_to_save.values()) for t in m.values()]
 
     def nbytes(self) -> int:
-        """Bytes of all tensors: what a load or swap moves."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        """Bytes of all tensors, a tensor shared by several modules (VeRA's projections) counted once:
+        what a load or swap moves, and what the host cache holds."""
+        sizes = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.shape): t.numel() * t.element_size()
+                 for t in self.tensors()}
+        return sum(sizes.values())
 
 
 class Route:
