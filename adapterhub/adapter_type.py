@@ -87,7 +87,8 @@ class ModuleSlots(nn.Module):
         raise NotImplementedError
 
     def read(self, slot: int) -> dict[str, torch.Tensor] | None:
-        """The tensors `write` was given for `slot` (copies), or None."""
+        """The tensors `write` was given for `slot`, or None: copies of slot data (the slot may be
+        rewritten later); frozen tensors shared by many modules may be returned as they are."""
         raise NotImplementedError
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict, route: Route) -> tuple[tuple, dict] | None:
@@ -132,7 +133,8 @@ class AdapterType:
 
     def check(self, adapter: Adapter, model: nn.Module) -> None:
         """Raises AdapterError if an adapted module is of the wrong kind or a tensor has the wrong shape.
-        The Backbone has already checked that every path names a module and that rank <= max_rank."""
+        The Backbone has already checked that every path names a module and that rank <= max_rank.
+        It may complete the adapter from the model (VeRA rebuilds projections that PEFT did not save)."""
         raise NotImplementedError
 
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> ModuleSlots:
