@@ -121,6 +121,11 @@ class AdapterType:
         """Writes `adapter` in this type's format, loadable by the library that defined the format."""
         raise NotImplementedError
 
+    def place(self, adapter: Adapter, model: nn.Module) -> Adapter:
+        """`adapter` fitted to `model` before it is checked: e.g. module paths saved from a bare
+        BertModel moved onto BertForSequenceClassification (`bert.` prefix). Default: unchanged."""
+        return adapter
+
     def features(self, adapter: Adapter) -> frozenset[str]:
         """Optional computations this adapter needs (LoRA: {"dora"}), passed to the slots as
         `Route.features` so that batches without them skip them. A compiled model compiles once per

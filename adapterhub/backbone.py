@@ -245,7 +245,7 @@ class Backbone:
             adapter = None
         if adapter is None:
             adapter_type = self.types.get(type_name) if type_name else self.types.recognize(directory)
-            adapter = adapter_type.read(directory, allow_pickle=allow_pickle)
+            adapter = adapter_type.place(adapter_type.read(directory, allow_pickle=allow_pickle), self.model)
             self._check(adapter)
         return key, adapter
 
