@@ -8,7 +8,10 @@ import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig
 
 import adapterhub as ah
+from adapterhub.plugins import get_type
 from tiny_models import LLAMA_TARGETS, ids, save_peft, tiny_bert_cls, tiny_llama
+
+BOTTLENECK = ("seq_bn", "double_seq_bn")  # made with the type's init, weights randomised, as adapters saves them
 
 CONFIGS = {
     "llama": (tiny_llama, {
@@ -30,9 +33,18 @@ CONFIGS = {
 def loaded(arch: str, tmp_path):
     build, configs = CONFIGS[arch]
     model = build()
-    bb = ah.Backbone(model, max_adapters=len(configs), max_rank=8)
+    bb = ah.Backbone(model, max_adapters=len(configs) + len(BOTTLENECK), max_rank=8)
     for seed, (name, config) in enumerate(configs.items()):
         bb.load(save_peft(build, tmp_path / name, seed, config()), name=name)
+    bottleneck, g = get_type("bottleneck"), torch.Generator().manual_seed(7)
+    for preset in BOTTLENECK:
+        adapter = bottleneck.init(model, {"config": preset})
+        for parts in adapter.modules.values():
+            for key, tensor in parts.items():
+                if "adapter_" in key:
+                    tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.3)
+        bottleneck.write(adapter, tmp_path / preset)
+        bb.load(tmp_path / preset, name=preset)
     return model, bb
 
 
@@ -44,7 +56,7 @@ def outputs(model, batch):
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_each_row_equals_running_it_alone(arch, tmp_path):
     model, bb = loaded(arch, tmp_path)
-    names = [*CONFIGS[arch][1], None]
+    names = [*CONFIGS[arch][1], *BOTTLENECK, None]
     rows = names + names[::-1]  # every type twice, in two orders
     batch = ids(batch=len(rows), length=6)
     with bb.use(rows):
@@ -68,7 +80,7 @@ def test_compiled_mixed_batches_do_not_recompile_as_names_change(tmp_path):
     model, bb = loaded("llama", tmp_path)
     batch = ids(batch=4, length=6)
     compiled = torch.compile(model, fullgraph=True)
-    kinds = [["lora", "ia3", None, "lora"], ["ia3", "lora", "lora", None], ["lora", None, "ia3", "ia3"]]
+    kinds = [["lora", "ia3", None, "seq_bn"], ["ia3", "seq_bn", "lora", None], ["lora", None, "ia3", "seq_bn"]]
     with bb.use(kinds[0]), torch.no_grad():
         compiled(batch)
     with torch._dynamo.config.patch(error_on_recompile=True):
