@@ -32,6 +32,13 @@ class Adapter:
     modules_to_save: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # path -> full state dict
     source: str = ""  # the directory, for error messages
 
+    def to(self, device: str | torch.device) -> Adapter:
+        """The same adapter with every tensor on `device` (the host cache keeps evicted ones on the CPU)."""
+        def moved(group: dict) -> dict:
+            return {path: {k: t.to(device) for k, t in parts.items()} for path, parts in group.items()}
+        return Adapter(type=self.type, config=self.config, modules=moved(self.modules),
+                       modules_to_save=moved(self.modules_to_save), source=self.source)
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for m in (*self.modules.values(), *self.modules_to_save.values()) for t in m.values()]
 

@@ -156,8 +156,14 @@ class Backbone:
                 slot = self._free_slot(name, keep=name)
             else:
                 slot = old
+            try:
+                self._write(slot, adapter)
+            except BaseException:
+                if slot == old:  # the old weights are partly overwritten: the name cannot stay
+                    self.table.remove(name)
+                    del self._records[name]
+                raise
             self.table.remove(name)
-            self._write(slot, adapter)
             self._remember(name, slot, str(source), key, adapter)
             if pinned:
                 self.table.pinned.add(name)
@@ -300,7 +306,7 @@ class Backbone:
             raise AdapterError(f"cannot load {name!r}: all {self.max_adapters} slots are pinned or in use by "
                                "batches in flight; unpin or unload an adapter, or create the Backbone with a "
                                "larger max_adapters")
-        self.host_cache.put(self._records[victim].source_key, self._extract(victim))
+        self.host_cache.put(self._records[victim].source_key, self._extract(victim).to("cpu"))
         slot = self.table.remove(victim)
         del self._records[victim]
         log.info("evicted adapter %r (least recently used) from slot %d to make room for %r", victim, slot, name)

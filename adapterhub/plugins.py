@@ -157,9 +157,8 @@ class Registry:
 
     def _collect(self, plugin_name: str) -> None:
         """Checks and records the types one plugin declares."""
-        plugin = self.pm.get_plugin(plugin_name)
-        impl = getattr(plugin, "adapter_types", None)
-        declared = impl() if callable(impl) and hasattr(impl, "adapterhub_impl") else []
+        impls = [i for i in self.pm.hook.adapter_types.get_hookimpls() if i.plugin_name == plugin_name]
+        declared = impls[0].function() if impls else []
         if not isinstance(declared, (list, tuple)):
             raise AdapterError(f"plugin {plugin_name!r}: adapter_types() must return a list of AdapterType, "
                                f"got {type(declared).__name__}")
@@ -170,6 +169,12 @@ class Registry:
             if taken:
                 raise AdapterError(f"plugin {plugin_name!r} declares adapter type {adapter_type.name!r}, which plugin "
                                    f"{taken[1]!r} already provides; disable one with ADAPTERHUB_DISABLE_PLUGINS")
+            readers = {alias: (t.name, p) for t, p in [*self._types.values(), *found.values()] for alias in t.aliases}
+            clash = next((a for a in adapter_type.aliases if a in readers), None)
+            if clash:
+                raise AdapterError(f"plugin {plugin_name!r}: type {adapter_type.name!r} claims format {clash!r}, which "
+                                   f"type {readers[clash][0]!r} (plugin {readers[clash][1]!r}) already reads; "
+                                   "disable one with ADAPTERHUB_DISABLE_PLUGINS")
             found[adapter_type.name] = (adapter_type, plugin_name)
         self._types.update(found)
 

@@ -50,7 +50,7 @@ def routes_for(slots: list[int], types: list[str | None], features: list[frozens
     def route(of_type: str | None) -> Route:
         values = [s if of_type is None or t == of_type else -1 for s, t in zip(slots, types)]
         index = torch.tensor(values, dtype=torch.long, device=device)
-        index = index.repeat_interleave(repeat) if repeat > 1 else index
+        index = index.repeat_interleave(repeat) if repeat > 1 and not broadcast else index
         needed = frozenset().union(*(f for f, t in zip(features, types) if of_type is None or t == of_type))
         return Route(index, needed, broadcast)
 

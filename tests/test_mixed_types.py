@@ -89,3 +89,63 @@ def test_compiled_mixed_batches_do_not_recompile_as_names_change(tmp_path):
                 got = compiled(batch).logits
             with bb.use(rows):
                 torch.testing.assert_close(got, outputs(model, batch), rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_swap_leaves_the_name_usable(tmp_path, monkeypatch):
+    from adapterhub.types.ia3 import IA3Type
+
+    model, bb = loaded("llama", tmp_path)
+    ia3 = save_peft(tiny_llama, tmp_path / "ia3-new", 9, IA3Config(target_modules=["o_proj"]))
+
+    def out_of_memory(*args, **kw):
+        raise torch.OutOfMemoryError("no room for new slots")
+
+    monkeypatch.setattr(IA3Type, "allocate", out_of_memory)  # o_proj has no IA3 slots yet
+    batch = ids(batch=1)
+    with bb.use("lora"):
+        before = outputs(model, batch)
+    bb.unload("dora")  # a free slot: the swap writes there, the old weights stay
+    with pytest.raises(torch.OutOfMemoryError):
+        bb.swap("lora", ia3)
+    with bb.use("lora"):
+        torch.testing.assert_close(outputs(model, batch), before)
+    bb.load(tmp_path / "seq_bn", name="third")  # no free slot now: a swap writes in place
+    with pytest.raises(torch.OutOfMemoryError):
+        bb.swap("lora", ia3)
+    assert "lora" not in bb.names  # its weights were partly overwritten, so the name is gone...
+    bb.load(tmp_path / "lora", name="lora")  # ...and can be loaded again
+    with bb.use("lora"):
+        torch.testing.assert_close(outputs(model, batch), before)
+
+
+def test_one_name_with_repeat_routes_every_row(tmp_path):
+    model, bb = loaded("llama", tmp_path)
+    batch = ids(batch=2)
+    with bb.use("lora"):
+        want = model.generate(batch, attention_mask=torch.ones_like(batch), num_beams=2, max_new_tokens=3,
+                              do_sample=False)
+    with bb.use("lora", repeat=2):
+        got = model.generate(batch, attention_mask=torch.ones_like(batch), num_beams=2, max_new_tokens=3,
+                             do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_prompt_rows_and_plain_rows_give_their_own_losses(tmp_path):
+    """A mixed batch's per-row losses equal each row's loss alone (no extra first-token term for
+    unprompted rows); per-sequence labels (classification) are left as they are."""
+    model, bb = loaded("llama", tmp_path)
+    batch = ids(batch=2)
+    rows = ["prompt5", None]
+    with torch.no_grad(), bb.use(rows):
+        out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch)
+    with torch.no_grad():
+        alone = []
+        for i, name in enumerate(rows):
+            with bb.use(name):
+                alone.append(model(input_ids=batch[i:i + 1], labels=batch[i:i + 1]).loss)
+    T = batch.size(1)  # the prompted row predicts all T tokens (the first from its prompt), the plain row T - 1
+    torch.testing.assert_close(out.loss, (alone[0] * T + alone[1] * (T - 1)) / (2 * T - 1), rtol=1e-5, atol=1e-5)
+    bert, bert_bb = loaded("bert", tmp_path / "bert")
+    labels = torch.tensor([0, 2])
+    with torch.no_grad(), bert_bb.use(["prompt3", None]):
+        assert torch.isfinite(bert(input_ids=batch, labels=labels).loss)

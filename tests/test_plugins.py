@@ -131,3 +131,22 @@ def test_cli_lists_types_as_text_and_json():
     text = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     assert any(line.startswith("lora ") and "adapterhub" in line and "adapter_types" in line
                for line in text.splitlines())
+
+
+def test_a_plugin_cannot_take_a_format_another_type_reads():
+    class FastLora(IA3Type):
+        name, aliases = "fastlora", ("LORA",)
+
+    reg = Registry(load_entry_points=False)
+    reg.register(__import__("adapterhub.types.lora", fromlist=["x"]), name="lora")
+    plugin = type("Plugin", (), {"adapter_types": ah.hookimpl(lambda self: [FastLora()])})()
+    with pytest.raises(ah.AdapterError, match=r"claims format 'LORA', which type 'lora' \(plugin 'lora'\) already"):
+        reg.register(plugin)
+    assert reg.names() == ["lora"]
+
+
+def test_hookimpl_with_specname_declares_types():
+    plugin = type("Plugin", (), {"provide": ah.hookimpl(specname="adapter_types")(lambda self: [IA3Type()])})()
+    reg = Registry(load_entry_points=False)
+    reg.register(plugin, name="renamed")
+    assert reg.names() == ["ia3"]

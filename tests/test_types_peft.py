@@ -6,9 +6,27 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import IA3Config, PromptTuningConfig
+from transformers import LlamaConfig, LlamaForSequenceClassification, RobertaConfig, RobertaForTokenClassification
 
 import adapterhub as ah
-from tiny_models import ids, peft_model, save_peft, tiny_bert_cls, tiny_gpt2, tiny_llama
+from adapterhub.types.prompt_tuning import _reads_last_position
+from tiny_models import VOCAB, ids, peft_model, save_peft, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+
+def tiny_roberta_tokens() -> RobertaForTokenClassification:
+    """RoBERTa numbers positions from padding_idx + 1: a prompt must not renumber them."""
+    torch.manual_seed(0)
+    return RobertaForTokenClassification(RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=2, intermediate_size=64,
+                                                       max_position_embeddings=72, num_labels=3)).eval()
+
+
+def tiny_llama_cls() -> LlamaForSequenceClassification:
+    """A decoder classifier: it reads the last position, so its rows are padded on the left."""
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4, num_labels=3,
+                                                      pad_token_id=0)).eval()
 
 CASES = {
     "ia3-llama": (tiny_llama, lambda: IA3Config(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"],
@@ -22,7 +40,12 @@ CASES = {
                                                       modules_to_save=["classifier"])),
     "prompt-llama": (tiny_llama, lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)),
     "prompt-gpt2": (tiny_gpt2, lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "ia3-gpt2-suffix": (tiny_gpt2, lambda: IA3Config(target_modules=["c_fc", "c_proj", "fc"], feedforward_modules=["fc"],
+                                                     fan_in_fan_out=True)),  # PEFT: "fc" is a plain suffix of c_fc
     "prompt-bert-cls": (tiny_bert_cls, lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)),
+    "prompt-roberta-tokens": (tiny_roberta_tokens, lambda: PromptTuningConfig(task_type="TOKEN_CLS",
+                                                                              num_virtual_tokens=3)),
+    "prompt-llama-cls": (tiny_llama_cls, lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
 }
 
 
@@ -46,14 +69,16 @@ def test_peft_saved_adapter_matches_peft_per_row(case, saved):
     for i, directory in enumerate(saved[case]):
         bb.load(directory, name=f"a{i}")
     assert bb.info("a0").type == case.split("-")[0].replace("prompt", "prompt_tuning")
-    batch = ids(batch=3)
+    batch = ids(batch=3).clamp(min=2)  # no pad id inside a text (RoBERTa would skip it when numbering positions)
     with bb.use(["a0", None, "a1"]):
         ours = outputs(model, batch)
     T = batch.size(1)
     expected = [outputs(peft_model(build, saved[case][0]), batch[:1]), outputs(build(), batch[1:2]),
                 outputs(peft_model(build, saved[case][1]), batch[2:])]
     for row, want in enumerate(expected):
-        got = ours[row] if want.dim() == 2 else ours[row, -T:]  # causal LMs: the tokens' logits are the last T
+        # per-token outputs: a row's tokens are the last T (left padding), or follow its own prompt (encoders)
+        start = ours.size(1) - T if _reads_last_position(model) else want.size(1) - T
+        got = ours[row] if want.dim() == 2 else ours[row, start:start + T]
         want = want[0] if want.dim() == 2 else want[0, -T:]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     base = outputs(build(), batch[:1])

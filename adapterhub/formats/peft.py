@@ -240,13 +240,13 @@ def is_targeted(config: dict, module: str) -> bool:
 
 
 def matches(names: str | list[str] | None, module: str) -> bool:
-    """Whether module is named by a PEFT module list (exact or dotted suffix) or regex (full match),
-    as for IA3's feedforward_modules."""
+    """Whether module is named by a PEFT module list (plain suffix, as PEFT's IA3 checks
+    feedforward_modules with str.endswith) or regex (full match)."""
     if names is None:
         return False
     if isinstance(names, str):
         return re.fullmatch(names, module) is not None
-    return module in names or any(module.endswith(f".{n}") for n in names)
+    return any(module.endswith(n) for n in names)
 
 
 def _layer_index(module: str, layers_pattern: str | list[str] | None) -> int | None:

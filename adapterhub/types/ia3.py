@@ -85,8 +85,7 @@ class IA3Type(AdapterType):
     def read(self, directory: Path, *, allow_pickle: bool = False) -> Adapter:
         files = read_peft(directory, peft_types=self.aliases, suffixes=[SUFFIX], schema=SCHEMA, known_keys=KNOWN_KEYS,
                           allow_pickle=allow_pickle)
-        config = files.config
-        _check_feedforward(config, files.file)
+        config = files.config  # feedforward_modules need not be targets here: PEFT saves such configs itself
         modules = {}
         for path, parts in files.modules.items():
             l = parts[SUFFIX]

@@ -45,12 +45,14 @@ class PromptSlots(ModuleSlots):
         super().__init__()
         embedding = model.get_input_embeddings()
         self._model = [model]  # a list: the model is our parent, not our child
-        self.causal = bool(model.can_generate())
+        self.causal = _reads_last_position(model)
+        # RoBERTa-family embeddings number positions from padding_idx + 1; BERT's and Llama's from 0.
+        self.first_position = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", -1) + 1
         kw = dict(device=embedding.weight.device)
         self.register_buffer("prompts", torch.zeros(slots, max_tokens, embedding.weight.size(1),
                                                     dtype=embedding.weight.dtype, **kw), persistent=False)
         self.register_buffer("lengths", torch.zeros(slots, dtype=torch.int64, **kw), persistent=False)
-        self._prefix: tuple[Route, torch.Tensor] | None = None  # (batch, its (B, N) prefix mask) while generating
+        self._prefix: tuple[Route, torch.Tensor, bool] | None = None  # (batch, (B, N) prefix mask, padded)
 
     def write(self, slot: int, tensors: dict[str, torch.Tensor] | None) -> None:
         n = 0 if tensors is None else tensors[KEY].size(0)
@@ -92,21 +94,27 @@ class PromptSlots(ModuleSlots):
             prompts = self.prompts[index.clamp(min=0)[:, None], k.clamp(0, self.prompts.size(1) - 1)]  # (B, N, dim)
             prompts = prompts.to(embeds.dtype) * present[..., None]
             prefix = present.to(mask.dtype)
-            self._prefix = (route, prefix)
+            padded = bool((n < N).any())  # rows of other types, the base or shorter prompts
+            self._prefix = (route, prefix, padded)
             order = self._order(n, N, T) if not self.causal else None
             kwargs["inputs_embeds"] = _arrange(torch.cat((prompts, embeds), 1), order)
             for key, fill in (("token_type_ids", 0), ("labels", -100)):
-                if kwargs.get(key) is not None:
-                    value = kwargs[key]
-                    kwargs[key] = _arrange(torch.cat((torch.full((B, N), fill, dtype=value.dtype,
-                                                                 device=value.device), value), 1), order)
+                value = kwargs.get(key)
+                if value is not None and value.dim() == 2 and value.size(1) == T:  # per token, not per sequence
+                    value = torch.cat((torch.full((B, N), fill, dtype=value.dtype, device=value.device), value), 1)
+                    if key == "labels" and self.causal:  # a row without prompt predicts no first token, as alone
+                        value[:, N] = torch.where(n == 0, fill, value[:, N])
+                    kwargs[key] = _arrange(value, order)
             mask = _arrange(torch.cat((prefix, mask), 1), order)
             prefix = None
         if prefix is not None:
             mask = torch.cat((prefix, mask), 1)
         kwargs["attention_mask"] = mask
         L = kwargs["inputs_embeds"].size(1)
-        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -L:]
+        if self._prefix[2] or cached:  # positions counted over each row's own tokens
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -L:] + self.first_position
+        else:  # no row padded: the model numbers positions itself, as under PEFT (RoBERTa starts past padding_idx)
+            kwargs.pop("position_ids", None)
         if kwargs.get("cache_position") is not None:  # generate() counts positions without the prompt
             shift = self._prefix[1].size(1) if cached else 0
             kwargs["cache_position"] = torch.arange(L, device=mask.device) if not cached else \
@@ -119,6 +127,16 @@ class PromptSlots(ModuleSlots):
         j = torch.arange(N + T, device=n.device).expand(n.size(0), -1)  # (B, N+T) target position
         nn_ = n[:, None]
         return torch.where(j < nn_, j, torch.where(j < nn_ + T, j - nn_ + N, j - T))
+
+
+def _reads_last_position(model: nn.Module) -> bool:
+    """Decoders (causal LMs, and their sequence classifiers, which read the last position) get their
+    padding on the left; encoders (whose poolers read position 0) on the right."""
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return bool(model.can_generate()) or (model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                                          and model_type not in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
 def _arrange(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
