@@ -103,7 +103,7 @@ class IA3Type(AdapterType):
         config = {**adapter.config, "peft_type": "IA3", "target_modules": sorted(adapter.modules),
                   "feedforward_modules": sorted(p for p, m in adapter.modules.items() if _is_feedforward(m["ia3_l"])),
                   "modules_to_save": sorted(adapter.modules_to_save) or None,
-                  "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None}
+                  "exclude_modules": None}
         write_peft(directory, config, {p: {SUFFIX: m["ia3_l"]} for p, m in adapter.modules.items()},
                    adapter.modules_to_save)
 
