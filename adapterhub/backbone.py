@@ -258,11 +258,12 @@ class Backbone:
     @contextlib.contextmanager
     def _placing(self, key: tuple, adapter: Adapter) -> Iterator[None]:
         """The locked section that puts a checked adapter into a slot; if it is refused (no slot,
-        name taken meanwhile), the adapter goes back to the host cache instead of being lost."""
+        name taken meanwhile) or fails (out of memory), the adapter goes back to the host cache
+        instead of being lost."""
         with self._lock:
             try:
                 yield
-            except AdapterError:
+            except BaseException:
                 self.host_cache.put(key, adapter)
                 raise
 

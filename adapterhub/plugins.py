@@ -96,8 +96,10 @@ class Registry:
     def get(self, name: str) -> AdapterType:
         with self._lock:
             if name not in self._types:
-                raise AdapterError(f"no adapter type named {name!r} is installed; installed: {sorted(self._types)}"
-                                   f"{self._failure_hint()}; install the plugin that provides it")
+                blocked = " (it is blocked by ADAPTERHUB_DISABLE_PLUGINS or left out by ADAPTERHUB_PLUGINS)" \
+                    if self.pm.is_blocked(name) or "ADAPTERHUB_PLUGINS" in os.environ else ""
+                raise AdapterError(f"no adapter type named {name!r} is installed{blocked}; installed: "
+                                   f"{sorted(self._types)}{self._failure_hint()}; install the plugin that provides it")
             return self._types[name][0]
 
     def names(self) -> list[str]:
