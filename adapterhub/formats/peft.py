@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -103,12 +104,7 @@ def read_config(directory: Path, peft_types: Iterable[str], schema: Mapping, kno
         raise AdapterError(
             f"no {CONFIG_FILE} in {directory}{hint}; a PEFT adapter directory holds {CONFIG_FILE} and "
             f"{SAFETENSORS_FILE}: pass the directory that save_pretrained wrote")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{file} is not valid JSON ({e}); re-save the adapter or fix the file") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{file}: expected a JSON object, got {type(config).__name__}; re-save the adapter")
+    config = read_json_object(file, resave="re-save the adapter")
     peft_types = tuple(peft_types)
     if config.get("peft_type") not in peft_types:
         raise AdapterError(f"{file}: peft_type {config.get('peft_type')!r} is not {' or '.join(peft_types)}; "
@@ -125,6 +121,17 @@ def read_config(directory: Path, peft_types: Iterable[str], schema: Mapping, kno
     if unknown:
         logger.warning("%s: unknown keys %s are kept in the adapter's config but not used "
                        "(probably written by a newer PEFT)", file, unknown)
+    return config
+
+
+def read_json_object(file: Path, resave: str) -> dict:
+    """A config file parsed, which must hold a JSON object; `resave` says how to get a good one."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{file} is not valid JSON ({e}); {resave} or fix the file") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{file}: expected a JSON object, got {type(config).__name__}; {resave}")
     return config
 
 
@@ -147,9 +154,12 @@ def refuse_features(config: dict, features: Mapping[str, str], file: Path, fix: 
             raise AdapterError(f"{file}: {key}={value!r} ({what}) is not supported yet: {fix}")
 
 
-def read_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
-    """The adapter's tensors and the file they came from: safetensors, or .bin when allowed."""
-    safetensors, pickled = directory / SAFETENSORS_FILE, directory / PICKLE_FILE
+def read_tensors(directory: Path, allow_pickle: bool, files: tuple[str, str] = (SAFETENSORS_FILE, PICKLE_FILE),
+                 convert: str = "convert it to safetensors") -> tuple[dict[str, torch.Tensor], Path]:
+    """The adapter's tensors and the file they came from: `files` = (safetensors, pickle) names; the
+    pickle only when allowed. `convert`: how the library that wrote it saves safetensors instead."""
+    safetensors_file, pickle_file = files
+    safetensors, pickled = directory / safetensors_file, directory / pickle_file
     if safetensors.is_file():
         try:
             return load_file(safetensors), safetensors
@@ -158,8 +168,8 @@ def read_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.T
                 f"{safetensors} is truncated or corrupt ({e}); download or save the adapter again") from e
     if pickled.is_file() and not allow_pickle:
         raise AdapterError(
-            f"{pickled} is a pickle and only {SAFETENSORS_FILE} is loaded by default; pass allow_pickle=True to load "
-            "it with torch.load(weights_only=True) if you trust it, or convert it to safetensors")
+            f"{pickled} is a pickle and only {safetensors_file} is loaded by default; pass allow_pickle=True to load "
+            f"it with torch.load(weights_only=True) if you trust it, or {convert}")
     if pickled.is_file():
         try:
             tensors = torch.load(pickled, map_location="cpu", weights_only=True)
@@ -168,7 +178,7 @@ def read_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.T
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise AdapterError(f"{pickled}: expected a dict of tensors, got {type(tensors).__name__}; save it again")
         return tensors, pickled
-    raise AdapterError(f"no {SAFETENSORS_FILE} (or {PICKLE_FILE}) in {directory}: the adapter's weights are missing")
+    raise AdapterError(f"no {safetensors_file} (or {pickle_file}) in {directory}: the adapter's weights are missing")
 
 
 def check_values(file: Path, key: str, tensor: torch.Tensor) -> None:
@@ -197,6 +207,25 @@ def write_peft(directory: str | os.PathLike, config: dict, modules: Mapping[str,
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def alpha_for(scale: float, r: int, use_rslora: bool = False) -> int | float:
+    """The alpha that gives `scale` at rank r under PEFT's scaling (alpha / r, or alpha / sqrt(r) with
+    rsLoRA). An integer (as people write alpha) when one gives scale to float32 precision, so that a
+    scale kept in a float32 tensor (8/3 -> 2.6666667) is saved as the alpha it came from; else the float."""
+    root = math.sqrt(r) if use_rslora else r
+    alpha = float(scale) * root
+    whole = round(alpha)
+    return whole if math.isclose(whole / root, scale, rel_tol=1e-6) else alpha
+
+
+def rank_and_alpha_patterns(ranks: Mapping[str, int], alphas: Mapping[str, int | float]) -> dict:
+    """PEFT's r, alpha, rank_pattern and alpha_pattern stating each module's own rank and alpha: the
+    most common values as r/alpha, the others by full module path."""
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {"r": r, "alpha": alpha, "rank_pattern": {name: v for name, v in sorted(ranks.items()) if v != r},
+            "alpha_pattern": {name: v for name, v in sorted(alphas.items()) if v != alpha}}
 
 
 def preview(names: list[str], n: int = 5) -> str:

@@ -14,15 +14,14 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from ..adapter_type import Adapter
 from ..errors import AdapterError
-from .peft import (CONFIG_FILE, PREFIX, SAFETENSORS_FILE, is_targeted, pattern_key, read_peft, refuse_features,
-                   target_schema, write_peft)
+from .peft import (CONFIG_FILE, PREFIX, SAFETENSORS_FILE, alpha_for, is_targeted, pattern_key,
+                   rank_and_alpha_patterns, read_peft, refuse_features, target_schema, write_peft)
 
 PEFT_TYPES = ("LORA",)
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude"}
@@ -181,17 +180,16 @@ def write_peft_lora(adapter: Adapter, directory: str | os.PathLike) -> None:
 def _config_for(adapter: Adapter) -> dict:
     """adapter.config with r/alpha/patterns/targets rewritten from the modules themselves."""
     use_rslora = bool(adapter.config.get("use_rslora", False))
-    ranks = {name: m["A"].shape[0] for name, m in sorted(adapter.modules.items())}
-    alphas = {name: _alpha_for(float(m["scale"]), ranks[name], use_rslora) for name, m in sorted(adapter.modules.items())}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    ranks = {name: m["A"].shape[0] for name, m in adapter.modules.items()}
+    patterns = rank_and_alpha_patterns(ranks, {name: alpha_for(float(m["scale"]), ranks[name], use_rslora)
+                                               for name, m in adapter.modules.items()})
     return {
         **adapter.config,
         "peft_type": "LORA",
-        "r": r,
-        "lora_alpha": alpha,
-        "rank_pattern": {name: v for name, v in ranks.items() if v != r},
-        "alpha_pattern": {name: v for name, v in alphas.items() if v != alpha},
+        "r": patterns["r"],
+        "lora_alpha": patterns["alpha"],
+        "rank_pattern": patterns["rank_pattern"],
+        "alpha_pattern": patterns["alpha_pattern"],
         "target_modules": sorted(adapter.modules),
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -201,14 +199,3 @@ def _config_for(adapter: Adapter) -> dict:
         "use_dora": bool(adapter.config.get("use_dora", False)),
         "fan_in_fan_out": bool(adapter.config.get("fan_in_fan_out", False)),
     }
-
-
-def _alpha_for(scale: float, r: int, use_rslora: bool) -> int | float:
-    """The lora_alpha that gives scale at rank r.
-
-    An integer (as people write alpha) when one gives scale to float32 precision, so that a scale kept in a
-    float32 tensor (8/3 -> 2.6666667) is saved as the alpha it came from; else the exact float.
-    """
-    alpha = float(scale) * (math.sqrt(r) if use_rslora else r)
-    whole = round(alpha)
-    return whole if math.isclose(lora_scale(whole, r, use_rslora), scale, rel_tol=1e-6) else alpha

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers.activations import ACT2CLS, get_activation
 
 from ..adapter_type import Adapter
 from ..errors import AdapterError
-from ..formats.peft import check_config, check_values, preview
+from ..formats.peft import check_config, check_values, preview, read_json_object, read_tensors
 
 log = logging.getLogger("adapterhub")
 
@@ -182,15 +181,11 @@ def read_bottleneck(directory: Path, adapter_type: str, allow_pickle: bool) -> A
     if not file.is_file():
         raise AdapterError(f"no {CONFIG_FILE} in {directory}; an adapters bottleneck adapter directory holds "
                            f"{CONFIG_FILE} and {WEIGHTS_FILE}: pass the directory that save_adapter wrote")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{file} is not valid JSON ({e}); save the adapter again") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{file}: expected a JSON object, got {type(config).__name__}; save the adapter again")
+    config = read_json_object(file, resave="save the adapter again")
     check_config(config, SCHEMA, file)
     config = {**config, "config": resolve_config(config["config"], {}, file, legacy="version" not in config)}
-    tensors, weights = _read_tensors(directory, allow_pickle)
+    tensors, weights = read_tensors(directory, allow_pickle, files=(WEIGHTS_FILE, PICKLE_FILE),
+                                    convert="save it with save_adapter(..., use_safetensors=True)")
     name = config.get("name") or _name_in(tensors, weights)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unexpected = []
@@ -234,32 +229,6 @@ def write_bottleneck(adapter: Adapter, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _read_tensors(directory: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
-    """The adapter's tensors and their file: adapter.safetensors, or pytorch_adapter.bin when allowed."""
-    safetensors, pickled = directory / WEIGHTS_FILE, directory / PICKLE_FILE
-    if safetensors.is_file():
-        try:
-            return load_file(safetensors), safetensors
-        except (SafetensorError, OSError) as e:
-            raise AdapterError(f"{safetensors} is truncated or corrupt ({e}); download or save the adapter "
-                               "again") from e
-    if not pickled.is_file():
-        raise AdapterError(f"no {WEIGHTS_FILE} (or {PICKLE_FILE}) in {directory}: the adapter's weights are "
-                           "missing")
-    if not allow_pickle:
-        raise AdapterError(f"{pickled} is a pickle and only {WEIGHTS_FILE} is loaded by default; pass "
-                           "allow_pickle=True to load it with torch.load(weights_only=True) if you trust it, or save "
-                           "it with "
-                           "save_adapter(..., use_safetensors=True)")
-    try:
-        tensors = torch.load(pickled, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise AdapterError(f"{pickled} could not be loaded with weights_only=True ({e}); save it again") from e
-    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise AdapterError(f"{pickled}: expected a dict of tensors, got {type(tensors).__name__}; save it again")
-    return tensors, pickled
 
 
 def _name_in(tensors: dict[str, torch.Tensor], file: Path) -> str:

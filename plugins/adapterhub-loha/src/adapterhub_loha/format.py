@@ -10,15 +10,14 @@ Convolution LoHa (hada_t1 / hada_t2 with use_effective_conv2d) is refused with i
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from collections import Counter
 from pathlib import Path
 
 import torch
 from adapterhub import Adapter, AdapterError
-from adapterhub.formats.peft import is_targeted, pattern_key, read_peft, target_schema, write_peft
+from adapterhub.formats.peft import (alpha_for, is_targeted, pattern_key, rank_and_alpha_patterns, read_peft,
+                                     target_schema, write_peft)
 
 from .slots import FACTORS
 
@@ -134,28 +133,16 @@ def write_peft_loha(adapter: Adapter, directory: str | os.PathLike) -> None:
 
 def _config_for(adapter: Adapter) -> dict:
     """adapter.config with r/alpha/patterns/targets rewritten from the modules themselves."""
-    ranks = {name: m["hada_w1_b"].size(0) for name, m in sorted(adapter.modules.items())}
-    alphas = {name: _alpha_for(float(m["scale"]), ranks[name]) for name, m in sorted(adapter.modules.items())}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    ranks = {name: m["hada_w1_b"].size(0) for name, m in adapter.modules.items()}
+    patterns = rank_and_alpha_patterns(ranks, {name: alpha_for(float(m["scale"]), ranks[name])
+                                               for name, m in adapter.modules.items()})
     return {
         **adapter.config,
         "peft_type": "LOHA",
-        "r": r,
-        "alpha": alpha,
-        "rank_pattern": {name: v for name, v in ranks.items() if v != r},
-        "alpha_pattern": {name: v for name, v in alphas.items() if v != alpha},
+        **patterns,
         "target_modules": sorted(adapter.modules),
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
         "modules_to_save": sorted(adapter.modules_to_save) or None,
     }
-
-
-def _alpha_for(scale: float, r: int) -> int | float:
-    """The alpha that gives scale = alpha / r: an integer (as people write alpha) when one gives it
-    to float32 precision, else the exact float."""
-    alpha = scale * r
-    whole = round(alpha)
-    return whole if math.isclose(whole / r, scale, rel_tol=1e-6) else alpha
