@@ -153,6 +153,14 @@ class AdapterType:
         """Empty slots for `module` (at `path` in the model): every slot adapts nothing until written."""
         raise NotImplementedError
 
+    def trainable(self, adapter: Adapter) -> list[tuple[str, str]]:
+        """(module path, tensor name) of the tensors a trainer updates; an AdapterError if this adapter
+        cannot be trained. Default: every floating-point tensor with a dimension (0-d tensors hold
+        scalings derived from the config). `write` must copy them with differentiable ops (`copy_`,
+        products), so that gradients reach them when the Backbone trains."""
+        return [(path, key) for path, parts in adapter.modules.items() for key, t in parts.items()
+                if t.is_floating_point() and t.dim() > 0]
+
     def init(self, model: nn.Module, config: dict) -> Adapter:
         """A fresh adapter for `model` from `config` (validated against config_schema), initialised
         as the format's library does it, ready to train."""

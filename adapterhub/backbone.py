@@ -36,6 +36,7 @@ from .hub import resolve
 from .plugins import Registry, registry
 from .routing import Routing, attach, routes_for
 from .slots import SlotTable
+from .trainable import Trainable
 
 log = logging.getLogger("adapterhub")
 
@@ -132,12 +133,70 @@ class Backbone:
         with self._lock:
             self._check_new_name(name)
         key, adapter = self._fetch(source, type, revision, subfolder, token, cache_dir, allow_pickle)
+        self._put(name, str(source), key, adapter)
+        return name
+
+    def add(self, name: str, adapter: Adapter) -> str:
+        """Puts an adapter made in memory (`AdapterType.init`, a trainer's result) into a free slot,
+        checked as `load` checks files; returns its name."""
+        with self._lock:
+            self._check_new_name(name)
+        adapter = self.types.get(adapter.type).place(adapter, self.model)
+        self._check(adapter)
+        self._put(name, adapter.source or "memory", ("memory", name, id(adapter)), adapter)
+        return name
+
+    def create(self, name: str, type: str = "lora", config: dict | None = None) -> str:
+        """A fresh adapter of `type` for this model, initialised as its format's library does (LoRA:
+        B = 0, so it starts as the base model), in a free slot, ready to train with `training`.
+        config["modules_to_save"] names heads (e.g. ["classifier"]) that the adapter gets its own
+        trainable copy of, as PEFT's modules_to_save."""
+        config = dict(config or {})
+        adapter = self.types.get(type).init(self.model, config)
+        for wanted in config.get("modules_to_save") or []:
+            found = [p for p in self._modules if p == wanted or p.endswith("." + wanted)]
+            if not found:
+                raise AdapterError(f"create: modules_to_save names {wanted!r}, which is not a module of "
+                                   f"{self.model.__class__.__name__}")
+            for path in found:
+                module = self._modules[path]
+                adapter.modules_to_save[path] = {k: p.detach().clone() for k, p in module.named_parameters(recurse=False)}
+        return self.add(name, adapter)
+
+    @contextlib.contextmanager
+    def training(self, names: str | Sequence[str]) -> Iterator[Trainable]:
+        """Makes resident adapters trainable in their slots for the block (see adapterhub/trainable.py):
+        yields their parameters; forwards that record gradients send each row's gradients to its
+        row's adapter only. The adapters are pinned meanwhile; at the end their trained weights stay
+        in their slots (save them with `save`)."""
+        names = [names] if isinstance(names, str) else list(names)
+        with self._lock:
+            adapters = {name: self._extract(name) for name in names}
+            pinned = {name for name in names if name in self.table.pinned}
+            trainable = Trainable(self, adapters)
+            for name in names:
+                self.table.pinned.add(name)
+        hooks = [self.model.register_forward_pre_hook(trainable.before_forward),
+                 self.model.register_forward_hook(trainable.after_forward, always_call=True)]
+        try:
+            yield trainable
+        finally:
+            for hook in hooks:
+                hook.remove()
+            trainable.restore()
+            with self._lock:
+                if all(self.table.slot_of.get(n) is not None for n in names):
+                    trainable.sync()
+                for name in names:
+                    if name in self.table.slot_of and name not in pinned:
+                        self.table.pinned.discard(name)
+
+    def _put(self, name: str, source: str, key: tuple, adapter: Adapter) -> None:
         with self._placing(key, adapter):
             self._check_new_name(name)
             slot = self._free_slot(name)
             self._write(slot, adapter)
-            self._remember(name, slot, str(source), key, adapter)
-        return name
+            self._remember(name, slot, source, key, adapter)
 
     def swap(self, name: str, source: str | os.PathLike, *, type: str | None = None, revision: str | None = None,
              subfolder: str | None = None, token: str | bool | None = None,

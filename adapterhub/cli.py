@@ -1,6 +1,7 @@
 """`adapterhub ...` on the command line.
 
     adapterhub plugins [--json]     the installed adapter types, their plugins and hooks
+    adapterhub train [--config run.toml] [--flag value ...]   train an adapter (or a model): adapterhub/train/run.py
 """
 
 from __future__ import annotations
@@ -29,12 +30,52 @@ def plugins(as_json: bool) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    from .train.errors import TrainingError
+    from .train.run import KEYS, read_config, run
+
+    config = read_config(args.config) if args.config else {}
+    config.update({k: v for k, v in vars(args).items() if k in KEYS and v is not None})
+    try:
+        result = run(config)
+    except TrainingError as e:
+        print(f"adapterhub train: {e}", file=sys.stderr)
+        return 2
+    for entry in result.history:
+        print(json.dumps(entry))
+    if config.get("output_dir"):
+        print(f"best result ({result.best}) in {config['output_dir']}/best")
+    return 0
+
+
+def _train_parser(commands) -> None:
+    parser = commands.add_parser("train", help="train an adapter or a model (flags override --config)")
+    parser.add_argument("--config", help="a .toml, .yaml or .json file of the settings below")
+    parser.add_argument("--model", help='"smollm2" (the embedded default), a directory or a Hub id')
+    parser.add_argument("--task", choices=["causal_lm", "classification"])
+    parser.add_argument("--num-labels", dest="num_labels", type=int)
+    parser.add_argument("--strategy", choices=["feature_extraction", "full", "discriminative", "progressive",
+                                               "adapter", "domain"])
+    parser.add_argument("--adapter-type", dest="adapter_type", help="any installed type (adapterhub plugins)")
+    parser.add_argument("--adapter-config", dest="adapter_config", type=json.loads, help="JSON, e.g. '{\"r\": 8}'")
+    parser.add_argument("--data", help="training examples, .jsonl")
+    parser.add_argument("--eval-data", dest="eval_data")
+    parser.add_argument("--domain-data", dest="domain_data", help="unlabelled target-domain text, one per line")
+    parser.add_argument("--output-dir", dest="output_dir")
+    for flag, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("max-length", int)):
+        parser.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind)
+    parser.add_argument("--chat", action="store_true", default=None, help="prompts through the chat template")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapterhub", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("plugins", help="list the installed adapter types")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    _train_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return train(args)
     logging.getLogger("adapterhub").addHandler(logging.NullHandler())  # failures are printed below instead
     return plugins(args.json)
 

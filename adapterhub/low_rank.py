@@ -16,6 +16,32 @@ from . import ops
 from .adapter_type import ModuleSlots, Route, linear_weight
 
 
+class _LowRankDelta(torch.autograd.Function):
+    """base (rows, out) + the gathered delta of x (rows, in), differentiable: the forward runs the
+    inference ops, the backward the op contract's lora_linear_backward, whose grad_x already holds
+    the base term grad @ W. So the base output enters detached and its own graph is never walked."""
+
+    @staticmethod
+    def forward(ctx, x2, base2, W, bias, A, B, scale, index, ranks):
+        y = base2.detach().clone()  # (rows, out)
+        ops.lora_expand(y, ops.lora_shrink(x2, A, index, ranks), B, scale, index, ranks)
+        ctx.save_for_backward(x2, W, A, B, scale, index, ranks)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, W, A, B, scale, index, ranks = ctx.saved_tensors
+        grad = grad.contiguous()  # (rows, out)
+        grad_x, grad_A, grad_B = torch.ops.adapterhub.lora_linear_backward(grad, x2, W.detach(), A.detach(),
+                                                                           B.detach(), scale, index, ranks)
+        need = ctx.needs_input_grad
+        grad_W = grad.T @ x2 if need[2] else None  # (out, in)
+        grad_bias = grad.sum(0) if need[3] and ctx.has_bias else None
+        return grad_x, None, grad_W, grad_bias, grad_A if need[4] else None, grad_B if need[5] else None, \
+            None, None, None
+
+
 class LowRankSlots(ModuleSlots):
     """Preallocated A (slots, max_rank, in), B (slots, out, max_rank), scale and rank per slot of one
     Linear/Conv1D; writes go in place, shapes never change."""
@@ -50,13 +76,21 @@ class LowRankSlots(ModuleSlots):
             return None
         return self.A[slot, :r].clone(), self.B[slot, :, :r].clone(), float(self.scale[slot])
 
-    def add_delta(self, x: torch.Tensor, output: torch.Tensor, route: Route) -> torch.Tensor:
-        """output (n0, ..., out) += each row's delta of x (n0, ..., in), in place."""
+    def add_delta(self, x: torch.Tensor, output: torch.Tensor, route: Route,
+                  base: nn.Module | None = None) -> torch.Tensor:
+        """output (n0, ..., out) + each row's delta of x (n0, ..., in): in place, or, when autograd
+        records (training), as a new tensor whose gradients reach x, A, B and `base`'s weights."""
         x2 = x.reshape(-1, self.in_features).contiguous()  # (rows, in)
-        y2 = output.view(-1, self.out_features)  # (rows, out), written in place
+        y2 = output.view(-1, self.out_features)  # (rows, out)
         index = route.rows(x.size(0), x2.size(0), x.device)  # (rows,)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, y2, self.A, self.B)):
+            if base is None:
+                raise RuntimeError("add_delta: pass the adapted module as `base` to compute gradients")
+            bias = getattr(base, "bias", None)
+            y = _LowRankDelta.apply(x2, y2, linear_weight(base), bias, self.A, self.B, self.scale, index, self.ranks)
+            return y.view_as(output)
         ops.lora_expand(y2, ops.lora_shrink(x2, self.A, index, self.ranks), self.B, self.scale, index, self.ranks)
         return output
 
     def after(self, module: nn.Module, args: tuple, output: torch.Tensor, route: Route) -> torch.Tensor:
-        return self.add_delta(args[0], output, route)
+        return self.add_delta(args[0], output, route, module)

@@ -16,8 +16,9 @@ it. With original_ln_after (both presets) that is y itself, without a subtractio
 
 Settings may differ per slot (a batch mixes seq_bn and double_seq_bn rows): each is a per-slot
 tensor, applied per row with torch.where; rows of other types and of the base keep the module's
-own output exactly. The down and up projections are the gathered low-rank ops. Inference only:
-adapter dropout and stochastic depth (training-time) are not applied.
+own output exactly. The down and up projections are the gathered low-rank ops; while autograd
+records (training) the same computation runs in differentiable PyTorch, one gathered matmul per
+sequence. Adapter dropout and stochastic depth (training-time regularisers) are not applied.
 
 Module paths are those adapters saved: the model's own, with or without its base model's prefix
 (`bert.`, `model.`); `BottleneckType.place` moves them onto a given model, as adapters' loader does.
@@ -114,15 +115,30 @@ class Bottleneck(nn.Module):
         z = torch.where(mode[:, 0:1] == 1, total if norm is None else norm(total), h2)
         residual = torch.where(mode[:, 2:3] == RESIDUAL[True], h2,
                                torch.where(mode[:, 2:3] == RESIDUAL[False], z, total))
-        t = ops.lora_shrink(z.contiguous(), self.down, index, self.ranks)  # (rows, R) fp32
-        t = _activate(t + self.down_bias[slot].to(t.dtype), mode[:, 3], route.features)
         scale = self.scale[slot].unsqueeze(1)  # (rows, 1)
         y = (residual + (scale * self.up_bias[slot]).to(residual.dtype)).contiguous()  # (rows, H)
-        ops.lora_expand(y, t, self.up, self.scale, index, self.ranks)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (h, inp, self.down, self.up)):
+            # Training: the same computation in differentiable PyTorch, one gathered matmul per sequence.
+            n0, sequence = h.size(0), route.rows(h.size(0), h.size(0), h.device)  # (n0,)
+            t = _per_sequence(z.reshape(n0, -1, self.hidden), self.down, sequence).reshape(z.size(0), -1)
+            t = _activate(t.float() + self.down_bias[slot].float(), mode[:, 3], route.features)  # (rows, R)
+            up = _per_sequence(t.to(y.dtype).reshape(n0, -1, t.size(1)), self.up, sequence)  # (n0, L, H)
+            y = y + scale.to(y.dtype) * up.reshape_as(y)
+        else:
+            t = ops.lora_shrink(z.contiguous(), self.down, index, self.ranks)  # (rows, R) fp32
+            t = _activate(t + self.down_bias[slot].to(t.dtype), mode[:, 3], route.features)
+            ops.lora_expand(y, t, self.up, self.scale, index, self.ranks)
         ln_after = mode[:, 1:2] == 1
         out = torch.where(ln_after, norm(y + inp2), y) if norm is not None else torch.where(ln_after, y, y - inp2)
         adapted = ((index >= 0) & (self.ranks[slot] > 0)).unsqueeze(1)  # (rows, 1)
         return torch.where(adapted, out, original.reshape(-1, self.hidden)).view_as(original)
+
+
+def _per_sequence(x: torch.Tensor, weight: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+    """x (n0, L, k) @ weight[sequence[i]].T for each sequence i, weight (slots, m, k) -> (n0, L, m);
+    sequences with slot -1 get zeros. Columns past a slot's rank are zero in the slot tensors."""
+    chosen = weight[sequence.clamp(min=0)] * (sequence >= 0).to(weight.dtype)[:, None, None]  # (n0, m, k)
+    return torch.einsum("nlk,nmk->nlm", x, chosen)
 
 
 def _activate(t: torch.Tensor, act: torch.Tensor, features: frozenset[str]) -> torch.Tensor:

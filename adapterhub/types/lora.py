@@ -61,7 +61,7 @@ class LoraSlots(LowRankSlots):
 
     def after(self, module: nn.Module, args: tuple, output: torch.Tensor, route: Route) -> torch.Tensor:
         if "dora" not in route.features:
-            return self.add_delta(args[0], output, route)
+            return self.add_delta(args[0], output, route, module)
         y2 = output.view(-1, self.out_features)  # (rows, out)
         bias = getattr(module, "bias", None)
         if bias is not None:
@@ -100,6 +100,12 @@ class LoraType(AdapterType):
             check_shape(adapter, path, "B", (out_features, r))
             if "magnitude" in tensors:
                 check_shape(adapter, path, "magnitude", (out_features,))
+
+    def trainable(self, adapter: Adapter) -> list[tuple[str, str]]:
+        if adapter.config.get("use_dora"):
+            raise AdapterError(f"{adapter.source}: DoRA adapters cannot be trained here yet (their magnitude "
+                               "rescaling runs in place); train a LoRA adapter (use_dora false)")
+        return [(path, key) for path in adapter.modules for key in ("A", "B")]
 
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> LoraSlots:
         if not is_linear(module):

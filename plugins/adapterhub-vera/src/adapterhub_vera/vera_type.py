@@ -56,6 +56,10 @@ class VeraType(AdapterType):
                 f"adapted modules of this backbone need at least ({r}, {max_in}) and ({max_out}, {r}); was the "
                 "adapter trained on another base model?")
 
+    def trainable(self, adapter: Adapter) -> list[tuple[str, str]]:
+        """The per-module lambdas; the shared projections stay frozen, as in PEFT."""
+        return [(path, key) for path in adapter.modules for key in ("vera_lambda_d", "vera_lambda_b")]
+
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> VeraSlots:
         if not is_linear(module):
             raise AdapterError(f"VeRA adapts nn.Linear (and Conv1D) modules; {path!r} is a {type(module).__name__}")

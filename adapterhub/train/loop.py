@@ -1,0 +1,226 @@
+"""fit: the training loop every strategy runs in.
+
+AdamW over the strategy's parameter groups, linear warm-up then linear decay, gradient clipping,
+a tqdm bar with loss and throughput, evaluation after each epoch, the best result kept in
+output_dir/best (written whole, then renamed), the training state in output_dir/checkpoint after
+each epoch (and every `checkpoint_every` steps), so that a run killed at any point resumes from
+its last checkpoint and, with the same seed, gives the same loss curve as one never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_directory, load_state, rng_state, save_state, set_rng_state
+from .data import CAUSAL_LM, CLASSIFICATION, IGNORE, Example, batches, count_batches, prepare, task_of
+from .errors import TrainingError
+from .strategies import DomainAdaptation, Strategy, attached
+
+CHECKPOINT, BEST = "checkpoint", "best"
+
+
+@dataclass
+class FitResult:
+    history: list[dict]  # per epoch: phase, epoch, train_loss, eval_loss, eval_accuracy, seconds, examples_per_s
+    best: dict | None  # the history entry whose result is in output_dir/best
+    trainable_parameters: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # every step's training loss, in order
+
+
+@dataclass
+class _Phase:
+    name: str  # "domain" (language-model training on target-domain text) or "task"
+    task: str
+    train: list[Example]
+    eval: list[Example] | None
+    epochs: int
+
+
+def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, tokenizer,
+        eval: Sequence[dict] | None = None, epochs: int = 3, batch_size: int = 8, lr: float | None = None,
+        warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
+        output_dir: str | Path | None = None, resume: bool = True, checkpoint_every: int | None = None,
+        max_length: int | None = None, truncate: bool = False, chat: bool = False, progress: bool = True,
+        callbacks: Sequence[Callable[[dict], None]] = ()) -> FitResult:
+    """Trains `model` with `strategy` on `train` (examples: see adapterhub/train/data.py).
+
+    lr defaults to the strategy's (FullFineTuning: scratch_lr / ratio). With `output_dir`, the best
+    epoch's result (by eval accuracy for classifiers, else eval loss, else train loss) is saved in
+    output_dir/best in the strategy's format, and a run finding output_dir/checkpoint resumes from
+    it (unless resume=False). Each callback gets {"phase", "epoch", "step", "loss", "lr"} after
+    every step. Adapters stay resident in their Backbone slots afterwards.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise TrainingError(f"fit needs epochs >= 1 and batch_size >= 1, got {epochs} and {batch_size}")
+    task = task_of(model)
+    options = dict(max_length=max_length, truncate=truncate, chat=chat)
+    phases = []
+    if isinstance(strategy, DomainAdaptation):
+        texts = [{"text": t} for t in strategy.texts]
+        phases.append(_Phase("domain", CAUSAL_LM, prepare(texts, tokenizer, model, CAUSAL_LM, name="domain text",
+                                                          **options), None, strategy.epochs))
+    phases.append(_Phase("task", task, prepare(train, tokenizer, model, task, **options),
+                         prepare(eval, tokenizer, model, task, name="eval", **options) if eval is not None else None,
+                         epochs))
+    out = Path(output_dir) if output_dir is not None else None
+    saved = load_state(out / CHECKPOINT) if out is not None and resume else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    with attached(strategy, model):
+        if saved is not None:
+            _check_resumable(saved, strategy, out)
+        run = _Run(model, strategy, pad_id, batch_size, seed, out, checkpoint_every, progress, callbacks, saved)
+        for index, phase in enumerate(phases):
+            if saved is not None and index < saved["phase"]:
+                continue
+            run.phase(index, phase, lr if lr is not None else strategy.default_lr, warmup, weight_decay,
+                      max_grad_norm)
+        count = strategy.trainable_count()
+    return FitResult(run.history, run.best, count, time.perf_counter() - started, run.losses)
+
+
+class _Run:
+    """The state of one fit: history, best result, step losses; resumed from `saved` if given."""
+
+    def __init__(self, model, strategy, pad_id, batch_size, seed, out, checkpoint_every, progress, callbacks, saved):
+        self.model, self.strategy, self.pad_id, self.batch_size, self.seed = model, strategy, pad_id, batch_size, seed
+        self.out, self.checkpoint_every, self.progress, self.callbacks = out, checkpoint_every, progress, callbacks
+        self.saved = saved
+        self.history: list[dict] = saved["history"] if saved else []
+        self.best: dict | None = saved["best"] if saved else None
+        self.losses: list[float] = saved["losses"] if saved else []
+        if saved:
+            strategy.load_state(saved["strategy"])
+
+    def phase(self, index: int, phase: _Phase, lr: float, warmup: float, weight_decay: float,
+              max_grad_norm: float) -> None:
+        optimizer = torch.optim.AdamW(self.strategy.param_groups(lr), weight_decay=weight_decay)
+        per_epoch = count_batches(phase.train, self.batch_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(per_epoch * phase.epochs, warmup))
+        first_epoch, skip = 0, 0
+        saved, self.saved = self.saved, None
+        if saved is not None and saved["phase"] == index:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            set_rng_state(saved["rng"])
+            first_epoch, skip = saved["epoch"], saved["batch"]
+        for epoch in range(first_epoch, phase.epochs):
+            self.epoch(index, phase, epoch, skip if epoch == first_epoch else 0, optimizer, scheduler, max_grad_norm)
+
+    def epoch(self, index: int, phase: _Phase, epoch: int, skip: int, optimizer, scheduler, max_grad_norm) -> None:
+        strategy, model = self.strategy, self.model
+        strategy.on_epoch(epoch)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        order = torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1_009 + epoch)  # data order
+        total = count_batches(phase.train, self.batch_size)
+        bar = tqdm(total=total, initial=skip, desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
+                   disable=not self.progress, leave=False)
+        started, seen, losses = time.perf_counter(), 0, []
+        model.train()
+        for batch_index, (inputs, adapters) in enumerate(
+                batches(phase.train, self.batch_size, phase.task, self.pad_id, generator=order, skip=skip), skip):
+            with strategy.routing(adapters):
+                loss = model(**inputs).loss
+            step = len(self.losses) + 1
+            if not torch.isfinite(loss):
+                kept = f"the last good checkpoint is kept in {self.out / CHECKPOINT}" if self.out else \
+                    "no output_dir was given, so no checkpoint was kept"
+                raise TrainingError(f"the training loss became {loss.item()} at step {step} ({phase.name} epoch "
+                                    f"{epoch + 1}, batch {batch_index + 1}); training stopped and {kept}. Lower the "
+                                    f"learning rate (now {scheduler.get_last_lr()[0]:.3g}) or check the data")
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            self.losses.append(losses[-1])
+            seen += inputs["input_ids"].size(0)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", ex_per_s=f"{seen / (time.perf_counter() - started):.1f}")
+            bar.update()
+            for callback in self.callbacks:
+                callback({"phase": phase.name, "epoch": epoch, "step": step, "loss": losses[-1],
+                          "lr": scheduler.get_last_lr()[0]})
+            if self.out and self.checkpoint_every and step % self.checkpoint_every == 0 and batch_index + 1 < total:
+                self.checkpoint(index, epoch, batch_index + 1, optimizer, scheduler)
+        bar.close()
+        seconds = time.perf_counter() - started
+        entry = {"phase": phase.name, "epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
+                 "seconds": seconds, "examples_per_s": seen / seconds if seconds else 0.0}
+        if phase.eval is not None:
+            entry.update(evaluate(model, strategy, phase.eval, phase.task, self.batch_size, self.pad_id))
+        self.history.append(entry)
+        if self.out and phase.name == "task" and _better(entry, self.best):
+            self.best = entry
+            with atomic_directory(self.out / BEST) as tmp:
+                strategy.save(tmp)
+        if self.out:
+            self.checkpoint(index, epoch + 1, 0, optimizer, scheduler)
+
+    def checkpoint(self, index: int, epoch: int, batch: int, optimizer, scheduler) -> None:
+        state = self.strategy.state()
+        save_state(self.out / CHECKPOINT, {
+            "phase": index, "epoch": epoch, "batch": batch, "strategy": state,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+            "history": self.history, "best": self.best, "losses": self.losses,
+            "kind": type(self.strategy).__name__, "trainable": sorted(state)})
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, strategy: Strategy, examples: list[Example], task: str, batch_size: int,
+             pad_id: int) -> dict:
+    """{"eval_loss", "eval_accuracy"}: mean loss and accuracy over `examples` (classes for classifiers,
+    next tokens of the labelled positions for language models)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for inputs, adapters in batches(examples, batch_size, task, pad_id, generator=None):
+        with strategy.routing(adapters):
+            out = model(**inputs)
+        labels = inputs["labels"]
+        if task == CLASSIFICATION:
+            n = labels.numel()
+            hits = (out.logits.argmax(-1) == labels).sum().item()
+        else:
+            targets = labels[:, 1:]
+            n = int((targets != IGNORE).sum())
+            hits = ((out.logits[:, :-1].argmax(-1) == targets) & (targets != IGNORE)).sum().item()
+        loss_sum += out.loss.item() * n
+        correct, count = correct + hits, count + n
+    model.train(was_training)
+    return {"eval_loss": loss_sum / max(count, 1), "eval_accuracy": correct / max(count, 1)}
+
+
+def _better(entry: dict, best: dict | None) -> bool:
+    def key(e: dict) -> tuple:
+        if "eval_accuracy" in e:
+            return (e["eval_accuracy"], -e["eval_loss"])
+        return (-e["train_loss"],)
+    return best is None or key(entry) > key(best)
+
+
+def _warmup_then_decay(total: int, warmup: float) -> Callable[[int], float]:
+    """Linear warm-up over the first `warmup` fraction of `total` steps, then linear decay to 0."""
+    warm = max(1, math.ceil(total * warmup)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+    return factor
+
+
+def _check_resumable(saved: dict, strategy: Strategy, out: Path) -> None:
+    if saved.get("kind") != type(strategy).__name__ or saved.get("trainable") != sorted(strategy.state()):
+        raise TrainingError(f"{out / CHECKPOINT} holds a {saved.get('kind')} run with other trainable tensors than "
+                            f"this {type(strategy).__name__}; use another output_dir, or resume=False to start over")

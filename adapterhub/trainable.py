@@ -1,0 +1,112 @@
+"""Adapters resident in a Backbone, made trainable where they live: in their slots.
+
+    with bb.training(["upper", "json"]) as trainable:
+        optimizer = torch.optim.AdamW(trainable.parameters(), lr=1e-3)
+        with bb.use(["upper", "json", "upper"]):      # each row trains its own adapter
+            loss = model(ids, labels=ids).loss
+        loss.backward(); optimizer.step()
+
+Each adapter's trainable tensors (AdapterType.trainable, plus its modules_to_save heads) become
+nn.Parameters. Before every forward that records gradients, the slot tensors those adapters touch
+are replaced by clones into which the parameters are written with the type's own `write`
+(differentiable copies), so the forward reads them through the same slot code as inference and
+gradients flow from each row's loss to exactly the adapter of that row's slot; the clones are put
+back after the forward. A forward without gradients (evaluation, generate()) first writes changed
+parameters into the real slots.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .adapter_type import Adapter
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
+
+
+class Trainable:
+    """The trainable parameters of some resident adapters, and the hooks that route them into the slots."""
+
+    def __init__(self, backbone: Backbone, adapters: dict[str, Adapter]):
+        self.backbone = backbone
+        self.adapters = adapters  # name -> its tensors; the trainable ones are nn.Parameters
+        self._params: dict[str, dict[str, nn.Parameter]] = {}  # name -> "path.key" -> parameter
+        for name, adapter in adapters.items():
+            own = self._params[name] = {}
+            for path, key in backbone.types.get(adapter.type).trainable(adapter):
+                own[f"{path}.{key}"] = adapter.modules[path][key] = nn.Parameter(adapter.modules[path][key])
+            for path, state in adapter.modules_to_save.items():
+                for key in list(state):
+                    own[f"{path}.{key}"] = state[key] = nn.Parameter(state[key])
+        self._originals: list[tuple[nn.Module, str, torch.Tensor]] = []  # buffers replaced during a forward
+        self._cloned: set[int] = set()  # ids of the slot modules whose buffers are cloned
+        self._synced = self._version()
+
+    def parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """Every trainable parameter (of `name` only, if given)."""
+        return [p for n, own in self._params.items() if name in (None, n) for p in own.values()]
+
+    def named_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """`name`'s parameters by "module path.tensor name" (a head's: "classifier.weight")."""
+        return dict(self._params[name])
+
+    def adapter(self, name: str) -> Adapter:
+        """`name` with its current values, detached, on the CPU: what `Backbone.save` would write."""
+        return self.adapters[name].to("cpu")
+
+    # ---- forward hooks (installed by Backbone.training) -------------------------------------
+    def before_forward(self, module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled():
+            self._write(differentiable=True)
+        elif self._version() != self._synced:
+            self.sync()
+
+    def after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        self.restore()
+
+    def sync(self) -> None:
+        """Writes the current parameters into the real slots (evaluation and the end of training)."""
+        with torch.no_grad():
+            self._write(differentiable=False)
+        self._synced = self._version()
+
+    def restore(self) -> None:
+        """Puts back the slot tensors that a recording forward replaced with clones."""
+        for owner, key, tensor in self._originals:
+            owner._buffers[key] = tensor
+        self._originals.clear()
+        self._cloned.clear()
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _version(self) -> int:
+        return sum(p._version for p in self.parameters())
+
+    def _write(self, differentiable: bool) -> None:
+        bb = self.backbone
+        for name, adapter in self.adapters.items():
+            slot = bb.table.slot_of[name]
+            for path, tensors in adapter.modules.items():
+                target = bb._slots[(adapter.type, path)]
+                if differentiable:
+                    self._clone_buffers(target)
+                target.write(slot, tensors)
+            for path, state in adapter.modules_to_save.items():
+                head = bb._heads[path]
+                if differentiable:
+                    self._clone_buffers(head)
+                head.write(slot, state)
+
+    def _clone_buffers(self, slots: nn.Module) -> None:
+        """Replaces every floating-point buffer of `slots` (and its children) by a clone, once per forward."""
+        if id(slots) in self._cloned:
+            return
+        self._cloned.add(id(slots))
+        for owner in slots.modules():
+            for key, tensor in list(owner._buffers.items()):
+                if tensor is not None and tensor.is_floating_point():
+                    self._originals.append((owner, key, tensor))
+                    owner._buffers[key] = tensor.clone()
