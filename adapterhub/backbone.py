@@ -176,7 +176,7 @@ class Backbone:
             trainable = Trainable(self, adapters)
             for name in names:
                 self.table.pinned.add(name)
-        hooks = [self.model.register_forward_pre_hook(trainable.before_forward),
+        hooks = [self.model.register_forward_pre_hook(trainable.before_forward, prepend=True),  # before prompts
                  self.model.register_forward_hook(trainable.after_forward, always_call=True)]
         try:
             yield trainable

@@ -70,6 +70,19 @@ def peft_model(build, directory: pathlib.Path):
     return PeftModel.from_pretrained(build(), directory).eval()
 
 
+def tiny_tokenizer():
+    """A real character-level tokenizer for the tiny models: one token per printable ASCII character,
+    plus <pad>, <eos> and <unk> (ids 0..2), all within VOCAB."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{chr(c): c - 29 for c in range(32, 127)}}  # ' ' -> 3 .. '~' -> 97
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 

@@ -117,11 +117,12 @@ class Bottleneck(nn.Module):
                                torch.where(mode[:, 2:3] == RESIDUAL[False], z, total))
         scale = self.scale[slot].unsqueeze(1)  # (rows, 1)
         y = (residual + (scale * self.up_bias[slot]).to(residual.dtype)).contiguous()  # (rows, H)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (h, inp, self.down, self.up)):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (h, inp, *self.buffers())):
             # Training: the same computation in differentiable PyTorch, one gathered matmul per sequence.
             n0, sequence = h.size(0), route.rows(h.size(0), h.size(0), h.device)  # (n0,)
             t = _per_sequence(z.reshape(n0, -1, self.hidden), self.down, sequence).reshape(z.size(0), -1)
-            t = _activate(t.float() + self.down_bias[slot].float(), mode[:, 3], route.features)  # (rows, R)
+            acc = torch.promote_types(t.dtype, torch.float32)  # the ops' intermediate dtype
+            t = _activate(t.to(acc) + self.down_bias[slot].to(acc), mode[:, 3], route.features)  # (rows, R)
             up = _per_sequence(t.to(y.dtype).reshape(n0, -1, t.size(1)), self.up, sequence)  # (n0, L, H)
             y = y + scale.to(y.dtype) * up.reshape_as(y)
         else:

@@ -1,0 +1,199 @@
+"""Training adapters in their Backbone slots: gradients equal PEFT's, reach only the row's own
+slot, and the training forward computes what inference computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+from tiny_models import LLAMA_TARGETS, ids, save_peft, tiny_bert_cls, tiny_gpt2, tiny_llama
+
+import adapterhub as ah
+
+CASES = {
+    "lora-llama": (tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)),
+    "lora-gpt2-conv1d": (tiny_gpt2, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                               fan_in_fan_out=True)),
+    "lora-bert-head": (tiny_bert_cls, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                 modules_to_save=["classifier"])),
+    "ia3-llama": (tiny_llama, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                        feedforward_modules=["down_proj"])),
+    "prompt-llama": (tiny_llama, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+}
+
+
+def _loss(logits: torch.Tensor, length: int) -> torch.Tensor:
+    """A loss of every output that depends on all parameters (the last `length` positions: the tokens)."""
+    if logits.dim() == 3:
+        logits = logits[:, -length:]
+    return (logits ** 2).mean()
+
+
+def _peft_key(name: str) -> str:
+    """Our "module path.tensor" name -> the name of PEFT's parameter."""
+    path, key = name.rsplit(".", 1) if not name.startswith(".") else ("", name[1:])
+    if key in ("A", "B"):
+        return f"base_model.model.{path}.lora_{key}.default.weight"
+    if key == "ia3_l":
+        return f"base_model.model.{path}.ia3_l.default"
+    if key == "prompt_embeddings":
+        return "prompt_encoder.default.embedding.weight"
+    return f"base_model.model.{path}.modules_to_save.default.{key}"  # a modules_to_save head
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradients_equal_peft(case, tmp_path):
+    build, config = CASES[case]
+    directory = save_peft(build, tmp_path / "a", 1, config)
+    model = build()
+    bb = ah.Backbone(model, max_adapters=3, max_rank=8, preallocate=())
+    bb.load(directory, name="a")
+    x = ids(2, 9)
+    with bb.training("a") as trainable, bb.use("a"):
+        _loss(model(x).logits, 9).backward()
+        ours = {k: p.grad for k, p in trainable.named_parameters("a").items()}
+
+    prompt = isinstance(config, PromptTuningConfig)  # PEFT refuses is_trainable for loaded prompts
+    peft = PeftModel.from_pretrained(build(), directory, is_trainable=not prompt).eval()
+    if prompt:
+        peft.prompt_encoder.requires_grad_(True)
+    _loss(peft(input_ids=x).logits, 9).backward()
+    theirs = {n: p.grad for n, p in peft.named_parameters() if p.requires_grad}
+    assert sorted(_peft_key(k) for k in ours) == sorted(theirs)
+    for name, grad in ours.items():
+        expected = theirs[_peft_key(name)]
+        assert grad is not None and grad.abs().max() > 0, name
+        torch.testing.assert_close(grad.view_as(expected), expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _two_adapters(tmp_path, build, config):
+    model = build()
+    bb = ah.Backbone(model, max_adapters=4, max_rank=8, preallocate=())
+    for seed, name in ((1, "a"), (2, "b")):
+        bb.load(save_peft(build, tmp_path / name, seed, config), name=name)
+    return model, bb
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_no_gradient_leaks_between_slots(case, tmp_path):
+    """A batch of rows [a, b, base]: the loss of row 0 reaches a only; a's gradients equal those of
+    training a alone on that row; then b's row reaches b only."""
+    build, config = CASES[case]
+    model, bb = _two_adapters(tmp_path, build, config)
+    x = ids(3, 9)
+    with bb.training(["a", "b"]) as trainable:
+        with bb.use("a"):
+            _loss(model(x[:1]).logits, 9).backward()
+        alone = {k: p.grad.clone() for k, p in trainable.named_parameters("a").items()}
+        for row, owner, other in ((0, "a", "b"), (1, "b", "a")):
+            for p in trainable.parameters():
+                p.grad = None
+            with bb.use(["a", "b", None]):
+                _loss(model(x).logits[row:row + 1], 9).backward()
+            assert all(p.grad is None or not p.grad.any() for p in trainable.parameters(other)), other
+            assert all(p.grad is not None and p.grad.any() for p in trainable.parameters(owner)), owner
+        for p in trainable.parameters():
+            p.grad = None
+        with bb.use(["a", "b", None]):
+            _loss(model(x).logits[:1], 9).backward()
+        for key, p in trainable.named_parameters("a").items():
+            torch.testing.assert_close(p.grad, alone[key], rtol=1e-4, atol=1e-7, msg=key)
+
+
+def _bottleneck_backbone(tmp_path, build):
+    model = build()
+    bb = ah.Backbone(model, max_adapters=3, max_rank=8, preallocate=())
+    bb.create("a", "bottleneck", {"config": {"reduction_factor": 8, "init_weights": "bert"}})
+    return model, bb
+
+
+def _float64(build):
+    """build() in float64 throughout: Llama's RMSNorm computes in float32 even for a float64 model,
+    which would drown finite differences in round-off, so its norms get the same formula in float64."""
+    model = build().double()
+    for module in model.modules():
+        if type(module).__name__ == "LlamaRMSNorm":
+            module.forward = lambda h, m=module: m.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) +
+                                                                               m.variance_epsilon)
+    return model
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert_cls], ids=["llama", "bert"])
+def test_bottleneck_gradients_match_finite_differences(build, tmp_path):
+    """No reference library trains adapters' bottlenecks next to ours here, so: float64 central
+    differences of the loss against the analytic gradient, on entries of every tensor."""
+    model, bb = _bottleneck_backbone(tmp_path, lambda: _float64(build))
+    x = ids(2, 6)
+    with bb.training("a") as trainable, bb.use(["a", None]):
+        params = trainable.named_parameters("a")
+        with torch.no_grad():
+            for p in params.values():
+                p.normal_(0, 0.5)
+        _loss(model(x).logits, 6).backward()
+        g = torch.Generator().manual_seed(0)
+        for name, p in params.items():
+            for flat in torch.randint(0, p.numel(), (2,), generator=g).tolist():
+                values = []
+                for sign in (1, -1):
+                    with torch.no_grad():
+                        p.view(-1)[flat] += sign * 1e-6
+                        values.append(_loss(model(x).logits, 6).item())
+                        p.view(-1)[flat] -= sign * 1e-6
+                numeric = (values[0] - values[1]) / 2e-6
+                assert p.grad.view(-1)[flat].item() == pytest.approx(numeric, rel=1e-4, abs=1e-9), name
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["bottleneck"])
+def test_training_forward_equals_inference(case, tmp_path):
+    """The recording forward (clones, differentiable paths) gives the outputs of the inference one."""
+    if case == "bottleneck":
+        model, bb = _bottleneck_backbone(tmp_path, tiny_llama)
+        names = ["a", None]
+    else:
+        model, bb = _two_adapters(tmp_path, *CASES[case])
+        names = ["a", "b", None]
+    x = ids(len(names), 8)
+    with torch.no_grad(), bb.use(names):
+        expected = model(x).logits
+    with bb.training([n for n in names if n]), bb.use(names):
+        got = model(x).logits
+        assert got.requires_grad
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_trained_weights_stay_in_the_slot_and_save_for_peft(tmp_path):
+    """After training, the slot serves the trained weights, and PEFT loads what `save` writes."""
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=2, max_rank=8)
+    bb.create("a", "lora", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    x = ids(2, 9)
+    with bb.training("a") as trainable:
+        optimizer = torch.optim.SGD(trainable.parameters(), lr=0.5)
+        for _ in range(3):
+            with bb.use("a"):
+                model(x, labels=x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad(), bb.use("a"):
+            during = model(x).logits  # an evaluation forward inside the block sees the updates
+    with torch.no_grad(), bb.use("a"):
+        after = model(x).logits
+    torch.testing.assert_close(during, after)
+    with torch.no_grad():
+        assert not torch.allclose(after, model(x).logits)  # B moved away from zero
+    assert bb.info("a").pinned is False
+    bb.save("a", tmp_path / "saved")
+    peft = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(input_ids=x).logits, after, rtol=1e-5, atol=1e-6)
+
+
+def test_dora_refuses_training(tmp_path):
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=2, max_rank=8)
+    bb.load(save_peft(tiny_llama, tmp_path / "d", 1, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)),
+            name="d")
+    with pytest.raises(ah.AdapterError, match="DoRA adapters cannot be trained"):
+        with bb.training("d"):
+            pass
+    assert bb.info("d").pinned is False
