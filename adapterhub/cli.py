@@ -34,9 +34,9 @@ def train(args: argparse.Namespace) -> int:
     from .train.errors import TrainingError
     from .train.run import KEYS, read_config, run
 
-    config = read_config(args.config) if args.config else {}
-    config.update({k: v for k, v in vars(args).items() if k in KEYS and v is not None})
     try:
+        config = read_config(args.config) if args.config else {}
+        config.update({k: v for k, v in vars(args).items() if k in KEYS and v is not None})
         result = run(config)
     except TrainingError as e:
         print(f"adapterhub train: {e}", file=sys.stderr)

@@ -70,6 +70,7 @@ def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, to
     phases.append(_Phase("task", task, prepare(train, tokenizer, model, task, **options),
                          prepare(eval, tokenizer, model, task, name="eval", **options) if eval is not None else None,
                          epochs))
+    strategy.check_adapters({e.adapter for phase in phases for e in (*phase.train, *(phase.eval or ()))})
     out = Path(output_dir) if output_dir is not None else None
     saved = load_state(out / CHECKPOINT) if out is not None and resume else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
@@ -124,7 +125,8 @@ class _Run:
         total = count_batches(phase.train, self.batch_size)
         bar = tqdm(total=total, initial=skip, desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
                    disable=not self.progress, leave=False)
-        started, seen, losses = time.perf_counter(), 0, []
+        started, seen = time.perf_counter(), 0
+        first = len(self.losses) - skip  # this epoch's losses: self.losses[first:], also those before a resume
         model.train()
         for batch_index, (inputs, adapters) in enumerate(
                 batches(phase.train, self.batch_size, phase.task, self.pad_id, generator=order, skip=skip), skip):
@@ -143,18 +145,18 @@ class _Run:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            self.losses.append(losses[-1])
+            self.losses.append(loss.item())
             seen += inputs["input_ids"].size(0)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", ex_per_s=f"{seen / (time.perf_counter() - started):.1f}")
+            bar.set_postfix(loss=f"{self.losses[-1]:.4f}", ex_per_s=f"{seen / (time.perf_counter() - started):.1f}")
             bar.update()
             for callback in self.callbacks:
-                callback({"phase": phase.name, "epoch": epoch, "step": step, "loss": losses[-1],
+                callback({"phase": phase.name, "epoch": epoch, "step": step, "loss": self.losses[-1],
                           "lr": scheduler.get_last_lr()[0]})
             if self.out and self.checkpoint_every and step % self.checkpoint_every == 0 and batch_index + 1 < total:
                 self.checkpoint(index, epoch, batch_index + 1, optimizer, scheduler)
         bar.close()
         seconds = time.perf_counter() - started
+        losses = self.losses[first:]
         entry = {"phase": phase.name, "epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
                  "seconds": seconds, "examples_per_s": seen / seconds if seconds else 0.0}
         if phase.eval is not None:

@@ -34,6 +34,8 @@ KEYS = frozenset({"model", "task", "num_labels", "strategy", "adapter_type", "ad
 def read_config(file: str | Path) -> dict:
     """A run's settings from a .toml, .yaml/.yml or .json file."""
     path = Path(file)
+    if not path.is_file():
+        raise TrainingError(f"{path}: no such settings file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".toml":
         config = tomllib.loads(text)
@@ -54,6 +56,8 @@ def read_config(file: str | Path) -> dict:
 def read_examples(file: str | Path) -> list[dict]:
     """Examples from a JSON Lines file (.jsonl) or a plain text file (one {"text": line} per line)."""
     path = Path(file)
+    if not path.is_file():
+        raise TrainingError(f"{path}: no such data file")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return [{"text": line} for line in lines]

@@ -42,6 +42,12 @@ class Strategy:
     def on_epoch(self, epoch: int) -> None:
         """Called before each epoch (0-based), also when resuming."""
 
+    def check_adapters(self, adapters: set[str | None]) -> None:
+        """Raises TrainingError if examples name adapters (their "adapter" field) this strategy does not train."""
+        if adapters - {None}:
+            raise TrainingError(f"examples name adapters {sorted(adapters - {None})}, but {type(self).__name__} "
+                                "trains no adapters; use AdapterTuning(names=...) or drop the \"adapter\" field")
+
     def routing(self, adapters: Sequence[str | None]) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
@@ -210,12 +216,14 @@ class AdapterTuning(Strategy):
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": self.trainable.parameters(name), "lr": lr, "name": name} for name in self.names]
 
-    def routing(self, adapters: Sequence[str | None]) -> contextlib.AbstractContextManager:
-        rows = [a if a is not None else self.names[0] for a in adapters]
-        unknown = sorted({a for a in rows if a not in self.names})
+    def check_adapters(self, adapters: set[str | None]) -> None:
+        unknown = sorted(adapters - {None} - set(self.names))
         if unknown:
             raise TrainingError(f"examples name adapters {unknown}, which this AdapterTuning does not train "
                                 f"(names={self.names}); add them to names or fix the examples' \"adapter\" field")
+
+    def routing(self, adapters: Sequence[str | None]) -> contextlib.AbstractContextManager:
+        rows = [a if a is not None else self.names[0] for a in adapters]  # unnamed rows: the first adapter
         return self.backbone.use(rows[0] if len(set(rows)) == 1 else rows)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -260,6 +268,9 @@ class DomainAdaptation(Strategy):
 
     def param_groups(self, lr: float) -> list[dict]:
         return self.inner.param_groups(lr)
+
+    def check_adapters(self, adapters: set[str | None]) -> None:
+        self.inner.check_adapters(adapters)
 
     def routing(self, adapters: Sequence[str | None]) -> contextlib.AbstractContextManager:
         return self.inner.routing(adapters)
