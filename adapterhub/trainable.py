@@ -38,7 +38,8 @@ class Trainable:
         for name, adapter in adapters.items():
             own = self._params[name] = {}
             for path, key in backbone.types.get(adapter.type).trainable(adapter):
-                own[f"{path}.{key}"] = adapter.modules[path][key] = nn.Parameter(adapter.modules[path][key])
+                label = f"{path}.{key}" if path else key  # path "": the model itself (prompt tuning)
+                own[label] = adapter.modules[path][key] = nn.Parameter(adapter.modules[path][key])
             for path, state in adapter.modules_to_save.items():
                 for key in list(state):
                     own[f"{path}.{key}"] = state[key] = nn.Parameter(state[key])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, PromptTuningConfig, VeraConfig
 from tiny_models import LLAMA_TARGETS, ids, save_peft, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 import adapterhub as ah
@@ -19,6 +19,9 @@ CASES = {
     "ia3-llama": (tiny_llama, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                         feedforward_modules=["down_proj"])),
     "prompt-llama": (tiny_llama, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    # outside plugins (plugins/): trainable with no training code of their own
+    "loha-plugin": (tiny_llama, LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "vera-plugin": (tiny_llama, VeraConfig(r=4, target_modules=["q_proj", "v_proj"])),
 }
 
 
@@ -31,13 +34,13 @@ def _loss(logits: torch.Tensor, length: int) -> torch.Tensor:
 
 def _peft_key(name: str) -> str:
     """Our "module path.tensor" name -> the name of PEFT's parameter."""
-    path, key = name.rsplit(".", 1) if not name.startswith(".") else ("", name[1:])
+    if name == "prompt_embeddings":
+        return "prompt_encoder.default.embedding.weight"
+    path, key = name.rsplit(".", 1)
     if key in ("A", "B"):
         return f"base_model.model.{path}.lora_{key}.default.weight"
-    if key == "ia3_l":
-        return f"base_model.model.{path}.ia3_l.default"
-    if key == "prompt_embeddings":
-        return "prompt_encoder.default.embedding.weight"
+    if key.startswith(("ia3_", "hada_", "vera_")):
+        return f"base_model.model.{path}.{key}.default"
     return f"base_model.model.{path}.modules_to_save.default.{key}"  # a modules_to_save head
 
 
