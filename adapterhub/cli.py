@@ -2,6 +2,7 @@
 
     adapterhub plugins [--json]     the installed adapter types, their plugins and hooks
     adapterhub train [--config run.toml] [--flag value ...]   train an adapter (or a model): adapterhub/train/run.py
+    adapterhub demo-adapters [--cache-dir DIR] [--force] [--samples]   the demo adapters: adapterhub/demo_adapters.py
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import asdict
+from pathlib import Path
 
 from .plugins import registry
 
@@ -67,15 +70,54 @@ def _train_parser(commands) -> None:
     parser.add_argument("--chat", action="store_true", default=None, help="prompts through the chat template")
 
 
+def demo(args: argparse.Namespace) -> int:
+    from . import demo_adapters
+
+    started = time.perf_counter()
+    directory = Path(args.cache_dir) if args.cache_dir else demo_adapters.default_dir()
+    fresh = args.force or demo_adapters.cached(directory) is None
+    demo_adapters.ensure(directory, force=args.force)
+    manifest = demo_adapters.cached(directory)
+    how = f"trained in {time.perf_counter() - started:.1f} s" if fresh else "cached"
+    print(f"demo adapters in {directory} ({how}; base model {manifest['base_model']})")
+    for name, description in manifest["adapters"].items():
+        print(f"  {name:<8} {directory / name}  {description}")
+    if args.samples:
+        from .default_model import load_default
+
+        model, tokenizer = load_default()
+        backbone = demo_adapters.backbone(directory, model)
+        names = [None, *manifest["adapters"]]
+        replies = demo_adapters.replies(backbone, tokenizer, manifest["sample_prompts"], names)
+        for k, prompt in enumerate(manifest["sample_prompts"]):
+            print(f"\n> {prompt}")
+            for name in names:
+                print(f"  {name or 'base':<8} {replies[name][k]!r}")
+    return 0
+
+
+def _demo_parser(commands) -> None:
+    parser = commands.add_parser("demo-adapters", help="train the demo adapters once (a few minutes), then cached")
+    parser.add_argument("--cache-dir", dest="cache_dir",
+                        help="where they are kept (default: $ADAPTERHUB_DEMO_ADAPTERS_DIR, else "
+                             "$XDG_CACHE_HOME/adapterhub/demo-adapters, else ~/.cache/adapterhub/demo-adapters)")
+    parser.add_argument("--force", action="store_true", help="train again even if the cache holds them")
+    parser.add_argument("--samples", action="store_true",
+                        help="then print greedy replies of the base model and each adapter to a few prompts")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapterhub", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("plugins", help="list the installed adapter types")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     _train_parser(commands)
+    _demo_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "train":
         return train(args)
+    if args.command == "demo-adapters":
+        return demo(args)
     logging.getLogger("adapterhub").addHandler(logging.NullHandler())  # failures are printed below instead
     return plugins(args.json)
 

@@ -77,8 +77,9 @@ def _examples(model, data):
 def test_feature_extraction_trains_only_the_head(tmp_path):
     model = tiny_bert_cls()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("classifier")}
-    _fit(model, train.FeatureExtraction(), _classification_data(), output_dir=tmp_path)
+    _fit(model, train.FeatureExtraction(), _classification_data(), output_dir=tmp_path, checkpoints=False)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # checkpoints=False: the result only
     head = load_file(tmp_path / "best" / "head.safetensors")
     assert sorted(head) == ["classifier.bias", "classifier.weight"]
     fresh = tiny_bert_cls()
@@ -98,6 +99,7 @@ def test_progressive_unfreezing_schedule_and_discriminative_rates():
                              (3, [True, True, True, True])):
         strategy.on_epoch(epoch)
         assert [all(p.requires_grad for p in g) for g in groups] == trainable
+        assert strategy.trainable_count() == sum(p.numel() for g, t in zip(groups, trainable) if t for p in g)
 
 
 def test_full_fine_tuning_rate_is_a_fraction_of_scratch():
@@ -257,3 +259,25 @@ def test_cli_trains_from_a_toml_file(tmp_path):
     bad = subprocess.run(cli[:-2] + ["--data", str(tmp_path / "missing-labels.jsonl")], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "missing-labels.jsonl" in bad.stderr
+
+
+def test_bottleneck_classifier_saves_its_head_and_reloads(tmp_path):
+    """adapters' format has no place for a head trained with the adapter: it goes into
+    adapterhub_heads.safetensors beside it, and Backbone.load restores it."""
+    model, strategy = tiny_bert_cls(), STRATEGIES["bottleneck"]()
+    data = _classification_data()
+    _fit(model, strategy, data, epochs=3, lr=5e-2, output_dir=tmp_path)
+    assert sorted(load_file(tmp_path / "best" / "adapterhub_heads.safetensors")) == ["classifier.bias",
+                                                                                      "classifier.weight"]
+    probe = TOKENIZER([d["text"] for d in data[:6]], return_tensors="pt", padding=True)
+    strategy.backbone.save("adapter", tmp_path / "final")  # the last epoch's weights, resident after fit
+    fresh = tiny_bert_cls()
+    bb = ah.Backbone(fresh, max_adapters=2, max_rank=8)
+    bb.load(tmp_path / "final", name="x")
+    with torch.no_grad():
+        with bb.use("x"):
+            reloaded = fresh(**probe).logits
+        with strategy.backbone.use("adapter"):
+            trained = model(**probe).logits
+    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(reloaded, tiny_bert_cls()(**probe).logits, atol=1e-3)

@@ -9,11 +9,12 @@ its last checkpoint and, with the same seed, gives the same loss curve as one ne
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -47,7 +48,8 @@ class _Phase:
 def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, tokenizer,
         eval: Sequence[dict] | None = None, epochs: int = 3, batch_size: int = 8, lr: float | None = None,
         warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
-        output_dir: str | Path | None = None, resume: bool = True, checkpoint_every: int | None = None,
+        output_dir: str | Path | None = None, resume: bool = True, checkpoints: bool = True,
+        checkpoint_every: int | None = None,
         max_length: int | None = None, truncate: bool = False, chat: bool = False, progress: bool = True,
         callbacks: Sequence[Callable[[dict], None]] = ()) -> FitResult:
     """Trains `model` with `strategy` on `train` (examples: see adapterhub/train/data.py).
@@ -55,7 +57,8 @@ def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, to
     lr defaults to the strategy's (FullFineTuning: scratch_lr / ratio). With `output_dir`, the best
     epoch's result (by eval accuracy for classifiers, else eval loss, else train loss) is saved in
     output_dir/best in the strategy's format, and a run finding output_dir/checkpoint resumes from
-    it (unless resume=False). Each callback gets {"phase", "epoch", "step", "loss", "lr"} after
+    it (unless resume=False); checkpoints=False writes only the best result (full fine-tuning's
+    state is the whole model and its optimizer moments). Each callback gets {"phase", "epoch", "step", "loss", "lr"} after
     every step. Adapters stay resident in their Backbone slots afterwards.
     """
     if epochs < 1 or batch_size < 1:
@@ -73,13 +76,15 @@ def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, to
     strategy.check_adapters({e.adapter for phase in phases for e in (*phase.train, *(phase.eval or ()))})
     out = Path(output_dir) if output_dir is not None else None
     saved = load_state(out / CHECKPOINT) if out is not None and resume else None
+    state_dir = out if checkpoints else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    started = time.perf_counter()
+    started, was_training = time.perf_counter(), model.training
     torch.manual_seed(seed)
-    with attached(strategy, model):
+    with attached(strategy, model), _mode_kept(model, was_training):
         if saved is not None:
             _check_resumable(saved, strategy, out)
-        run = _Run(model, strategy, pad_id, batch_size, seed, out, checkpoint_every, progress, callbacks, saved)
+        run = _Run(model, strategy, pad_id, batch_size, seed, out, state_dir, checkpoint_every, progress, callbacks,
+                   saved)
         for index, phase in enumerate(phases):
             if saved is not None and index < saved["phase"]:
                 continue
@@ -92,9 +97,11 @@ def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, to
 class _Run:
     """The state of one fit: history, best result, step losses; resumed from `saved` if given."""
 
-    def __init__(self, model, strategy, pad_id, batch_size, seed, out, checkpoint_every, progress, callbacks, saved):
+    def __init__(self, model, strategy, pad_id, batch_size, seed, out, state_dir, checkpoint_every, progress,
+                 callbacks, saved):
         self.model, self.strategy, self.pad_id, self.batch_size, self.seed = model, strategy, pad_id, batch_size, seed
-        self.out, self.checkpoint_every, self.progress, self.callbacks = out, checkpoint_every, progress, callbacks
+        self.out, self.state_dir, self.checkpoint_every = out, state_dir, checkpoint_every
+        self.progress, self.callbacks = progress, callbacks
         self.saved = saved
         self.history: list[dict] = saved["history"] if saved else []
         self.best: dict | None = saved["best"] if saved else None
@@ -134,8 +141,8 @@ class _Run:
                 loss = model(**inputs).loss
             step = len(self.losses) + 1
             if not torch.isfinite(loss):
-                kept = f"the last good checkpoint is kept in {self.out / CHECKPOINT}" if self.out else \
-                    "no output_dir was given, so no checkpoint was kept"
+                kept = f"the last good checkpoint is kept in {self.state_dir / CHECKPOINT}" if self.state_dir else \
+                    "no checkpoint was kept (no output_dir, or checkpoints=False)"
                 raise TrainingError(f"the training loss became {loss.item()} at step {step} ({phase.name} epoch "
                                     f"{epoch + 1}, batch {batch_index + 1}); training stopped and {kept}. Lower the "
                                     f"learning rate (now {scheduler.get_last_lr()[0]:.3g}) or check the data")
@@ -152,7 +159,7 @@ class _Run:
             for callback in self.callbacks:
                 callback({"phase": phase.name, "epoch": epoch, "step": step, "loss": self.losses[-1],
                           "lr": scheduler.get_last_lr()[0]})
-            if self.out and self.checkpoint_every and step % self.checkpoint_every == 0 and batch_index + 1 < total:
+            if self.state_dir and self.checkpoint_every and step % self.checkpoint_every == 0 and batch_index + 1 < total:
                 self.checkpoint(index, epoch, batch_index + 1, optimizer, scheduler)
         bar.close()
         seconds = time.perf_counter() - started
@@ -166,12 +173,12 @@ class _Run:
             self.best = entry
             with atomic_directory(self.out / BEST) as tmp:
                 strategy.save(tmp)
-        if self.out:
+        if self.state_dir:
             self.checkpoint(index, epoch + 1, 0, optimizer, scheduler)
 
     def checkpoint(self, index: int, epoch: int, batch: int, optimizer, scheduler) -> None:
         state = self.strategy.state()
-        save_state(self.out / CHECKPOINT, {
+        save_state(self.state_dir / CHECKPOINT, {
             "phase": index, "epoch": epoch, "batch": batch, "strategy": state,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
             "history": self.history, "best": self.best, "losses": self.losses,
@@ -201,6 +208,15 @@ def evaluate(model: torch.nn.Module, strategy: Strategy, examples: list[Example]
         correct, count = correct + hits, count + n
     model.train(was_training)
     return {"eval_loss": loss_sum / max(count, 1), "eval_accuracy": correct / max(count, 1)}
+
+
+@contextlib.contextmanager
+def _mode_kept(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """The model back in the train/eval mode it came in (fit switches it to train for its epochs)."""
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def _better(entry: dict, best: dict | None) -> bool:

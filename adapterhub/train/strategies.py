@@ -169,6 +169,10 @@ class ProgressiveUnfreezing(DiscriminativeLR):
             raise TrainingError(f"ProgressiveUnfreezing(epochs_per_group={epochs_per_group}): use 1 or more")
         self.epochs_per_group = epochs_per_group
 
+    def trainable_count(self) -> int:
+        """Parameters of the groups unfrozen so far (all of them once enough epochs have run)."""
+        return sum(p.numel() for group in self.groups for p in group if p.requires_grad)
+
     def on_epoch(self, epoch: int) -> None:
         unfrozen = 1 + epoch // self.epochs_per_group  # groups from the top
         for k, params in enumerate(self.groups):

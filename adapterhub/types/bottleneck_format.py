@@ -39,6 +39,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 PICKLE_FILE = "pytorch_adapter.bin"
 HEAD_FILES = ("head_config.json", "model_head.safetensors", "pytorch_model_head.bin")
+# adapterhub's own file beside adapters' ones: full copies of modules_to_save heads (a classifier
+# trained with the adapter), keyed "<module path>.<parameter>"; adapters' load_adapter ignores it.
+OWN_HEADS_FILE = "adapterhub_heads.safetensors"
 VERSION = "adapters.1.3.0"  # the format this module writes
 LOCATIONS = ("attention_adapters", "output_adapters")  # a decoder layer's two adapter locations
 PARAMS = ("adapter_down.0.weight", "adapter_down.0.bias", "adapter_up.weight", "adapter_up.bias")
@@ -215,7 +218,21 @@ def read_bottleneck(directory: Path, adapter_type: str, allow_pickle: bool) -> A
     heads = [f for f in HEAD_FILES if (directory / f).is_file()]
     if heads:
         log.info("%s: %s hold a prediction head, which is not part of the adapter: ignored", directory, heads)
-    return Adapter(type=adapter_type, config=config, modules=dict(sorted(modules.items())), source=str(directory))
+    return Adapter(type=adapter_type, config=config, modules=dict(sorted(modules.items())),
+                   modules_to_save=_read_own_heads(directory), source=str(directory))
+
+
+def _read_own_heads(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """modules_to_save heads from OWN_HEADS_FILE, if the adapter has one: path -> its state dict."""
+    if not (directory / OWN_HEADS_FILE).is_file():
+        return {}
+    tensors, file = read_tensors(directory, False, files=(OWN_HEADS_FILE, OWN_HEADS_FILE))
+    heads: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        check_values(file, key, tensor)
+        path, _, param = key.rpartition(".")
+        heads.setdefault(path, {})[param] = tensor
+    return heads
 
 
 def write_bottleneck(adapter: Adapter, directory: Path) -> None:
@@ -228,6 +245,10 @@ def write_bottleneck(adapter: Adapter, directory: Path) -> None:
                for tensor, t in parts.items() if tensor not in SETTINGS}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    if adapter.modules_to_save:
+        heads = {f"{path}.{param}": t.detach().to("cpu", copy=True).contiguous()
+                 for path, state in sorted(adapter.modules_to_save.items()) for param, t in state.items()}
+        save_file(heads, directory / OWN_HEADS_FILE, metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
