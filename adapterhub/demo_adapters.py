@@ -63,14 +63,14 @@ def default_dir() -> Path:
 
 
 def cached(directory: Path) -> dict | None:
-    """The manifest of a complete cache of this VERSION in `directory`, else None."""
+    """The manifest of a complete cache of this VERSION in `directory` (whatever recipe trained it), else None."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if manifest.get("version") != VERSION or not all((directory / n).is_dir() for n in manifest["adapters"]):
+    if not isinstance(manifest, dict) or manifest.get("version") != VERSION:
         return None
-    return manifest
+    return manifest if all((directory / name).is_dir() for name in manifest["adapters"]) else None
 
 
 def ensure(directory: str | os.PathLike | None = None, *, force: bool = False, recipe: Recipe = Recipe(),
@@ -98,9 +98,9 @@ def ensure(directory: str | os.PathLike | None = None, *, force: bool = False, r
 
 
 def train_into(directory: Path, model: nn.Module, tokenizer, recipe: Recipe, progress: bool,
-               base_model: str) -> Backbone:
-    """Trains one adapter per demo_data style in one fit, writes each to directory/<name> and the
-    manifest (naming `base_model`) last; returns the Backbone holding them."""
+               base_model: str) -> None:
+    """Trains one adapter per demo_data style in one fit (each batch mixes their rows), writes each
+    to directory/<name>, and the manifest (naming `base_model`) last."""
     names = list(demo_data.STYLES)
     strategy = AdapterTuning("lora", recipe.lora_config(model.config.num_hidden_layers), names=names)
     started = time.perf_counter()
@@ -120,7 +120,6 @@ def train_into(directory: Path, model: nn.Module, tokenizer, recipe: Recipe, pro
         "losses": [round(loss, 4) for loss in result.losses],
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return strategy.backbone
 
 
 def backbone(directory: Path, model: nn.Module) -> Backbone:
