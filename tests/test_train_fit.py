@@ -48,8 +48,8 @@ STRATEGIES = {
     "lora": lambda: train.AdapterTuning("lora", {"r": 4, "target_modules": ["query", "value"]}),
     "ia3": lambda: train.AdapterTuning("ia3", {"target_modules": ["value", "intermediate.dense"],
                                                "feedforward_modules": ["intermediate.dense"]}),
-    "bottleneck": lambda: train.AdapterTuning("bottleneck", {"config": {"reduction_factor": 4}}),
-    "prompt_tuning": lambda: train.AdapterTuning("prompt_tuning", {"num_virtual_tokens": 4}),
+    "bottleneck": lambda: train.AdapterTuning("bottleneck", {"config": {"reduction_factor": 2}}),  # width 16
+    "prompt_tuning": lambda: train.AdapterTuning("prompt_tuning", {"num_virtual_tokens": 12}),
 }
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..backbone import Backbone
+from ..plugins import registry
 from ..trainable import Trainable
 from .errors import TrainingError
 from .groups import layer_groups
@@ -192,6 +193,8 @@ class AdapterTuning(Strategy):
 
     def __init__(self, type: str = "lora", config: dict | None = None, names: Sequence[str] = ("adapter",), *,
                  backbone: Backbone | None = None, max_rank: int | None = None):
+        """`backbone`: train in this Backbone's slots (of `model`) instead of a new one sized for
+        `names`; `max_rank`: its slot width, by default the width the config's adapter needs."""
         self.type, self.config, self.names = type, dict(config or {}), list(names)
         self.backbone, self.max_rank = backbone, max_rank
         if not self.names:
@@ -201,7 +204,8 @@ class AdapterTuning(Strategy):
         super().attach(model)
         config = dict(self.config)
         if self.backbone is None:
-            rank = self.max_rank or max(int(config.get("r", 8)), 1)
+            adapter_type = registry().get(self.type)
+            rank = self.max_rank or max(adapter_type.rank(adapter_type.init(model, dict(config))), 1)
             self.backbone = Backbone(model, max_adapters=len(self.names), max_rank=rank, preallocate=())
         elif self.backbone.model is not model:
             raise TrainingError("AdapterTuning(backbone=...) wraps another model than the one being trained")
