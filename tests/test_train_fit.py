@@ -272,7 +272,7 @@ def test_bottleneck_classifier_saves_its_head_and_reloads(tmp_path):
     probe = TOKENIZER([d["text"] for d in data[:6]], return_tensors="pt", padding=True)
     strategy.backbone.save("adapter", tmp_path / "final")  # the last epoch's weights, resident after fit
     fresh = tiny_bert_cls()
-    bb = ah.Backbone(fresh, max_adapters=2, max_rank=8)
+    bb = ah.Backbone(fresh, max_adapters=2, max_rank=16)
     bb.load(tmp_path / "final", name="x")
     with torch.no_grad():
         with bb.use("x"):
