@@ -33,9 +33,10 @@ class Adapter:
     source: str = ""  # the directory, for error messages
 
     def to(self, device: str | torch.device) -> Adapter:
-        """The same adapter with every tensor on `device` (the host cache keeps evicted ones on the CPU)."""
+        """The same adapter with every tensor on `device` and outside autograd (the host cache keeps
+        evicted adapters on the CPU; a trainer's parameters come out as plain tensors)."""
         def moved(group: dict) -> dict:
-            return {path: {k: t.to(device) for k, t in parts.items()} for path, parts in group.items()}
+            return {path: {k: t.detach().to(device) for k, t in parts.items()} for path, parts in group.items()}
         return Adapter(type=self.type, config=self.config, modules=moved(self.modules),
                        modules_to_save=moved(self.modules_to_save), source=self.source)
 

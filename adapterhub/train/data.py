@@ -113,8 +113,7 @@ def batches(examples: list[Example], batch_size: int, task: str, pad_id: int, *,
             skip: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], list[str | None]]]:
     """(model inputs, adapter per row) for each batch, shuffled by `generator` (None: in order),
     right-padded; the first `skip` batches are passed over (resuming mid-epoch)."""
-    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
-    order = list(order)
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator else list(range(len(examples)))
     for start in range(skip * batch_size, len(order), batch_size):
         chosen = [examples[k] for k in order[start:start + batch_size]]
         width = max(len(e.ids) for e in chosen)

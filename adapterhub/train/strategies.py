@@ -127,7 +127,7 @@ class FullFineTuning(Strategy):
         model.requires_grad_(True)
 
     def param_groups(self, lr: float) -> list[dict]:
-        return [{"params": [p for p in self.model.parameters()], "lr": lr, "name": "all"}]
+        return [{"params": list(self.model.parameters()), "lr": lr, "name": "all"}]
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
