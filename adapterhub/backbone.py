@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .adapter_type import Adapter, AdapterType, ModuleSlots, find_linears
-from .errors import AdapterError
+from .errors import AdapterError, NoFreeSlot
 from .heads import HeadSlots
 from .host_cache import HostCache, source_key
 from .hub import resolve
@@ -83,6 +83,7 @@ class Backbone:
         self.routing = Routing()
         self.table = SlotTable(max_adapters)
         self.host_cache = HostCache(host_cache_bytes)
+        self.evictions = 0  # adapters evicted to make room, since construction
         self._records: dict[str, _Record] = {}
         self._lock = threading.RLock()  # slot table, records, slot modules
         self._use_lock = threading.Lock()  # one routed batch at a time
@@ -363,12 +364,13 @@ class Backbone:
             return free[0]
         victim = self.table.eviction_candidate(exclude=keep)
         if victim is None:
-            raise AdapterError(f"cannot load {name!r}: all {self.max_adapters} slots are pinned or in use by "
+            raise NoFreeSlot(f"cannot load {name!r}: all {self.max_adapters} slots are pinned or in use by "
                                "batches in flight; unpin or unload an adapter, or create the Backbone with a "
                                "larger max_adapters")
         self.host_cache.put(self._records[victim].source_key, self._extract(victim).to("cpu"))
         slot = self.table.remove(victim)
         del self._records[victim]
+        self.evictions += 1
         log.info("evicted adapter %r (least recently used) from slot %d to make room for %r", victim, slot, name)
         return slot
 

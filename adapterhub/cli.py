@@ -3,6 +3,7 @@
     adapterhub plugins [--json]     the installed adapter types, their plugins and hooks
     adapterhub train [--config run.toml] [--flag value ...]   train an adapter (or a model): adapterhub/train/run.py
     adapterhub demo-adapters [--cache-dir DIR] [--force] [--samples]   the demo adapters: adapterhub/demo_adapters.py
+    adapterhub serve [--adapter NAME=SOURCE ...] [--port 8000] ...   the OpenAI-compatible server: adapterhub/serve/
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .plugins import registry
+from .serve import run as serve_run
 
 
 def plugins(as_json: bool) -> int:
@@ -113,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     _train_parser(commands)
     _demo_parser(commands)
+    serve_run.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve_run.serve(args)
     if args.command == "train":
         return train(args)
     if args.command == "demo-adapters":

@@ -72,15 +72,20 @@ def peft_model(build, directory: pathlib.Path):
 
 def tiny_tokenizer():
     """A real character-level tokenizer for the tiny models: one token per printable ASCII character,
-    plus <pad>, <eos> and <unk> (ids 0..2), all within VOCAB."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    plus <pad>, <eos> and <unk> (ids 0..2), all within VOCAB; decoding joins the characters, and a
+    ChatML-style chat template turns messages into "<role>: content" lines."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{chr(c): c - 29 for c in range(32, 127)}}  # ' ' -> 3 .. '~' -> 97
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>",
                                    unk_token="<unk>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    return fast
 
 
 def ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:

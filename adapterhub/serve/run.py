@@ -1,0 +1,106 @@
+"""`adapterhub serve`: the base model (default: the embedded SmolLM2-135M-Instruct), its adapters,
+the engine and the HTTP app, on one port.
+
+    adapterhub serve --adapter upper=~/.cache/adapterhub/demo-adapters/upper --port 8000
+    curl localhost:8000/v1/completions -d '{"model": "upper", "prompt": "Hello", "max_tokens": 8}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+READY = "adapterhub serve: ready on"  # the line printed once the server accepts requests (tests wait for it)
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("serve", help="the OpenAI-compatible multi-tenant server (extra: serve)")
+    parser.add_argument("--base", default="smollm2",
+                        help='"smollm2" (the embedded SmolLM2-135M-Instruct), a model directory or a Hub id')
+    parser.add_argument("--served-model-name", dest="served_model_name",
+                        help="the base model's name in the API (default: the base's directory or repo name)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=SOURCE",
+                        help="an adapter to load at start (a directory or Hub id); repeat for more")
+    parser.add_argument("--adapter-dir", dest="adapter_dir", type=Path,
+                        help="POST /v1/adapters may load directories under this one")
+    parser.add_argument("--allow-hub", dest="allow_hub", action="store_true",
+                        help="POST /v1/adapters may load Hugging Face Hub repo ids")
+    parser.add_argument("--max-adapters", dest="max_adapters", type=int, default=16,
+                        help="adapter slots (resident at once); the others wait in the host cache")
+    parser.add_argument("--max-rank", dest="max_rank", type=int, default=16, help="the largest LoRA rank served")
+    parser.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows decoded per step")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
+    parser.add_argument("--api-key", dest="api_key",
+                        help="a keys file (JSON or TOML: keys -> allowed models, see adapterhub/serve/tenancy.py) "
+                             "or one key allowed everything")
+    parser.add_argument("--log-level", dest="log_level", default="warning")
+
+
+def load_base(base: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer, its API name) for --base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if base == "smollm2":
+        from ..default_model import load_default
+
+        model, tokenizer = load_default(dtype)
+        return model.to(device), tokenizer, "SmolLM2-135M-Instruct"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
+    return model, tokenizer, Path(base).name
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ModuleNotFoundError as missing:
+        print(f"adapterhub serve needs the extra 'serve' ({missing.name} is missing): "
+              "pip install 'adapterhub[serve]'", file=sys.stderr)
+        return 2
+    from ..backbone import Backbone
+    from ..errors import AdapterError
+    from .engine import Engine
+    from .tenancy import Keys, Sources
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    adapters = []
+    for item in args.adapter:
+        name, _, source = item.partition("=")
+        if not name or not source:
+            print(f"adapterhub serve: --adapter {item!r}: expected NAME=SOURCE", file=sys.stderr)
+            return 2
+        adapters.append((name, str(Path(source).expanduser()) if Path(source).expanduser().exists() else source))
+    try:
+        keys = Keys.from_option(args.api_key) if args.api_key else None
+    except ValueError as error:
+        print(f"adapterhub serve: --api-key: {error}", file=sys.stderr)
+        return 2
+    model, tokenizer, name = load_base(args.base, getattr(torch, args.dtype), args.device)
+    backbone = Backbone(model, max_adapters=args.max_adapters, max_rank=args.max_rank)
+    engine = Engine(backbone, tokenizer, base_name=args.served_model_name or name, max_batch=args.max_batch)
+    for adapter, source in adapters:
+        try:
+            engine.add_adapter(adapter, source)
+        except AdapterError as error:
+            print(f"adapterhub serve: --adapter {adapter}={source}: {error}", file=sys.stderr)
+            return 2
+    app = create_app(engine.start(), keys=keys, sources=Sources(args.adapter_dir, args.allow_hub))
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    sock.listen(2048)
+    port = sock.getsockname()[1]
+    print(f"{READY} http://{args.host}:{port}/v1 (base {engine.base_name}; adapters: "
+          f"{', '.join(a for a, _ in adapters) or 'none yet'})", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    return 0
