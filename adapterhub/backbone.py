@@ -124,17 +124,18 @@ class Backbone:
     # ---- loading -------------------------------------------------------------------------
     def load(self, source: str | os.PathLike, name: str | None = None, *, type: str | None = None,
              revision: str | None = None, subfolder: str | None = None, token: str | bool | None = None,
-             cache_dir: str | os.PathLike | None = None, allow_pickle: bool = False) -> str:
+             cache_dir: str | os.PathLike | None = None, allow_pickle: bool = False, pin: bool = False) -> str:
         """Loads an adapter (local directory or Hub repo id) into a free slot; returns its name.
 
         Its type is found from the files (PEFT's peft_type, or a plugin's recognize_adapter) unless
-        `type` names one.
+        `type` names one. `pin` pins it as it is placed, so that no concurrent load can evict it
+        before its first use.
         """
         name = name or os.path.basename(os.path.normpath(str(subfolder or source)))
         with self._lock:
             self._check_new_name(name)
         key, adapter = self._fetch(source, type, revision, subfolder, token, cache_dir, allow_pickle)
-        self._put(name, str(source), key, adapter)
+        self._put(name, str(source), key, adapter, pin)
         return name
 
     def add(self, name: str, adapter: Adapter) -> str:
@@ -192,12 +193,14 @@ class Backbone:
                     if name in self.table.slot_of and name not in pinned:
                         self.table.pinned.discard(name)
 
-    def _put(self, name: str, source: str, key: tuple, adapter: Adapter) -> None:
+    def _put(self, name: str, source: str, key: tuple, adapter: Adapter, pin: bool = False) -> None:
         with self._placing(key, adapter):
             self._check_new_name(name)
             slot = self._free_slot(name)
             self._write(slot, adapter)
             self._remember(name, slot, source, key, adapter)
+            if pin:
+                self.table.pinned.add(name)
 
     def swap(self, name: str, source: str | os.PathLike, *, type: str | None = None, revision: str | None = None,
              subfolder: str | None = None, token: str | bool | None = None,

@@ -109,9 +109,10 @@ class _Entry:
 
 class Engine:
     def __init__(self, backbone: Backbone, tokenizer, *, base_name: str, max_batch: int = 64,
-                 max_prefill_tokens: int = 4096, metrics: Metrics | None = None):
+                 max_prefill_tokens: int = 4096, fair_wait: float = 1.0, metrics: Metrics | None = None):
         self.backbone, self.model, self.tokenizer = backbone, backbone.model, tokenizer
         self.base_name, self.max_batch, self.max_prefill_tokens = base_name, max_batch, max_prefill_tokens
+        self.fair_wait = fair_wait  # seconds a request may wait for a slot before nobody overtakes it
         self.metrics = metrics or Metrics()
         self.metrics.watch(self)
         config = self.model.config
@@ -124,8 +125,8 @@ class Engine:
         self._adapters: dict[str, _Entry] = {}  # public name -> its current version
         self._residents: dict[str, _Entry] = {}  # resident name -> entry, retired ones too until unloaded
         self._queue: deque[Request] = deque()
-        self._users: Counter[str] = Counter()  # resident name -> requests submitted and not finished
-        self._running: Counter[str] = Counter()  # resident name -> rows in flight (pinned while > 0)
+        self._users: Counter[str] = Counter()  # resident name -> requests submitted and not over (pinned
+        #                                          while resident and > 0)
         self._retired: set[str] = set()  # replaced or deleted: unloaded when no request uses them
         self._loading: dict[str, Future] = {}
         self._versions = itertools.count(1)
@@ -168,10 +169,11 @@ class Engine:
             raise AdapterError(f"adapter name {name!r} is not allowed: use a non-empty name without '#' "
                                f"that differs from the base model's {self.base_name!r}")
         resident = f"{name}#{next(self._versions)}"
-        info = self._load(resident, source, revision)
+        info = self._load(resident, source, revision)  # pinned until it is known
         if info.type in NOT_SERVED:
             self.backbone.unload(resident)
             raise AdapterError(f"{source}: a {info.type} adapter; {NOT_SERVED[info.type]}")
+        self.backbone.unpin(resident)
         with self._lock:
             old = self._adapters.get(name)
             self._adapters[name] = self._residents[resident] = _Entry(source, revision, resident, info.type)
@@ -250,18 +252,17 @@ class Engine:
                 break
             if request.resident is not None and not self._pin(request.resident):
                 self._start_load(request.resident)
+                if time.perf_counter() - request.submitted > self.fair_wait:
+                    break  # admit nobody behind it, so that pinned adapters drain and a slot frees for it
                 continue
             self._queue.remove(request)
             taken.append(request)
             rows += request.sampling.n
             tokens += len(request.prompt)
-            if request.resident is not None:
-                self._running[request.resident] += request.sampling.n
         return taken
 
     def _pin(self, resident: str) -> bool:
-        if self._running[resident]:
-            return True
+        """Pins a resident adapter for its requests (until they are all over); False if evicted."""
         try:
             self.backbone.pin(resident)
             return True
@@ -335,7 +336,6 @@ class Engine:
         if not row.request.unfinished:
             self.metrics.request_seconds.observe(time.perf_counter() - row.request.submitted)
             with self._lock:
-                self._unpin(row.request)
                 self._release(row.request)
 
     def _keep(self, rows: list[int]) -> None:
@@ -346,7 +346,6 @@ class Engine:
         """Rows of cancelled requests: each request lets go of its adapter once."""
         with self._lock:
             for request in {id(r.request): r.request for r in rows}.values():
-                self._unpin(request)
                 self._release(request)
 
     def _fail_running(self, message: str) -> None:
@@ -355,7 +354,6 @@ class Engine:
         with self._lock:
             for request in requests:
                 request.on_event(Failed(500, message))
-                self._unpin(request)
                 self._release(request)
 
     # ---- bookkeeping (under self._lock) --------------------------------------------------
@@ -364,19 +362,9 @@ class Engine:
             raise UnknownAdapter(f"no adapter named {name!r}; available: {[self.base_name, *sorted(self._adapters)]}")
         return self._adapters[name]
 
-    def _unpin(self, request: Request) -> None:
-        if request.resident is None:
-            return
-        self._running[request.resident] -= request.sampling.n
-        if self._running[request.resident] <= 0:
-            del self._running[request.resident]
-            try:
-                self.backbone.unpin(request.resident)
-            except AdapterError:
-                pass  # already unloaded
-
     def _release(self, request: Request) -> None:
-        """The request is over: its adapter loses a user, and unloads if it was retired."""
+        """The request is over: its adapter loses a user; without users it is unpinned (evictable),
+        or unloaded if it was retired."""
         resident = request.resident
         if resident is not None:
             self._users[resident] -= 1
@@ -384,6 +372,8 @@ class Engine:
                 del self._users[resident]
                 if resident in self._retired:
                     self._unload(resident)
+                elif resident in self.backbone.names:
+                    self.backbone.unpin(resident)
         self._lock.notify_all()
 
     def _retire(self, resident: str) -> None:
@@ -400,7 +390,8 @@ class Engine:
 
     def _start_load(self, resident: str) -> None:
         """Reloads an evicted adapter on a worker thread, when a slot can be freed for it."""
-        if resident in self._loading or len(self._running) + len(self._loading) >= self.backbone.max_adapters:
+        pinned = len(set(self._users) & set(self.backbone.names))
+        if resident in self._loading or pinned + len(self._loading) >= self.backbone.max_adapters:
             return
         entry = self._residents[resident]
         future = self._loader.submit(self._load, resident, entry.source, entry.revision)
@@ -413,6 +404,8 @@ class Engine:
             error = future.exception()
             if error is not None and not isinstance(error, NoFreeSlot):
                 self._fail_queued(resident, f"reloading adapter {resident.split('#')[0]!r} failed: {error}")
+            elif error is None and not self._users[resident]:  # its requests went away meanwhile
+                self.backbone.unpin(resident)
             self._lock.notify_all()
 
     def _fail_queued(self, resident: str, message: str) -> None:
@@ -422,10 +415,11 @@ class Engine:
             self._release(request)
 
     def _load(self, resident: str, source: str, revision: str | None) -> AdapterInfo:
-        """Loads into a free slot (the Backbone evicts an unpinned adapter if none is free)."""
+        """Loads into a free slot (the Backbone evicts an unpinned adapter if none is free), pinned:
+        a concurrent load cannot evict it before its requests are admitted."""
         start = time.perf_counter()
         try:
-            self.backbone.load(source, name=resident, revision=revision)
+            self.backbone.load(source, name=resident, revision=revision, pin=True)
         except Exception:
             self.metrics.loads.labels(result="error").inc()
             raise

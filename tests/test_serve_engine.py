@@ -1,0 +1,156 @@
+"""The serving engine in process: rows joining and leaving a running batch give what each row gives
+alone; adapters evicted for lack of slots come back; removal waits; cancelled rows let go."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from adapterhub import AdapterError, Backbone
+from adapterhub.serve.batch import RunningBatch, prefill
+from adapterhub.serve.engine import Engine, Failed, Finished, Token
+from adapterhub.serve.sampling import Sampling, TextStream, next_tokens
+from serving import Offline, make_model_dir, served_llama
+from tiny_models import save_peft, tiny_gpt2, tiny_llama, tiny_tokenizer
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_rows_join_and_leave_mid_generation(build):
+    model = build()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29], [40]]
+
+    def alone(p: list[int], k: int) -> list[int]:
+        out = model.generate(torch.tensor([p]), max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+        return out[0, len(p):].tolist()
+
+    batch, tokens, live = RunningBatch(), {}, []
+
+    def join(indices):
+        cache, mask, logits = prefill(model, [prompts[i] for i in indices], 0)
+        batch.join(cache, mask)
+        for i, t in zip(indices, logits.argmax(-1).tolist()):
+            tokens[i] = [t]
+        live.extend(indices)
+
+    with torch.no_grad():
+        join([0, 1])
+        for step in range(12):
+            if step == 3:
+                join([2])  # longer than the running rows: they get padded
+            if step == 5:
+                batch.keep([0, 2])  # row 1 leaves
+                live.remove(1)
+            if step == 7:
+                join([3])
+            logits = batch.decode(model, torch.tensor([tokens[i][-1] for i in live]))
+            for i, t in zip(live, logits.argmax(-1).tolist()):
+                tokens[i].append(t)
+    for i, got in tokens.items():
+        assert got == alone(prompts[i], len(got)), i
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("engine"))
+
+
+def _run(engine: Engine, jobs, sampling: Sampling, timeout: float = 60) -> list[str]:
+    texts = [""] * len(jobs)
+    done = threading.Semaphore(0)
+
+    def collect(k):
+        def on_event(event):
+            if isinstance(event, Token):
+                texts[k] += event.text
+            elif isinstance(event, (Finished, Failed)):
+                assert not isinstance(event, Failed), event
+                done.release()
+        return on_event
+
+    for k, (name, prompt) in enumerate(jobs):
+        engine.submit(name, engine.tokenizer(prompt)["input_ids"], sampling, collect(k))
+    for _ in jobs:
+        assert done.acquire(timeout=timeout)
+    return texts
+
+
+def test_more_adapters_than_slots_are_evicted_and_reloaded(dirs):
+    offline = Offline(dirs)
+    backbone = Backbone(served_llama(), max_adapters=2, max_rank=8)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny", max_batch=3).start()
+    try:
+        for name in ("a0", "a1", "a2", "a3"):
+            engine.add_adapter(name, str(dirs[name]))
+        jobs = [(name, prompt) for prompt in ("hello", "xyz") for name in ("a0", "a1", None, "a2", "a3")]
+        texts = _run(engine, jobs, Sampling(max_tokens=12, temperature=0, ignore_eos=True))
+        assert texts == [offline.complete(n, p, 12, ignore_eos=True) for n, p in jobs]
+        assert backbone.evictions >= 3
+        assert not any(backbone.info(n).pinned for n in backbone.names)  # nothing left pinned
+    finally:
+        engine.stop()
+
+
+def test_remove_waits_for_requests_in_flight_and_cancel_lets_go(dirs):
+    engine = Engine(Backbone(served_llama(), max_adapters=4, max_rank=8), tiny_tokenizer(), base_name="tiny").start()
+    try:
+        engine.add_adapter("a0", str(dirs["a0"]))
+        finished = threading.Event()
+        engine.submit("a0", [5, 6, 7], Sampling(max_tokens=50, temperature=0, ignore_eos=True),
+                      lambda e: finished.set() if isinstance(e, Finished) else None)
+        started = time.perf_counter()
+        engine.remove_adapter("a0", timeout=60)
+        assert finished.is_set(), "remove_adapter returned before the request in flight finished"
+        assert engine.adapters() == {} and engine.backbone.names == []
+        assert time.perf_counter() - started < 60
+
+        engine.add_adapter("a1", str(dirs["a1"]))
+        tokens = []
+        request = engine.submit("a1", [5, 6, 7], Sampling(max_tokens=55, temperature=0, ignore_eos=True),
+                                lambda e: tokens.append(e))
+        while not tokens:
+            time.sleep(0.01)
+        request.cancel()
+        deadline = time.monotonic() + 30
+        while engine.running_rows() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running_rows() == 0 and not engine.backbone.info(engine.adapters()["a1"].name).pinned
+        assert not any(isinstance(e, Finished) for e in tokens) and len(tokens) < 55
+    finally:
+        engine.stop()
+
+
+def test_prompt_tuning_is_refused_with_the_reason(tmp_path):
+    from peft import PromptTuningConfig
+
+    source = save_peft(tiny_llama, tmp_path / "prompt", 0, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    backbone = Backbone(served_llama(), max_adapters=2, max_rank=8)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny")
+    with pytest.raises(AdapterError, match="virtual tokens"):
+        engine.add_adapter("p", str(source))
+    assert backbone.names == [] and engine.adapters() == {}
+
+
+def test_text_stream_holds_back_possible_stops():
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("say STOP now", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, ("STOP", "xx"))
+    pieces = []
+    for token in ids:
+        pieces.append(stream.add(token))
+        if stream.stopped:
+            break
+    assert "".join(pieces) == "say " and stream.stopped
+    assert pieces[4] == "" and pieces[5] == ""  # "S", "ST" might begin "STOP": held back
+    stream = TextStream(tokenizer, ("STOPPED",))
+    assert "".join(stream.add(t) for t in ids) + stream.add(None) == "say STOP now"
+
+
+def test_next_tokens_per_row():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
+    generators = [None, torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)]
+    assert next_tokens(logits, [0, 1.0, 1.0], [1, 1e-6, 1], generators).tolist()[:2] == [1, 0]
+    draws = {next_tokens(logits[2:], [2.0], [1.0], [torch.Generator().manual_seed(s)]).item() for s in range(40)}
+    assert draws == {0, 1, 2}  # temperature 2 flattens: every token comes up
