@@ -1,5 +1,6 @@
-# make demo: the main job on the embedded default (until the server lands: SmolLM2 serving 32
-#   adapters through the Backbone, side by side with PEFT, and the op table).
+# make demo: the main job on the embedded default: the demo adapters (trained once, then cached)
+#   served by `adapterhub serve` on SmolLM2, one mixed batch through the openai client, answers side
+#   by side; then it keeps serving (DEMO_EXIT=1 exits instead).
 # make test: the test suite.  make bench: every benchmark, side by side with its peer.
 # make bench-transfer: the transfer-learning study on all-MiniLM-L6-v2 (bench/transfer/README.md).
 # Each target creates .venv and installs what it needs on first use.
@@ -44,7 +45,7 @@ bench-transfer: $(INSTALLED) $(TRANSFER)
 	$(PY) -m bench.transfer.run
 
 demo: $(INSTALLED)
-	$(PY) -m pytest bench/bench_backbone.py bench/bench_ops.py -q --benchmark-disable-gc --benchmark-columns=median,rounds
+	$(PY) -m adapterhub.serve.demo
 
 clean:
 	rm -rf build adapterhub/_C*.so *.egg-info $(INSTALLED)
