@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+MAX_TOKENS = 32  # completion tokens of every request
+PROMPT_TOKENS = (32, 64)  # prompt length, drawn uniformly
 ZIPF_S = 1.0  # popularity of the k-th adapter ~ 1/k^s: with 64 adapters the first gets 21 %, the top 8 get 57 %
 TEXT = Path(__file__).parent.parent / "transfer" / "data" / "test.jsonl"  # 1000+ short varied sentences
 
@@ -39,8 +41,8 @@ class Workload:
     duration: float  # seconds of arrivals
     adapters: int  # distinct adapters the requests name (the first N of `names`)
     popularity: str = "uniform"  # or "zipf"
-    max_tokens: int = 32
-    prompt_tokens: tuple[int, int] = (32, 64)
+    max_tokens: int = MAX_TOKENS
+    prompt_tokens: tuple[int, int] = PROMPT_TOKENS
     seed: int = 0
 
 
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=15.0, help="seconds to wait after the last arrival")
     parser.add_argument("--adapters", type=int, default=1)
     parser.add_argument("--popularity", default="uniform", choices=["uniform", "zipf"])
-    parser.add_argument("--max-tokens", dest="max_tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", dest="max_tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from .adapters import names

@@ -18,7 +18,6 @@ import socket
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
