@@ -126,6 +126,8 @@ def test_errors(setup, http):
         response = post({"model": "a0", "prompt": "hi", **bad})
         assert response.status_code == 400, (bad, response.text)
         assert response.json()["error"]["type"] == "invalid_request_error"
+    outside = post({"model": "a0", "prompt": [5, 6, 100000]})
+    assert outside.status_code == 400 and "vocabulary" in outside.json()["error"]["message"]
     too_long = post({"model": "a0", "prompt": "x" * 60, "max_tokens": 10})
     assert too_long.status_code == 400 and "context of 64" in too_long.json()["error"]["message"]
     too_long = post({"model": "a0", "messages": [{"role": "user", "content": "y" * 80}]}, "/v1/chat/completions")

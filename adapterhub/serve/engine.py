@@ -116,6 +116,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.metrics.watch(self)
         config = self.model.config
+        self.vocab = self.model.get_output_embeddings().weight.size(0)
         self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
@@ -205,6 +206,8 @@ class Engine:
         Finished, or one Failed."""
         if not prompt:
             raise RequestError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab:
+            raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab})")
         if len(prompt) + sampling.max_tokens > self.context:
             raise RequestError(f"the prompt has {len(prompt)} tokens and max_tokens is {sampling.max_tokens}: "
                                f"together more than the model's context of {self.context} tokens; shorten the "
