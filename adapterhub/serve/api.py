@@ -15,6 +15,17 @@ from .sampling import Sampling
 MAX_STOPS = 4
 
 
+class ApiError(Exception):
+    """A request the server answers with an HTTP error status, in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+    def __reduce__(self):  # crosses process boundaries (Ray) whole
+        return ApiError, (self.status, str(self), self.param)
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -106,6 +117,6 @@ class ChatRequest(_Generation):
 class AdapterUpload(BaseModel):
     """POST /v1/adapters: load (or replace) an adapter under `name` from `source`."""
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, pattern=r"^[^#@/\s]+$")
     source: str = Field(min_length=1)
     revision: str | None = None

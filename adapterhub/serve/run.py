@@ -69,6 +69,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     from ..backbone import Backbone
     from ..errors import AdapterError
+    from .backend import LocalBackend
     from .engine import Engine
     from .tenancy import Keys, Sources
 
@@ -94,7 +95,7 @@ def serve(args: argparse.Namespace) -> int:
         except AdapterError as error:
             print(f"adapterhub serve: --adapter {adapter}={source}: {error}", file=sys.stderr)
             return 2
-    app = create_app(engine.start(), keys=keys, sources=Sources(args.adapter_dir, args.allow_hub))
+    app = create_app(LocalBackend(engine.start()), keys=keys, sources=Sources(args.adapter_dir, args.allow_hub))
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))

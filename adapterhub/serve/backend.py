@@ -1,0 +1,124 @@
+"""What the HTTP app (app.py) serves from: a backend runs generations and manages adapters.
+
+`LocalBackend` drives an Engine in this process (`adapterhub serve`); `ray_app.RayBackend` forwards
+to Ray Serve replicas, each with its own Engine (`adapterhub serve --ray`). Both run `generate`
+below next to the engine, so tokenization, limits and events are the same in either.
+
+A generation yields `Start` (prompt tokens, the replica that runs it), then (choice index, Token or
+Finished) until every choice finished; a failure raises ApiError with its HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi.concurrency import run_in_threadpool
+
+from ..errors import AdapterError, NoFreeSlot
+from .api import ApiError, ChatRequest, CompletionRequest
+from .engine import Engine, Failed, Finished, RequestError, Token, UnknownAdapter
+
+COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+@dataclass(frozen=True)
+class Start:
+    prompt_tokens: int
+    replica: str
+
+
+def prompts_of(engine: Engine, body: CompletionRequest | ChatRequest) -> tuple[list[list[int]], int]:
+    """(token ids per prompt, max_tokens) for a request, as its endpoint defines them."""
+    tokenizer = engine.tokenizer
+    if isinstance(body, CompletionRequest):
+        try:
+            prompts = [tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in body.prompts()]
+        except ValueError as error:
+            raise ApiError(400, str(error), "prompt") from None
+        return prompts, body.max_tokens or COMPLETION_DEFAULT_TOKENS
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, f"{engine.base_name}'s tokenizer has no chat template; use /v1/completions", "messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [prompt], body.limit() or max(engine.context - len(prompt), 1)  # OpenAI: the rest of the context
+
+
+async def generate(engine: Engine, adapter: str | None, body: CompletionRequest | ChatRequest,
+                   replica: str) -> AsyncIterator[Start | tuple[int, Token | Finished]]:
+    """One engine request per prompt of `body`; see the module docstring. The requests are cancelled
+    if the consumer stops early (a client that went away)."""
+    prompts, max_tokens = prompts_of(engine, body)
+    sampling = body.sampling(max_tokens)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    requests = []
+    try:
+        for k, prompt in enumerate(prompts):
+            def deliver(event, offset=k * sampling.n):
+                loop.call_soon_threadsafe(queue.put_nowait, (offset, event))
+            try:
+                requests.append(engine.submit(adapter, prompt, sampling, deliver))
+            except UnknownAdapter as error:
+                raise ApiError(404, str(error), "model") from None
+            except RequestError as error:
+                raise ApiError(400, str(error), "prompt") from None
+        yield Start(sum(len(p) for p in prompts), replica)
+        unfinished = len(prompts) * sampling.n
+        while unfinished:
+            offset, event = await queue.get()
+            if isinstance(event, Failed):
+                raise ApiError(event.status, event.message)
+            if isinstance(event, Finished):
+                unfinished -= 1
+            yield offset + event.choice, event
+    finally:
+        for request in requests:
+            request.cancel()
+
+
+def adapter_json(name: str, source: str, info=None) -> dict:
+    """An adapter as GET/POST /v1/adapters show it (`info`: its AdapterInfo while resident)."""
+    resident = {"type": info.type, "rank": info.rank, "slot": info.slot, "bytes": info.nbytes} if info else {}
+    return {"id": name, "object": "adapter", "source": source, "resident": info is not None, **resident}
+
+
+class LocalBackend:
+    """An Engine in this process."""
+
+    def __init__(self, engine: Engine, delete_timeout: float = 600.0):
+        self.engine, self.delete_timeout = engine, delete_timeout
+        self.base_name, self.metrics = engine.base_name, engine.metrics
+        self.replica = f"{socket.gethostname()}:{os.getpid()}"
+
+    def generate(self, adapter: str | None, body: CompletionRequest | ChatRequest) -> AsyncIterator:
+        return generate(self.engine, adapter, body, self.replica)
+
+    async def adapters(self) -> list[dict]:
+        return [adapter_json(name, self.engine.source_of(name), info)
+                for name, info in sorted(self.engine.adapters().items())]
+
+    async def add_adapter(self, name: str, source: str, revision: str | None) -> dict:
+        try:
+            info = await run_in_threadpool(self.engine.add_adapter, name, source, revision)
+        except NoFreeSlot as error:
+            raise ApiError(503, str(error)) from None
+        except (AdapterError, OSError) as error:
+            raise ApiError(422, f"adapter {name!r} was not loaded: {error}", "source") from None
+        return adapter_json(name, source, info)
+
+    async def remove_adapter(self, name: str) -> None:
+        try:
+            await run_in_threadpool(self.engine.remove_adapter, name, self.delete_timeout)
+        except UnknownAdapter as error:
+            raise ApiError(404, str(error), "name") from None
+
+    async def health(self) -> dict:
+        return {"status": "ok", "running_rows": self.engine.running_rows(), "queue_depth": self.engine.queue_depth()}
+
+    def shutdown(self) -> None:
+        self.engine.stop()
