@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from adapterhub.serve.app import create_app
+    from adapterhub.serve.backend import LocalBackend
 
     parser = argparse.ArgumentParser(prog="python -m bench.serve.peft_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR")
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model, tokenizer = load(adapters)
     engine = PeftEngine(model, tokenizer, base_name="SmolLM2-135M-Instruct", sources=dict(adapters)).start()
-    app = create_app(engine)
+    app = create_app(LocalBackend(engine))
     sock = socket.socket(socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
