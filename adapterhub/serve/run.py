@@ -11,9 +11,14 @@ import argparse
 import logging
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 READY = "adapterhub serve: ready on"  # the line printed once the server accepts requests (tests wait for it)
 
@@ -42,20 +47,50 @@ def add_parser(commands) -> None:
                         help="a keys file (JSON or TOML: keys -> allowed models, see adapterhub/serve/tenancy.py) "
                              "or one key allowed everything")
     parser.add_argument("--log-level", dest="log_level", default="warning")
+    parser.add_argument("--ray", action="store_true",
+                        help="run as a Ray Serve application (extra: ray): adapterhub/serve/ray_app.py")
+    parser.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas, each a whole model")
+    parser.add_argument("--replica-cpus", dest="replica_cpus", type=float, default=1.0,
+                        help="with --ray: CPUs each replica reserves (its torch threads)")
+    parser.add_argument("--replica-gpus", dest="replica_gpus", type=float, default=0.0,
+                        help="with --ray: GPUs each replica reserves")
+    parser.add_argument("--address", help="with --ray: an existing cluster ('auto', ray://...); default: start one here")
 
 
-def load_base(base: str, dtype: torch.dtype, device: str):
-    """(model, tokenizer, its API name) for --base."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class EngineSettings:
+    """What one engine (a process of `adapterhub serve`, or one Ray replica) is built from."""
 
-    if base == "smollm2":
-        from ..default_model import load_default
+    base: str = "smollm2"
+    served_model_name: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_adapters: int = 16
+    max_rank: int = 16
+    max_batch: int = 64
 
-        model, tokenizer = load_default(dtype)
-        return model.to(device), tokenizer, "SmolLM2-135M-Instruct"
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device).eval()
-    return model, tokenizer, Path(base).name
+    @property
+    def base_name(self) -> str:
+        """The base model's name in the API."""
+        return self.served_model_name or ("SmolLM2-135M-Instruct" if self.base == "smollm2" else Path(self.base).name)
+
+    def build(self) -> Engine:
+        """The base model (the embedded SmolLM2, a directory or a Hub id) in a Backbone, in an Engine (not started)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..backbone import Backbone
+        from .engine import Engine
+
+        dtype = getattr(torch, self.dtype)
+        if self.base == "smollm2":
+            from ..default_model import load_default
+
+            model, tokenizer = load_default(dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(self.base)
+            model = AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype).eval()
+        backbone = Backbone(model.to(self.device), max_adapters=self.max_adapters, max_rank=self.max_rank)
+        return Engine(backbone, tokenizer, base_name=self.base_name, max_batch=self.max_batch)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -67,41 +102,46 @@ def serve(args: argparse.Namespace) -> int:
         print(f"adapterhub serve needs the extra 'serve' ({missing.name} is missing): "
               "pip install 'adapterhub[serve]'", file=sys.stderr)
         return 2
-    from ..backbone import Backbone
     from ..errors import AdapterError
     from .backend import LocalBackend
-    from .engine import Engine
     from .tenancy import Keys, Sources
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    adapters = []
+    adapters = {}
     for item in args.adapter:
         name, _, source = item.partition("=")
         if not name or not source:
             print(f"adapterhub serve: --adapter {item!r}: expected NAME=SOURCE", file=sys.stderr)
             return 2
-        adapters.append((name, str(Path(source).expanduser()) if Path(source).expanduser().exists() else source))
+        adapters[name] = str(Path(source).expanduser()) if Path(source).expanduser().exists() else source
     try:
         keys = Keys.from_option(args.api_key) if args.api_key else None
     except ValueError as error:
         print(f"adapterhub serve: --api-key: {error}", file=sys.stderr)
         return 2
-    model, tokenizer, name = load_base(args.base, getattr(torch, args.dtype), args.device)
-    backbone = Backbone(model, max_adapters=args.max_adapters, max_rank=args.max_rank)
-    engine = Engine(backbone, tokenizer, base_name=args.served_model_name or name, max_batch=args.max_batch)
-    for adapter, source in adapters:
+    settings = EngineSettings(args.base, args.served_model_name, args.dtype, args.device, args.max_adapters,
+                              args.max_rank, args.max_batch)
+    sources = Sources(args.adapter_dir, args.allow_hub)
+    if args.ray:
+        from . import ray_app
+
+        return ray_app.serve_cli(settings, adapters, keys, sources, args)
+    engine = settings.build()
+    for adapter, source in adapters.items():
         try:
             engine.add_adapter(adapter, source)
         except AdapterError as error:
             print(f"adapterhub serve: --adapter {adapter}={source}: {error}", file=sys.stderr)
             return 2
-    app = create_app(LocalBackend(engine.start()), keys=keys, sources=Sources(args.adapter_dir, args.allow_hub))
+    app = create_app(LocalBackend(engine.start()), keys=keys, sources=sources)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     sock.listen(2048)
-    port = sock.getsockname()[1]
-    print(f"{READY} http://{args.host}:{port}/v1 (base {engine.base_name}; adapters: "
-          f"{', '.join(a for a, _ in adapters) or 'none yet'})", flush=True)
+    ready(f"http://{args.host}:{sock.getsockname()[1]}/v1", engine.base_name, list(adapters))
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0
+
+
+def ready(url: str, base_name: str, adapters: list[str], extra: str = "") -> None:
+    print(f"{READY} {url} (base {base_name}; adapters: {', '.join(adapters) or 'none yet'}{extra})", flush=True)
