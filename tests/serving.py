@@ -82,6 +82,7 @@ class Server:
     """`adapterhub serve ARGS --port 0` in a subprocess; `url` once it prints that it is ready."""
 
     def __init__(self, args: list[str], cwd: pathlib.Path, timeout: float = 120.0):
+        self.args = args
         self.process = subprocess.Popen([sys.executable, "-m", "adapterhub.cli", "serve", "--port", "0", *args],
                                         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -103,7 +104,7 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         try:
-            self.process.wait(30)
+            self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.process.kill()
 
