@@ -108,3 +108,15 @@ def test_a_killed_replica_fails_its_requests_retryably_and_is_replaced(setup, ht
             time.sleep(1)
         adapter = None if name == "tiny" else name
         assert response.json()["choices"][0]["text"] == offline.complete(adapter, PROMPT, 20, ignore_eos=True)
+
+
+def test_the_deployment_config_builds_the_application():
+    import yaml
+    from ray.serve import Application
+
+    from adapterhub.serve import ray_app
+
+    config = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "deploy", "ray-serve.yaml")))
+    (app,) = config["applications"]
+    assert app["import_path"] == "adapterhub.serve.ray_app:from_config"
+    assert isinstance(ray_app.from_config(app["args"]), Application)
