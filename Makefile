@@ -33,6 +33,7 @@ test: $(INSTALLED) cuda-check
 	ADAPTERHUB_EXPECT_COMPILED=1 $(PY) -m pytest -q
 
 bench: $(INSTALLED)
+	$(PY) -m pip install -q "matplotlib>=3.7"  # the serving benchmark's plot
 	$(PY) -m pytest bench -q
 
 TRANSFER := $(VENV)/.bench-transfer

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -32,7 +33,8 @@ log = logging.getLogger("bench.serve.peft")
 
 
 class PeftEngine:
-    """What create_app needs from an Engine, over a PeftModel serving one request at a time."""
+    """What LocalBackend (and so create_app) needs from an Engine, over a PeftModel serving one request
+    at a time."""
 
     def __init__(self, peft_model, tokenizer, *, base_name: str, sources: dict[str, str]):
         self.model, self.tokenizer, self.base_name, self._sources = peft_model, tokenizer, base_name, sources
@@ -43,6 +45,7 @@ class PeftEngine:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
         self._lock = threading.Condition()
+        self._model_lock = threading.Lock()  # generation, loads and deletions take turns on the PeftModel
         self._queue: deque[Request] = deque()
         self._busy = False
         self._stopping = False
@@ -74,6 +77,24 @@ class PeftEngine:
         if name not in self._sources:
             raise UnknownAdapter(f"no adapter named {name!r}")
         return self._sources[name]
+
+    def add_adapter(self, name: str, source: str, revision: str | None = None) -> AdapterInfo:
+        """PEFT's load_adapter (a name in use is replaced: deleted, then loaded again)."""
+        with self._model_lock:
+            if name in self._sources:
+                self.model.delete_adapter(name)
+                del self._sources[name]
+            self.model.load_adapter(source, adapter_name=name, low_cpu_mem_usage=True,
+                                    **({"revision": revision} if revision else {}))
+            self._sources[name] = source
+        return self.adapters()[name]
+
+    def remove_adapter(self, name: str, timeout: float | None = None) -> None:
+        """PEFT's delete_adapter, between two requests."""
+        with self._model_lock:
+            self.source_of(name)
+            del self._sources[name]
+            self.model.delete_adapter(name)
 
     def queue_depth(self) -> int:
         return len(self._queue)
@@ -108,7 +129,8 @@ class PeftEngine:
                 self._busy = True
             try:
                 if not request.cancelled:
-                    self._generate(request)
+                    with self._model_lock:
+                        self._generate(request)
             except Exception as error:
                 log.exception("a request failed")
                 request.on_event(Failed(500, f"generation failed: {type(error).__name__}: {error}"))
@@ -175,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from adapterhub.serve.app import create_app
     from adapterhub.serve.backend import LocalBackend
+    from adapterhub.serve.tenancy import Sources
 
     parser = argparse.ArgumentParser(prog="python -m bench.serve.peft_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR")
+    parser.add_argument("--adapter-dir", dest="adapter_dir", type=Path,
+                        help="POST /v1/adapters may load directories under this one")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", dest="log_level", default="warning")
@@ -187,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model, tokenizer = load(adapters)
     engine = PeftEngine(model, tokenizer, base_name="SmolLM2-135M-Instruct", sources=dict(adapters)).start()
-    app = create_app(LocalBackend(engine))
+    app = create_app(LocalBackend(engine), sources=Sources(args.adapter_dir))
     sock = socket.socket(socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))

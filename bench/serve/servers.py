@@ -67,13 +67,15 @@ class Server:
         return float(re.search(r"^adapterhub_generated_tokens_total (\S+)$", text, re.M).group(1))
 
     def wait_idle(self, timeout: float = 120.0) -> None:
-        """Until nothing is queued or running (cancelled requests of the last run have left)."""
-        start = time.perf_counter()
+        """Until nothing is queued or running (cancelled requests of the last run have left) and no token
+        was generated for a second (/health does not see a prefill in progress)."""
+        start, last = time.perf_counter(), None
         while time.perf_counter() - start < timeout:
-            h = self.health()
-            if not h["queue_depth"] and not h["running_rows"]:
+            h, tokens = self.health(), self.generated_tokens()
+            if not h["queue_depth"] and not h["running_rows"] and tokens == last:
                 return
-            time.sleep(0.2)
+            last = tokens
+            time.sleep(1.0)
         raise RuntimeError(f"the {self.name} server was still busy {timeout:.0f} s after the run: {self.health()}")
 
     def stop(self) -> None:
@@ -84,3 +86,38 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class OtherLoad:
+    """CPU the rest of the machine used while a run went on (in cores): all busy CPU time minus this
+    process's and the server's. On a quiet machine it stays near 0; runs with more were disturbed.
+    None where /proc is not there."""
+
+    def __init__(self, server: Server):
+        self.pid = server.process.pid
+
+    def __enter__(self) -> OtherLoad:
+        self.start, self.value = self._sample(), None
+        return self
+
+    def __exit__(self, *_) -> None:
+        end = self._sample()
+        if self.start is not None and end is not None:
+            (t0, busy0, ours0), (t1, busy1, ours1) = self.start, end
+            self.value = max(((busy1 - busy0) - (ours1 - ours0)) / (t1 - t0), 0.0)
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        try:
+            tick = os.sysconf("SC_CLK_TCK")
+            cpu = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            busy = (sum(cpu[:8]) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
+            ours = sum(_process_cpu(pid) for pid in (os.getpid(), self.pid)) / tick
+        except (OSError, ValueError, IndexError):
+            return None
+        return time.perf_counter(), busy, ours
+
+
+def _process_cpu(pid: int) -> float:
+    """utime + stime of `pid` in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return float(fields[11]) + float(fields[12])
