@@ -49,6 +49,13 @@ class RequestError(ValueError):
     """A request the server cannot run as asked (too long for the context, ...)."""
 
 
+def end_of_sequence(model, tokenizer) -> set[int]:
+    """The token ids that end a generation: the model's generation config's, and the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if isinstance(eos, list) else [eos]
+    return {e for e in eos + [tokenizer.eos_token_id] if e is not None}
+
+
 @dataclass(frozen=True)
 class Token:
     """Text a choice produced (may be empty when a token only completes a character later)."""
@@ -104,7 +111,6 @@ class _Entry:
     source: str
     revision: str | None
     resident: str
-    type: str
 
 
 class Engine:
@@ -118,9 +124,7 @@ class Engine:
         config = self.model.config
         self.vocab = self.model.get_output_embeddings().weight.size(0)
         self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
+        self.eos = end_of_sequence(self.model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self._lock = threading.Condition()  # guards everything below; notified when there is work
         self._adapters: dict[str, _Entry] = {}  # public name -> its current version
@@ -177,7 +181,7 @@ class Engine:
         self.backbone.unpin(resident)
         with self._lock:
             old = self._adapters.get(name)
-            self._adapters[name] = self._residents[resident] = _Entry(source, revision, resident, info.type)
+            self._adapters[name] = self._residents[resident] = _Entry(source, revision, resident)
             if old is not None:
                 self._retire(old.resident)
         return info

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from adapterhub.backbone import AdapterInfo
-from adapterhub.serve.engine import Failed, Finished, Request, RequestError, Token, UnknownAdapter
+from adapterhub.serve.engine import end_of_sequence, Failed, Finished, Request, RequestError, Token, UnknownAdapter
 from adapterhub.serve.metrics import Metrics
 from adapterhub.serve.sampling import Sampling, TextStream, next_tokens
 
@@ -41,9 +41,7 @@ class PeftEngine:
         self.metrics = Metrics()  # no watch(): its gauges read a Backbone, which this engine does not have
         config = peft_model.get_base_model().config
         self.context = int(config.max_position_embeddings)
-        eos = peft_model.get_base_model().generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
+        self.eos = end_of_sequence(peft_model.get_base_model(), tokenizer)
         self._lock = threading.Condition()
         self._model_lock = threading.Lock()  # generation, loads and deletions take turns on the PeftModel
         self._queue: deque[Request] = deque()
