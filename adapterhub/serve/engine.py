@@ -280,10 +280,12 @@ class Engine:
         with self.backbone.use([r.resident for r in requests]), torch.inference_mode():
             cache, mask, logits = prefill(self.model, [r.prompt for r in requests], self.pad_id)
         repeat = [i for i, r in enumerate(requests) for _ in range(r.sampling.n)]
-        joining = RunningBatch()
-        joining.join(cache, mask)
-        joining.keep(repeat)
-        self._batch.join(joining.cache, joining.mask)
+        if len(repeat) > len(requests):  # n > 1: each choice gets its own copy of its prompt's cache
+            joining = RunningBatch()
+            joining.join(cache, mask)
+            joining.keep(repeat)
+            cache, mask = joining.cache, joining.mask
+        self._batch.join(cache, mask)
         rows = [self._new_row(r, choice) for r in requests for choice in range(r.sampling.n)]
         self._rows.extend(rows)
         now = time.perf_counter()
