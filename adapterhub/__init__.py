@@ -1,13 +1,21 @@
-"""adapterhub: one frozen backbone, many small adapters of any type, hot-swapped while it serves."""
+"""adapterhub: one frozen backbone, many small adapters of any type, hot-swapped while it serves.
+
+The public API, and all an adapter-type plugin may import besides `adapterhub.formats`:
+
+    Backbone, AdapterInfo                          the runtime (adapterhub/backbone/)
+    Adapter, AdapterType, ModuleSlots, Route,
+    LowRankSlots, hookimpl, check_shape            the adapter-type contract (adapterhub/plugins/)
+    AdapterError, NoFreeSlot                       errors (adapterhub/errors.py)
+    ops, backend                                   the gathered low-rank ops (adapterhub/ops/)
+"""
 
 from . import ops
-from .adapter_type import Adapter, AdapterType, ModuleSlots, Route
 from .backbone import AdapterInfo, Backbone
-from .errors import AdapterError
-from .hookspecs import hookimpl
-from .low_rank import LowRankSlots
+from .errors import AdapterError, NoFreeSlot
+from .formats import Adapter, check_shape
 from .ops import backend
+from .plugins import AdapterType, LowRankSlots, ModuleSlots, Route, hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["Adapter", "AdapterError", "AdapterInfo", "AdapterType", "Backbone", "ModuleSlots", "Route", "backend",
-           "hookimpl", "LowRankSlots", "ops", "__version__"]
+__all__ = ["Adapter", "AdapterError", "AdapterInfo", "AdapterType", "Backbone", "LowRankSlots", "ModuleSlots",
+           "NoFreeSlot", "Route", "__version__", "backend", "check_shape", "hookimpl", "ops"]

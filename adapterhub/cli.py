@@ -2,7 +2,7 @@
 
     adapterhub plugins [--json]     the installed adapter types, their plugins and hooks
     adapterhub train [--config run.toml] [--flag value ...]   train an adapter (or a model): adapterhub/train/run.py
-    adapterhub demo-adapters [--cache-dir DIR] [--force] [--samples]   the demo adapters: adapterhub/demo_adapters.py
+    adapterhub demo-adapters [--cache-dir DIR] [--force] [--samples]   the demo adapters: adapterhub/demo/adapters.py
     adapterhub serve [--adapter NAME=SOURCE ...] [--port 8000] ...   the OpenAI-compatible server: adapterhub/serve/
 """
 
@@ -73,14 +73,16 @@ def _train_parser(commands) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from . import demo_adapters
+    from .demo import adapters as demo_adapters
 
     started = time.perf_counter()
-    directory = Path(args.cache_dir) if args.cache_dir else demo_adapters.default_dir()
-    fresh = args.force or demo_adapters.cached(directory) is None
-    demo_adapters.ensure(directory, force=args.force)
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    fresh = args.force or demo_adapters.cached(cache or demo_adapters.default_dir()) is None
+    directory = demo_adapters.ensure(cache, force=args.force)
+    fresh = fresh and directory != demo_adapters.SHIPPED
     manifest = demo_adapters.cached(directory)
-    how = f"trained in {time.perf_counter() - started:.1f} s" if fresh else "cached"
+    how = f"trained in {time.perf_counter() - started:.1f} s" if fresh else \
+        "shipped with adapterhub" if directory == demo_adapters.SHIPPED else "cached"
     print(f"demo adapters in {directory} ({how}; base model {manifest['base_model']})")
     for name, description in manifest["adapters"].items():
         print(f"  {name:<8} {directory / name}  {description}")
@@ -99,11 +101,14 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def _demo_parser(commands) -> None:
-    parser = commands.add_parser("demo-adapters", help="train the demo adapters once (a few minutes), then cached")
+    parser = commands.add_parser("demo-adapters", help="where the demo adapters are (shipped, or trained into a cache)")
     parser.add_argument("--cache-dir", dest="cache_dir",
-                        help="where they are kept (default: $ADAPTERHUB_DEMO_ADAPTERS_DIR, else "
-                             "$XDG_CACHE_HOME/adapterhub/demo-adapters, else ~/.cache/adapterhub/demo-adapters)")
-    parser.add_argument("--force", action="store_true", help="train again even if the cache holds them")
+                        help="the cache (default: $ADAPTERHUB_DEMO_ADAPTERS_DIR, else "
+                             "$XDG_CACHE_HOME/adapterhub/demo-adapters, else ~/.cache/adapterhub/demo-adapters); "
+                             "given and empty, they are trained into it")
+    parser.add_argument("--force", action="store_true",
+                        help="train them again into the cache (a few minutes), which is then used instead of the "
+                             "shipped ones")
     parser.add_argument("--samples", action="store_true",
                         help="then print greedy replies of the base model and each adapter to a few prompts")
 

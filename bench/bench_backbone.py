@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import adapterhub as ah
 from adapterhub.formats import read_peft_lora
-from adapterhub.host_cache import source_key
+from adapterhub.backbone.host_cache import source_key
 from bench.tables import layout, record
 
 RANK, RESIDENT = 16, 32

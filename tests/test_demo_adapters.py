@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adapterhub import demo_adapters, demo_data
+from adapterhub.demo import adapters as demo_adapters
+from adapterhub.demo import data as demo_data
 from adapterhub.cli import main
 from adapterhub.default_model import GGUF_FILE, default_model_dir
 from adapterhub.train import TrainingError

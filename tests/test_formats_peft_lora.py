@@ -30,7 +30,7 @@ from adapterhub import Adapter
 from adapterhub.formats import read_peft_lora, write_peft_lora
 from adapterhub.formats.peft import (CONFIG_FILE, PICKLE_FILE, PREFIX, SAFETENSORS_FILE, is_targeted, pattern_key,
                                      saved_module)
-from adapterhub.formats.peft_lora import rank_and_alpha
+from adapterhub.formats.peft import rank_and_alpha
 from adapterhub.types.lora import LoraType
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -5,7 +5,9 @@
 
 `read_peft` returns the config (checked against the type's JSON Schema) and the tensors split by
 module and suffix, every value checked finite; `write_peft` writes the same layout. The module-
-name rules (target_modules, layers_to_transform, exclude_modules, patterns) are PEFT's own.
+name rules (target_modules, layers_to_transform, exclude_modules, patterns) are PEFT's own
+(formats/targets.py); `rank_and_alpha` and `rank_and_alpha_patterns` read and write the per-module
+rank and alpha that LoRA-family configs state.
 """
 
 from __future__ import annotations
@@ -20,21 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import jsonschema
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import AdapterError
+from .files import CONFIG_FILE, check_config, check_values, preview, read_json_object, read_tensors
+from .targets import is_targeted, pattern_key, saved_module, target_schema
+
+__all__ = ["CONFIG_FILE", "PICKLE_FILE", "PREFIX", "PROMPT_PREFIX", "SAFETENSORS_FILE", "PeftFiles", "alpha_for",
+           "check_config", "is_targeted", "pattern_key", "rank_and_alpha", "rank_and_alpha_patterns", "read_config",
+           "read_peft", "refuse_features", "target_schema", "write_peft"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
 PROMPT_PREFIX = "base_model."  # prompt learning: PEFT's model wraps the transformers model without a tuner
-ALL_LINEAR = "all-linear"  # PEFT's shorthand; PEFT itself saves the expanded list
 
 
 @dataclass
@@ -62,7 +66,7 @@ def read_peft(directory: str | os.PathLike, *, peft_types: Iterable[str], suffix
     """
     directory = Path(directory)
     config = read_config(directory, peft_types, schema, known_keys)
-    tensors, file = read_tensors(directory, allow_pickle)
+    tensors, file = read_tensors(directory, allow_pickle, (SAFETENSORS_FILE, PICKLE_FILE))
     suffixes = sorted(suffixes, key=len, reverse=True)
     shared = set(shared)
     files = PeftFiles(config=config, file=file, modules={})
@@ -124,72 +128,12 @@ def read_config(directory: Path, peft_types: Iterable[str], schema: Mapping, kno
     return config
 
 
-def read_json_object(file: Path, resave: str) -> dict:
-    """A config file parsed, which must hold a JSON object; `resave` says how to get a good one."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{file} is not valid JSON ({e}); {resave} or fix the file") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{file}: expected a JSON object, got {type(config).__name__}; {resave}")
-    return config
-
-
-def check_config(config: dict, schema: Mapping, file: str | os.PathLike) -> None:
-    """An AdapterError naming the first key of `config` that breaks the JSON Schema `schema`."""
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
-    if error is not None:
-        where = ".".join(map(str, error.absolute_path)) or "the config"
-        raise AdapterError(f"{file}: {where}: {error.message}; fix the config file (or save the adapter again)")
-    for key, value in config.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise AdapterError(f"{file}: {key} is {value}; it must be a finite number")
-
-
 def refuse_features(config: dict, features: Mapping[str, str], file: Path, fix: str) -> None:
     """An AdapterError for the first config key of `features` (key -> what it does) that is switched on."""
     for key, what in features.items():
         value = config.get(key)
         if value and value != "none":
             raise AdapterError(f"{file}: {key}={value!r} ({what}) is not supported yet: {fix}")
-
-
-def read_tensors(directory: Path, allow_pickle: bool, files: tuple[str, str] = (SAFETENSORS_FILE, PICKLE_FILE),
-                 convert: str = "convert it to safetensors") -> tuple[dict[str, torch.Tensor], Path]:
-    """The adapter's tensors and the file they came from: `files` = (safetensors, pickle) names; the
-    pickle only when allowed. `convert`: how the library that wrote it saves safetensors instead."""
-    safetensors_file, pickle_file = files
-    safetensors, pickled = directory / safetensors_file, directory / pickle_file
-    if safetensors.is_file():
-        try:
-            return load_file(safetensors), safetensors
-        except (SafetensorError, OSError) as e:
-            raise AdapterError(
-                f"{safetensors} is truncated or corrupt ({e}); download or save the adapter again") from e
-    if pickled.is_file() and not allow_pickle:
-        raise AdapterError(
-            f"{pickled} is a pickle and only {safetensors_file} is loaded by default; pass allow_pickle=True to load "
-            f"it with torch.load(weights_only=True) if you trust it, or {convert}")
-    if pickled.is_file():
-        try:
-            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-            raise AdapterError(f"{pickled} could not be loaded with weights_only=True ({e}); save it again") from e
-        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-            raise AdapterError(f"{pickled}: expected a dict of tensors, got {type(tensors).__name__}; save it again")
-        return tensors, pickled
-    raise AdapterError(f"no {safetensors_file} (or {pickle_file}) in {directory}: the adapter's weights are missing")
-
-
-def check_values(file: Path, key: str, tensor: torch.Tensor) -> None:
-    """Floating point and finite: a NaN/inf would silently poison every output it touches."""
-    if not tensor.is_floating_point():
-        raise AdapterError(f"{file}: {key} has dtype {tensor.dtype}, expected a floating-point tensor")
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise AdapterError(
-            f"{file}: {key} has {bad} NaN/inf value(s) of {tensor.numel()}; the adapter diverged or was "
-            "corrupted: use an earlier checkpoint")
 
 
 def write_peft(directory: str | os.PathLike, config: dict, modules: Mapping[str, Mapping[str, torch.Tensor]],
@@ -219,6 +163,17 @@ def alpha_for(scale: float, r: int, use_rslora: bool = False) -> int | float:
     return whole if math.isclose(whole / root, scale, rel_tol=1e-6) else alpha
 
 
+def rank_and_alpha(config: dict, module: str, alpha_key: str = "lora_alpha") -> tuple[int, int | float]:
+    """(r, alpha) PEFT gives `module`: the matching rank_pattern / alpha_pattern entry, else the config's
+    r and alpha (PEFT's default 8 for either). `alpha_key` names the config's alpha: "lora_alpha" for
+    LoRA, "alpha" for LoHa and LoKr."""
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r_key, a_key = pattern_key(ranks, module), pattern_key(alphas, module)
+    r = ranks[r_key] if r_key is not None else config.get("r", 8)
+    alpha = alphas[a_key] if a_key is not None else config.get(alpha_key, 8)
+    return r, alpha
+
+
 def rank_and_alpha_patterns(ranks: Mapping[str, int], alphas: Mapping[str, int | float]) -> dict:
     """PEFT's r, alpha, rank_pattern and alpha_pattern stating each module's own rank and alpha: the
     most common values as r/alpha, the others by full module path."""
@@ -226,91 +181,3 @@ def rank_and_alpha_patterns(ranks: Mapping[str, int], alphas: Mapping[str, int |
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     return {"r": r, "alpha": alpha, "rank_pattern": {name: v for name, v in sorted(ranks.items()) if v != r},
             "alpha_pattern": {name: v for name, v in sorted(alphas.items()) if v != alpha}}
-
-
-def preview(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
-
-
-# --- PEFT's rules for matching module names (peft.utils.other, peft.tuners.tuners_utils) ---------------
-
-
-def pattern_key(patterns: Iterable[str], module: str) -> str | None:
-    """The first rank_pattern/alpha_pattern key whose regex matches a dotted suffix of module, or None."""
-    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
-
-
-def is_targeted(config: dict, module: str) -> bool:
-    """Whether PEFT adapts module (check_target_module_exists).
-
-    target_modules None or "all-linear" cannot be judged without the model: True.
-    """
-    exclude = config.get("exclude_modules")
-    if isinstance(exclude, str) and re.fullmatch(exclude, module):
-        return False
-    if isinstance(exclude, list) and (module in exclude or any(module.endswith(f".{e}") for e in exclude)):
-        return False
-    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or []):
-        return False
-    targets = config.get("target_modules")
-    if targets is None or targets == ALL_LINEAR:
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    if module in targets:
-        return True
-    if not any(module.endswith(f".{t}") for t in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    index = _layer_index(module, config.get("layers_pattern"))
-    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
-
-
-def matches(names: str | list[str] | None, module: str) -> bool:
-    """Whether module is named by a PEFT module list (plain suffix, as PEFT's IA3 checks
-    feedforward_modules with str.endswith) or regex (full match)."""
-    if names is None:
-        return False
-    if isinstance(names, str):
-        return re.fullmatch(names, module) is not None
-    return any(module.endswith(n) for n in names)
-
-
-def _layer_index(module: str, layers_pattern: str | list[str] | None) -> int | None:
-    """The first numbered path segment after a layers_pattern name (any name when none is given)."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) for p in patterns)), None)
-    return int(match["idx"]) if match else None
-
-
-def saved_module(path: str, modules_to_save: Iterable[str]) -> str | None:
-    """The modules_to_save module a key path (module path + param name) belongs to, or None.
-
-    PEFT wraps every module whose name ends with an entry (plain string suffix); the outermost one wins.
-    """
-    parts = path.split(".")
-    names = list(modules_to_save)
-    for end in range(1, len(parts)):
-        candidate = ".".join(parts[:end])
-        if any(candidate.endswith(name) for name in names):
-            return candidate
-    return None
-
-
-def target_schema() -> dict:
-    """JSON Schema fragments of the module-selection keys every PEFT config shares."""
-    names_or_regex = {"anyOf": [{"type": "null"}, {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
-    return {
-        "target_modules": names_or_regex,
-        "exclude_modules": names_or_regex,
-        "modules_to_save": {"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string"}}]},
-        "layers_to_transform": {"anyOf": [{"type": "null"}, {"type": "integer"},
-                                          {"type": "array", "items": {"type": "integer"}}]},
-        "layers_pattern": names_or_regex,
-        "fan_in_fan_out": {"type": "boolean"},
-    }

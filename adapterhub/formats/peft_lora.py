@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..adapter_type import Adapter
 from ..errors import AdapterError
-from .peft import (CONFIG_FILE, PREFIX, SAFETENSORS_FILE, alpha_for, is_targeted, pattern_key,
-                   rank_and_alpha_patterns, read_peft, refuse_features, target_schema, write_peft)
+from .adapter import Adapter
+from .files import CONFIG_FILE
+from .peft import (PREFIX, SAFETENSORS_FILE, alpha_for, rank_and_alpha, rank_and_alpha_patterns, read_peft,
+                   refuse_features, write_peft)
+from .targets import is_targeted, pattern_key, target_schema
 
 PEFT_TYPES = ("LORA",)
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude"}
@@ -74,15 +76,6 @@ _UNSUPPORTED = {
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     """PEFT's scaling: alpha / sqrt(r) with rsLoRA, else alpha / r."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def rank_and_alpha(config: dict, module: str) -> tuple[int, float]:
-    """(r, lora_alpha) PEFT gives module: the matching rank_pattern/alpha_pattern entry, else r/lora_alpha."""
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r_key, alpha_key = pattern_key(ranks, module), pattern_key(alphas, module)
-    r = ranks[r_key] if r_key is not None else config.get("r", 8)
-    alpha = alphas[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
-    return r, alpha
 
 
 def read_peft_lora(directory: str | os.PathLike, *, allow_pickle: bool = False) -> Adapter:

@@ -10,20 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import ApiError
 from .sampling import Sampling
 
 MAX_STOPS = 4
-
-
-class ApiError(Exception):
-    """A request the server answers with an HTTP error status, in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-    def __reduce__(self):  # crosses process boundaries (Ray) whole
-        return ApiError, (self.status, str(self), self.param)
 
 
 class StreamOptions(BaseModel):

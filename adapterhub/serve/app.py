@@ -21,9 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..errors import AdapterError
-from .api import AdapterUpload, ApiError, ChatRequest, CompletionRequest
+from .api import AdapterUpload, ChatRequest, CompletionRequest
 from .engine import Finished, Token
-from .tenancy import Denied, Keys, Sources
+from .errors import ApiError, Denied
+from .tenancy import Keys, Sources
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 422: "adapter_error", 500: "server_error", 503: "server_busy"}

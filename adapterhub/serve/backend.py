@@ -19,8 +19,9 @@ from typing import AsyncIterator
 from fastapi.concurrency import run_in_threadpool
 
 from ..errors import AdapterError, NoFreeSlot
-from .api import ApiError, ChatRequest, CompletionRequest
-from .engine import Engine, Failed, Finished, RequestError, Token, UnknownAdapter
+from .api import ChatRequest, CompletionRequest
+from .engine import Engine, Failed, Finished, Token
+from .errors import ApiError, RequestError, UnknownAdapter
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 

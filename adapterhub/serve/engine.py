@@ -32,6 +32,7 @@ import torch
 from ..backbone import AdapterInfo, Backbone
 from ..errors import AdapterError, NoFreeSlot
 from .batch import RunningBatch, prefill
+from .errors import RequestError, UnknownAdapter
 from .metrics import Metrics
 from .sampling import Sampling, TextStream, next_tokens
 
@@ -39,14 +40,6 @@ log = logging.getLogger("adapterhub.serve")
 
 NOT_SERVED = {"prompt_tuning": "prompt tuning adds virtual tokens to the sequence, which the server's "
                                "continuous batching does not support yet; serve it with Backbone.use and generate()"}
-
-
-class UnknownAdapter(LookupError):
-    """A request or call names an adapter the server does not know."""
-
-
-class RequestError(ValueError):
-    """A request the server cannot run as asked (too long for the context, ...)."""
 
 
 def end_of_sequence(model, tokenizer) -> set[int]:

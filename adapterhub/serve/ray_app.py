@@ -25,7 +25,6 @@ import asyncio
 import itertools
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -36,10 +35,11 @@ from typing import AsyncIterator
 from ray import serve
 
 from ..errors import AdapterError, NoFreeSlot
-from .api import ApiError, ChatRequest, CompletionRequest
+from .api import ChatRequest, CompletionRequest
 from .backend import adapter_json, generate
+from .errors import ApiError
 from .metrics import Metrics
-from .run import EngineSettings, ready
+from .startup import EngineSettings, free_port, ready
 from .tenancy import Keys, Sources
 
 APP_NAME = "adapterhub"
@@ -242,7 +242,7 @@ def serve_cli(settings: EngineSettings, adapters: dict[str, str], keys: Keys | N
         ray.init(address=args.address)
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, int(args.replicas * args.replica_cpus)), include_dashboard=False)
-    port = args.port or _free_port(args.host)
+    port = args.port or free_port(args.host)
     serve.start(http_options={"host": args.host, "port": port})
     app = application(settings, adapters, keys, sources, replicas=args.replicas, replica_cpus=args.replica_cpus,
                       replica_gpus=args.replica_gpus)
@@ -268,9 +268,3 @@ def serve_cli(settings: EngineSettings, adapters: dict[str, str], keys: Keys | N
     serve.shutdown()
     ray.shutdown()
     return 0
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]

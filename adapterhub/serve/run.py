@@ -11,16 +11,11 @@ import argparse
 import logging
 import socket
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
-READY = "adapterhub serve: ready on"  # the line printed once the server accepts requests (tests wait for it)
+from .startup import EngineSettings, ready
 
 
 def add_parser(commands) -> None:
@@ -55,42 +50,6 @@ def add_parser(commands) -> None:
     parser.add_argument("--replica-gpus", dest="replica_gpus", type=float, default=0.0,
                         help="with --ray: GPUs each replica reserves")
     parser.add_argument("--address", help="with --ray: an existing cluster ('auto', ray://...); default: start one here")
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """What one engine (a process of `adapterhub serve`, or one Ray replica) is built from."""
-
-    base: str = "smollm2"
-    served_model_name: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_adapters: int = 16
-    max_rank: int = 16
-    max_batch: int = 64
-
-    @property
-    def base_name(self) -> str:
-        """The base model's name in the API."""
-        return self.served_model_name or ("SmolLM2-135M-Instruct" if self.base == "smollm2" else Path(self.base).name)
-
-    def build(self) -> Engine:
-        """The base model (the embedded SmolLM2, a directory or a Hub id) in a Backbone, in an Engine (not started)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from ..backbone import Backbone
-        from .engine import Engine
-
-        dtype = getattr(torch, self.dtype)
-        if self.base == "smollm2":
-            from ..default_model import load_default
-
-            model, tokenizer = load_default(dtype)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(self.base)
-            model = AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype).eval()
-        backbone = Backbone(model.to(self.device), max_adapters=self.max_adapters, max_rank=self.max_rank)
-        return Engine(backbone, tokenizer, base_name=self.base_name, max_batch=self.max_batch)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -141,7 +100,3 @@ def serve(args: argparse.Namespace) -> int:
     ready(f"http://{args.host}:{sock.getsockname()[1]}/v1", engine.base_name, list(adapters))
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0
-
-
-def ready(url: str, base_name: str, adapters: list[str], extra: str = "") -> None:
-    print(f"{READY} {url} (base {base_name}; adapters: {', '.join(adapters) or 'none yet'}{extra})", flush=True)

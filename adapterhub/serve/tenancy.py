@@ -20,14 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AdapterError
+from .errors import Denied
 
 ALL = "*"
-
-
-class Denied(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

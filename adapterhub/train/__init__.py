@@ -8,10 +8,10 @@
 from .data import CAUSAL_LM, CLASSIFICATION
 from .errors import TrainingError
 from .groups import layer_groups
-from .loop import FitResult, evaluate, fit
+from .loop import FitOptions, FitResult, evaluate, fit
 from .strategies import (AdapterTuning, DiscriminativeLR, DomainAdaptation, FeatureExtraction, FullFineTuning,
                          ProgressiveUnfreezing, Strategy)
 
 __all__ = ["AdapterTuning", "CAUSAL_LM", "CLASSIFICATION", "DiscriminativeLR", "DomainAdaptation",
-           "FeatureExtraction", "FitResult", "FullFineTuning", "ProgressiveUnfreezing", "Strategy", "TrainingError",
+           "FeatureExtraction", "FitOptions", "FitResult", "FullFineTuning", "ProgressiveUnfreezing", "Strategy", "TrainingError",
            "evaluate", "fit", "layer_groups"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -25,6 +25,28 @@ from .errors import TrainingError
 from .strategies import DomainAdaptation, Strategy, attached
 
 CHECKPOINT, BEST = "checkpoint", "best"
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How `fit` trains. Pass one as `options=`, or any of its fields as keywords of `fit`."""
+
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float | None = None  # None: the strategy's default_lr (FullFineTuning: scratch_lr / ratio)
+    warmup: float = 0.1  # the fraction of steps with linear warm-up; then linear decay to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
+    seed: int = 0  # data order, initialisation and sampling: a resumed run repeats an unbroken one
+    output_dir: str | Path | None = None  # the best result in output_dir/best, the state in output_dir/checkpoint
+    resume: bool = True  # continue from output_dir/checkpoint when there is one
+    checkpoints: bool = True  # False: only the best result is written (full fine-tuning's state is large)
+    checkpoint_every: int | None = None  # also save the state every this many steps
+    max_length: int | None = None  # longest example in tokens (default: the backbone's context)
+    truncate: bool = False  # cut longer examples instead of refusing them
+    chat: bool = False  # prompts through the tokenizer's chat template
+    progress: bool = True  # the tqdm bar
+    callbacks: Sequence[Callable[[dict], None]] = ()  # each gets {"phase", "epoch", "step", "loss", "lr"} per step
 
 
 @dataclass
@@ -46,50 +68,48 @@ class _Phase:
 
 
 def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, tokenizer,
-        eval: Sequence[dict] | None = None, epochs: int = 3, batch_size: int = 8, lr: float | None = None,
-        warmup: float = 0.1, weight_decay: float = 0.0, max_grad_norm: float = 1.0, seed: int = 0,
-        output_dir: str | Path | None = None, resume: bool = True, checkpoints: bool = True,
-        checkpoint_every: int | None = None,
-        max_length: int | None = None, truncate: bool = False, chat: bool = False, progress: bool = True,
-        callbacks: Sequence[Callable[[dict], None]] = ()) -> FitResult:
-    """Trains `model` with `strategy` on `train` (examples: see adapterhub/train/data.py).
+        eval: Sequence[dict] | None = None, options: FitOptions | None = None, **settings) -> FitResult:
+    """Trains `model` with `strategy` on `train` (examples: see adapterhub/train/data.py), as
+    `options` says, with any FitOptions field given as a keyword overriding it:
 
-    lr defaults to the strategy's (FullFineTuning: scratch_lr / ratio). With `output_dir`, the best
-    epoch's result (by eval accuracy for classifiers, else eval loss, else train loss) is saved in
-    output_dir/best in the strategy's format, and a run finding output_dir/checkpoint resumes from
-    it (unless resume=False); checkpoints=False writes only the best result (full fine-tuning's
-    state is the whole model and its optimizer moments). Each callback gets {"phase", "epoch", "step", "loss", "lr"} after
-    every step. Adapters stay resident in their Backbone slots afterwards.
+        fit(model, AdapterTuning("lora", {"r": 8}), examples, tokenizer=tok, epochs=3, output_dir="runs/x")
+
+    With `output_dir`, the best epoch's result (by eval accuracy for classifiers, else eval loss, else
+    train loss) is saved in output_dir/best in the strategy's format, and a run finding
+    output_dir/checkpoint resumes from it (unless resume=False). Adapters stay resident in their
+    Backbone slots afterwards.
     """
-    if epochs < 1 or batch_size < 1:
-        raise TrainingError(f"fit needs epochs >= 1 and batch_size >= 1, got {epochs} and {batch_size}")
+    unknown = sorted(set(settings) - set(FitOptions.__dataclass_fields__))
+    if unknown:
+        raise TrainingError(f"fit: unknown option(s) {unknown}; the options are FitOptions' fields: "
+                            f"{sorted(FitOptions.__dataclass_fields__)}")
+    opts = replace(options or FitOptions(), **settings)
+    if opts.epochs < 1 or opts.batch_size < 1:
+        raise TrainingError(f"fit needs epochs >= 1 and batch_size >= 1, got {opts.epochs} and {opts.batch_size}")
     task = task_of(model)
-    options = dict(max_length=max_length, truncate=truncate, chat=chat)
+    limits = dict(max_length=opts.max_length, truncate=opts.truncate, chat=opts.chat)
     phases = []
     if isinstance(strategy, DomainAdaptation):
         texts = [{"text": t} for t in strategy.texts]
         phases.append(_Phase("domain", CAUSAL_LM, prepare(texts, tokenizer, model, CAUSAL_LM, name="domain text",
-                                                          **options), None, strategy.epochs))
-    phases.append(_Phase("task", task, prepare(train, tokenizer, model, task, **options),
-                         prepare(eval, tokenizer, model, task, name="eval", **options) if eval is not None else None,
-                         epochs))
+                                                          **limits), None, strategy.epochs))
+    phases.append(_Phase("task", task, prepare(train, tokenizer, model, task, **limits),
+                         prepare(eval, tokenizer, model, task, name="eval", **limits) if eval is not None else None,
+                         opts.epochs))
     strategy.check_adapters({e.adapter for phase in phases for e in (*phase.train, *(phase.eval or ()))})
-    out = Path(output_dir) if output_dir is not None else None
-    saved = load_state(out / CHECKPOINT) if out is not None and resume else None
-    state_dir = out if checkpoints else None
+    out = Path(opts.output_dir) if opts.output_dir is not None else None
+    saved = load_state(out / CHECKPOINT) if out is not None and opts.resume else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     started, was_training = time.perf_counter(), model.training
-    torch.manual_seed(seed)
+    torch.manual_seed(opts.seed)
     with attached(strategy, model), _mode_kept(model, was_training):
         if saved is not None:
             _check_resumable(saved, strategy, out)
-        run = _Run(model, strategy, pad_id, batch_size, seed, out, state_dir, checkpoint_every, progress, callbacks,
-                   saved)
+        run = _Run(model, strategy, pad_id, opts, out, saved)
         for index, phase in enumerate(phases):
             if saved is not None and index < saved["phase"]:
                 continue
-            run.phase(index, phase, lr if lr is not None else strategy.default_lr, warmup, weight_decay,
-                      max_grad_norm)
+            run.phase(index, phase, opts.lr if opts.lr is not None else strategy.default_lr)
         count = strategy.trainable_count()
     return FitResult(run.history, run.best, count, time.perf_counter() - started, run.losses)
 
@@ -97,11 +117,11 @@ def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, to
 class _Run:
     """The state of one fit: history, best result, step losses; resumed from `saved` if given."""
 
-    def __init__(self, model, strategy, pad_id, batch_size, seed, out, state_dir, checkpoint_every, progress,
-                 callbacks, saved):
-        self.model, self.strategy, self.pad_id, self.batch_size, self.seed = model, strategy, pad_id, batch_size, seed
-        self.out, self.state_dir, self.checkpoint_every = out, state_dir, checkpoint_every
-        self.progress, self.callbacks = progress, callbacks
+    def __init__(self, model, strategy, pad_id: int, options: FitOptions, out: Path | None, saved: dict | None):
+        self.model, self.strategy, self.pad_id, self.options = model, strategy, pad_id, options
+        self.batch_size, self.seed = options.batch_size, options.seed
+        self.out = out
+        self.state_dir = out if options.checkpoints else None
         self.saved = saved
         self.history: list[dict] = saved["history"] if saved else []
         self.best: dict | None = saved["best"] if saved else None
@@ -109,11 +129,11 @@ class _Run:
         if saved:
             strategy.load_state(saved["strategy"])
 
-    def phase(self, index: int, phase: _Phase, lr: float, warmup: float, weight_decay: float,
-              max_grad_norm: float) -> None:
-        optimizer = torch.optim.AdamW(self.strategy.param_groups(lr), weight_decay=weight_decay)
+    def phase(self, index: int, phase: _Phase, lr: float) -> None:
+        optimizer = torch.optim.AdamW(self.strategy.param_groups(lr), weight_decay=self.options.weight_decay)
         per_epoch = count_batches(phase.train, self.batch_size)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(per_epoch * phase.epochs, warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(per_epoch * phase.epochs,
+                                                                                    self.options.warmup))
         first_epoch, skip = 0, 0
         saved, self.saved = self.saved, None
         if saved is not None and saved["phase"] == index:
@@ -122,16 +142,16 @@ class _Run:
             set_rng_state(saved["rng"])
             first_epoch, skip = saved["epoch"], saved["batch"]
         for epoch in range(first_epoch, phase.epochs):
-            self.epoch(index, phase, epoch, skip if epoch == first_epoch else 0, optimizer, scheduler, max_grad_norm)
+            self.epoch(index, phase, epoch, skip if epoch == first_epoch else 0, optimizer, scheduler)
 
-    def epoch(self, index: int, phase: _Phase, epoch: int, skip: int, optimizer, scheduler, max_grad_norm) -> None:
+    def epoch(self, index: int, phase: _Phase, epoch: int, skip: int, optimizer, scheduler) -> None:
         strategy, model = self.strategy, self.model
         strategy.on_epoch(epoch)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         order = torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1_009 + epoch)  # data order
         total = count_batches(phase.train, self.batch_size)
         bar = tqdm(total=total, initial=skip, desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
-                   disable=not self.progress, leave=False)
+                   disable=not self.options.progress, leave=False)
         started, seen = time.perf_counter(), 0
         first = len(self.losses) - skip  # this epoch's losses: self.losses[first:], also those before a resume
         model.train()
@@ -147,8 +167,8 @@ class _Run:
                                     f"{epoch + 1}, batch {batch_index + 1}); training stopped and {kept}. Lower the "
                                     f"learning rate (now {scheduler.get_last_lr()[0]:.3g}) or check the data")
             loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if self.options.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.options.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -156,10 +176,11 @@ class _Run:
             seen += inputs["input_ids"].size(0)
             bar.set_postfix(loss=f"{self.losses[-1]:.4f}", ex_per_s=f"{seen / (time.perf_counter() - started):.1f}")
             bar.update()
-            for callback in self.callbacks:
+            for callback in self.options.callbacks:
                 callback({"phase": phase.name, "epoch": epoch, "step": step, "loss": self.losses[-1],
                           "lr": scheduler.get_last_lr()[0]})
-            if self.state_dir and self.checkpoint_every and step % self.checkpoint_every == 0 and batch_index + 1 < total:
+            every = self.options.checkpoint_every
+            if self.state_dir and every and step % every == 0 and batch_index + 1 < total:
                 self.checkpoint(index, epoch, batch_index + 1, optimizer, scheduler)
         bar.close()
         seconds = time.perf_counter() - started

@@ -21,12 +21,12 @@ import tomllib
 from pathlib import Path
 
 from .errors import TrainingError
-from .loop import FitResult, fit
+from .loop import FitOptions, FitResult, fit
 from .strategies import (AdapterTuning, DiscriminativeLR, DomainAdaptation, FeatureExtraction, FullFineTuning,
                          ProgressiveUnfreezing, Strategy)
 
 FIT_OPTIONS = ("epochs", "batch_size", "lr", "seed", "warmup", "weight_decay", "max_length", "truncate", "chat",
-               "checkpoint_every")
+               "checkpoint_every")  # the FitOptions a settings file may give
 KEYS = frozenset({"model", "task", "num_labels", "strategy", "adapter_type", "adapter_config", "names", "data",
                   "eval_data", "domain_data", "domain_epochs", "output_dir", "ratio", "decay", *FIT_OPTIONS})
 
@@ -125,6 +125,7 @@ def run(config: dict) -> FitResult:
     model, tokenizer = load_backbone(config.get("model", "smollm2"), config.get("task", "causal_lm"),
                                      config.get("num_labels"))
     eval_data = read_examples(config["eval_data"]) if config.get("eval_data") else None
-    options = {k: config[k] for k in FIT_OPTIONS if config.get(k) is not None}
+    options = FitOptions(output_dir=config.get("output_dir"),
+                         **{k: config[k] for k in FIT_OPTIONS if config.get(k) is not None})
     return fit(model, make_strategy(config), read_examples(config["data"]), tokenizer=tokenizer, eval=eval_data,
-               output_dir=config.get("output_dir"), **options)
+               options=options)

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..backbone import Backbone
+from ..backbone.trainable import Trainable
 from ..plugins import registry
-from ..trainable import Trainable
 from .errors import TrainingError
 from .groups import layer_groups
 
@@ -214,12 +214,12 @@ class AdapterTuning(Strategy):
         for name in self.names:
             if name not in self.backbone.names:
                 self.backbone.create(name, self.type, config)
-        self._training = self.backbone.training(self.names)
-        self.trainable: Trainable = self._training.__enter__()
+        self._stack = contextlib.ExitStack()
+        self.trainable: Trainable = self._stack.enter_context(self.backbone.training(self.names))
 
     def detach(self) -> None:
         """Ends training: the trained weights stay in their slots, ready to serve."""
-        self._training.__exit__(None, None, None)
+        self._stack.close()
 
     def param_groups(self, lr: float) -> list[dict]:
         return [{"params": self.trainable.parameters(name), "lr": lr, "name": name} for name in self.names]

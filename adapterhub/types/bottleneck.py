@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..adapter_type import Adapter, AdapterType, ModuleSlots, Route, check_shape, is_linear
 from ..errors import AdapterError
-from ..formats.peft import check_config
-from ..hookspecs import hookimpl
-from .bottleneck_format import (ACTIVATIONS, LOCATIONS, PARAMS, PICKLE_FILE, PRESETS, RESIDUAL, SCHEMA, SETTINGS,
+from ..formats import Adapter, check_config, check_shape, is_linear
+from ..plugins.contract import AdapterType, ModuleSlots, Route
+from ..plugins.hookspecs import hookimpl
+from ..formats.bottleneck import (ACTIVATIONS, LOCATIONS, PARAMS, PICKLE_FILE, PRESETS, RESIDUAL, SCHEMA, SETTINGS,
                                 VERSION, WEIGHTS_FILE, activation, is_attention, read_bottleneck, resolve_config,
                                 settings, split_tensor, write_bottleneck)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapter_type import (Adapter, AdapterType, ModuleSlots, Route, check_shape, is_linear, linear_targets,
-                            linear_weight, require_linear)
+from ..formats import (Adapter, check_config, check_shape, is_linear, linear_targets, matches, read_peft,
+                       target_schema, write_peft,                             linear_weight, require_linear)
 from ..errors import AdapterError
-from ..formats.peft import check_config, matches, read_peft, target_schema, write_peft
-from ..hookspecs import hookimpl
+from ..plugins.contract import AdapterType, ModuleSlots, Route
+from ..plugins.hookspecs import hookimpl
 
 SUFFIX = ".ia3_l"
 KNOWN_KEYS = frozenset("""auto_mapping base_model_name_or_path exclude_modules fan_in_fan_out feedforward_modules

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapter_type import (Adapter, AdapterType, Route, check_shape, is_linear, linear_targets, linear_weight,
-                            require_linear)
+from ..formats import (Adapter, check_config, check_shape, is_linear, linear_targets, linear_weight,                             require_linear)
 from ..errors import AdapterError
-from ..formats.peft import check_config
-from ..formats.peft_lora import PEFT_TYPES, SCHEMA, lora_scale, rank_and_alpha, read_peft_lora, write_peft_lora
-from ..hookspecs import hookimpl
-from ..low_rank import LowRankSlots
+from ..formats.peft import rank_and_alpha
+from ..formats.peft_lora import PEFT_TYPES, SCHEMA, lora_scale, read_peft_lora, write_peft_lora
+from ..plugins.contract import AdapterType, Route
+from ..plugins.hookspecs import hookimpl
+from ..plugins.low_rank import LowRankSlots
 
 
 class LoraSlots(LowRankSlots):

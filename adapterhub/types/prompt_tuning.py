@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapter_type import Adapter, AdapterType, ModuleSlots, Route
 from ..errors import AdapterError
-from ..formats.peft import CONFIG_FILE, PROMPT_PREFIX, check_config, read_peft, write_peft
-from ..hookspecs import hookimpl
+from ..formats import CONFIG_FILE, PROMPT_PREFIX, Adapter, check_config, read_peft, write_peft
+from ..plugins.contract import AdapterType, ModuleSlots, Route
+from ..plugins.hookspecs import hookimpl
 
 KEY = "prompt_embeddings"
 KNOWN_KEYS = frozenset("""auto_mapping base_model_name_or_path inference_mode modules_to_save num_attention_heads

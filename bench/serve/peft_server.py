@@ -24,7 +24,8 @@ import torch
 from transformers import DynamicCache
 
 from adapterhub.backbone import AdapterInfo
-from adapterhub.serve.engine import end_of_sequence, Failed, Finished, Request, RequestError, Token, UnknownAdapter
+from adapterhub.serve.engine import end_of_sequence, Failed, Finished, Request, Token
+from adapterhub.serve.errors import RequestError, UnknownAdapter
 from adapterhub.serve.metrics import Metrics
 from adapterhub.serve.sampling import Sampling, TextStream, next_tokens
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import adapterhub as ah
-from adapterhub.formats.peft import write_peft
+from adapterhub.formats import write_peft
 from adapterhub.plugins import registry
 
 ATOL = 1e-5

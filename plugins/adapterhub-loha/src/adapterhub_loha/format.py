@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 from adapterhub import Adapter, AdapterError
-from adapterhub.formats.peft import (alpha_for, is_targeted, pattern_key, rank_and_alpha_patterns, read_peft,
-                                     target_schema, write_peft)
+from adapterhub.formats import (alpha_for, is_targeted, pattern_key, rank_and_alpha, rank_and_alpha_patterns,
+                                read_peft, target_schema, write_peft)
 
 from .slots import FACTORS
 
 PEFT_TYPES = ("LOHA",)
+ALPHA_KEY = "alpha"  # LoHaConfig names its alpha "alpha" (LoRA: "lora_alpha")
 PREFIX = "base_model.model."  # PEFT's key prefix, for error messages
 _CONV = ("a convolution LoHa with use_effective_conv2d (the CP tensors hada_t1/hada_t2), which adapterhub-loha does "
          "not support: it runs LoHa on nn.Linear layers only; merge the adapter into the model with PEFT's "
@@ -51,15 +52,6 @@ SCHEMA = {
 }
 
 
-def rank_and_alpha(config: dict, module: str) -> tuple[int, float]:
-    """(r, alpha) PEFT gives module: the matching rank_pattern/alpha_pattern entry, else r/alpha."""
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    r_key, alpha_key = pattern_key(ranks, module), pattern_key(alphas, module)
-    r = ranks[r_key] if r_key is not None else config.get("r", 8)
-    alpha = alphas[alpha_key] if alpha_key is not None else config.get("alpha", 8)
-    return r, alpha
-
-
 def read_peft_loha(directory: str | os.PathLike, *, allow_pickle: bool = False) -> Adapter:
     """Reads and checks the PEFT LoHa adapter in directory; every problem is an AdapterError."""
     files = read_peft(directory, peft_types=PEFT_TYPES, suffixes=[f".{name}" for name in FACTORS], schema=SCHEMA,
@@ -85,7 +77,7 @@ def _module(config: dict, file: Path, module: str, parts: dict[str, torch.Tensor
             f"{file}: {PREFIX}{module} has {sorted(parts)} but not {missing}; a LoHa module needs all of hada_w1_a "
             "(out, r), hada_w1_b (r, in), hada_w2_a (out, r), hada_w2_b (r, in): save the adapter again")
     check_factor_shapes(file, module, parts)
-    r, alpha = rank_and_alpha(config, module)
+    r, alpha = rank_and_alpha(config, module, ALPHA_KEY)
     if parts["hada_w1_b"].size(0) != r:
         r_key = pattern_key(config.get("rank_pattern") or {}, module)
         entry = "r" if r_key is None else f"rank_pattern[{r_key!r}]"

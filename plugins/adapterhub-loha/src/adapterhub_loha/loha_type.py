@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 from adapterhub import Adapter, AdapterError, AdapterType
-from adapterhub.adapter_type import check_shape, linear_targets
-from adapterhub.formats.peft import check_config
+from adapterhub.formats import check_config, check_shape, linear_targets, rank_and_alpha
 from torch import nn
 
-from .format import PEFT_TYPES, SCHEMA, rank_and_alpha, read_peft_loha, write_peft_loha
+from .format import ALPHA_KEY, PEFT_TYPES, SCHEMA, read_peft_loha, write_peft_loha
 from .slots import FACTORS, LohaSlots
 
 
@@ -54,7 +53,7 @@ class LohaType(AdapterType):
         modules = {}
         for path, module in linear_targets(model, config):
             out_features, in_features = _require_nn_linear("init", path, module)
-            r, alpha = rank_and_alpha(config, path)
+            r, alpha = rank_and_alpha(config, path, ALPHA_KEY)
             shapes = {"hada_w1_a": (out_features, r), "hada_w1_b": (r, in_features),
                       "hada_w2_a": (out_features, r), "hada_w2_b": (r, in_features)}
             tensors = {name: torch.empty(shape, dtype=module.weight.dtype) for name, shape in shapes.items()}

@@ -10,7 +10,7 @@ and the shared vera_A and vera_B: the same two tensor objects in every module, s
 A file saved with save_projection=False has no projections; `VeraType.check` regenerates them
 from projection_prng_key, as PEFT does on load (it needs the model's sizes: projections.py).
 
-`adapterhub.formats.peft.read_peft` reads both files with PEFT's rules (config, safetensors or
+`adapterhub.formats.read_peft` reads both files with PEFT's rules (config, safetensors or
 .bin, finite values, modules_to_save), the shared projections as whole `shared=` keys; this module
 adds VeRA's own checks and writes through `write_peft(extra=...)`.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from adapterhub import Adapter, AdapterError
-from adapterhub.formats.peft import CONFIG_FILE, PREFIX, is_targeted, read_peft, target_schema, write_peft
+from adapterhub.formats import CONFIG_FILE, PREFIX, is_targeted, read_peft, target_schema, write_peft
 
 log = logging.getLogger("adapterhub")
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 from adapterhub import Adapter, AdapterError, AdapterType
-from adapterhub.adapter_type import check_shape, is_linear, linear_targets, linear_weight, require_linear
-from adapterhub.formats.peft import check_config
+from adapterhub.formats import check_config, check_shape, is_linear, linear_targets, linear_weight, require_linear
 from torch import nn
 
 from .format import DEFAULT_R, PEFT_TYPES, SCHEMA, read_peft_vera, shared_projections, write_peft_vera

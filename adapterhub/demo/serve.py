@@ -1,37 +1,25 @@
-"""`make demo`: the demo adapters (trained once, then cached) served by `adapterhub serve` on the
-embedded SmolLM2, one mixed batch sent through the openai client, the answers side by side.
+"""`make demo`: the demo adapters (shipped, or retrained into the cache) served by `adapterhub serve` on
+the embedded SmolLM2, one mixed batch sent through the openai client, the answers side by side.
 
-    python -m adapterhub.serve.demo          # then keeps serving; DEMO_EXIT=1 exits instead
-    DEMO_PORT=8001 python -m adapterhub.serve.demo
+    python -m adapterhub.demo          # then keeps serving; DEMO_EXIT=1 exits instead
+    DEMO_PORT=8001 python -m adapterhub.demo
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 
-from .. import demo_adapters
-from .run import READY
+from ..serve.startup import READY, free_port
+from . import adapters as demo_adapters
 
 QUESTIONS = ["How many legs does a cat have?", "What is 12 plus 30?"]
 MAX_TOKENS = 48
-
-
-def free_port(preferred: int) -> int:
-    """`preferred` if nothing listens there, else any free port."""
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            probe.bind(("127.0.0.1", 0))
-            return probe.getsockname()[1]
 
 
 def start_server(directory, port: int) -> tuple[subprocess.Popen, str]:
@@ -80,11 +68,11 @@ def show(results: list, seconds: float) -> None:
 
 
 def main() -> int:
-    directory = demo_adapters.default_dir()
-    if demo_adapters.cached(directory) is None:
-        print(f"training the demo adapters once into {directory} (about 2-3 minutes on 2 CPU cores)...", flush=True)
-    directory = demo_adapters.ensure()
-    server, url = start_server(directory, free_port(int(os.environ.get("DEMO_PORT", "8000"))))
+    cache = demo_adapters.default_dir()
+    if demo_adapters.cached(cache) is None and demo_adapters.cached(demo_adapters.SHIPPED) is None:
+        print(f"training the demo adapters once into {cache} (about 2-3 minutes on 2 CPU cores)...", flush=True)
+    directory = demo_adapters.ensure()  # the cache if `adapterhub demo-adapters --force` filled it, else the shipped set
+    server, url = start_server(directory, free_port("127.0.0.1", int(os.environ.get("DEMO_PORT", "8000"))))
     try:
         import openai
 

@@ -29,13 +29,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.activations import ACT2CLS, get_activation
 
-from ..adapter_type import Adapter
 from ..errors import AdapterError
-from ..formats.peft import check_config, check_values, preview, read_json_object, read_tensors
+from .adapter import Adapter
+from .files import CONFIG_FILE, check_config, check_values, preview, read_json_object, read_tensors
 
 log = logging.getLogger("adapterhub")
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter.safetensors"
 PICKLE_FILE = "pytorch_adapter.bin"
 HEAD_FILES = ("head_config.json", "model_head.safetensors", "pytorch_model_head.bin")

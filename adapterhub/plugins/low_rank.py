@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
-from .adapter_type import ModuleSlots, Route, linear_weight
+from .. import ops
+from ..formats.targets import linear_weight
+from .contract import ModuleSlots, Route
 
 
 class _LowRankDelta(torch.autograd.Function):

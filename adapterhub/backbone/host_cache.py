@@ -9,7 +9,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Hashable
 
-from .adapter_type import Adapter
+from ..formats import Adapter
 
 
 def source_key(directory: str | os.PathLike) -> tuple:
@@ -26,10 +26,6 @@ class HostCache:
         self._entries: OrderedDict[Hashable, tuple[Adapter, int]] = OrderedDict()  # (adapter, bytes), LRU first
         self._bytes = 0
         self._lock = threading.Lock()
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
 
     def put(self, key: Hashable, adapter: Adapter) -> None:
         size = adapter.nbytes()

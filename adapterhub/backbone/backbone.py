@@ -5,7 +5,7 @@
     with bb.use(["support", "legal", None]):   # one adapter per row, None = base
         model(ids)
 
-Adapters may be of any installed type (adapterhub/plugins.py); one batch may mix them.
+Adapters may be of any installed type (adapterhub/plugins/); one batch may mix them.
 Loading reads and checks the whole adapter before touching any slot, then copies it into
 a free slot (evicting the least recently used unpinned adapter when all are taken). Each
 type keeps its own slot tensors on the modules it adapts, allocated once, at construction
@@ -28,14 +28,14 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapter_type import Adapter, AdapterType, ModuleSlots, find_linears
-from .errors import AdapterError, NoFreeSlot
+from ..errors import AdapterError, NoFreeSlot
+from ..formats import Adapter, check_config, find_linears
+from ..hub import resolve
+from ..plugins import AdapterType, ModuleSlots, Registry, registry
 from .heads import HeadSlots
 from .host_cache import HostCache, source_key
-from .hub import resolve
-from .plugins import Registry, registry
-from .routing import Routing, attach, routes_for
-from .slots import SlotTable
+from .routing import ALL_ROWS, Routing, attach, routes_for
+from .slot_table import SlotTable
 from .trainable import Trainable
 
 log = logging.getLogger("adapterhub")
@@ -89,8 +89,9 @@ class Backbone:
         self._use_lock = threading.Lock()  # one routed batch at a time
         self._use_owner: int | None = None  # the thread inside use()
         self._modules = dict(model.named_modules())  # before our slot modules are attached
-        self._slots: dict[tuple[str, str], ModuleSlots] = {}  # (type, module path) -> its slots
-        self._heads: dict[str, HeadSlots] = {}
+        self._module_slots: dict[tuple[str, str], ModuleSlots] = {}  # (type, module path) -> its slot tensors
+        self._heads: dict[str, HeadSlots] = {}  # module path -> slot tensors of its modules_to_save copies
+        self._training: dict[str, Trainable] = {}  # name -> the Trainable of the training() block it is in
         targets = find_linears(model, target_modules)
         for type_name in preallocate:
             adapter_type = self.types.get(type_name)
@@ -153,8 +154,11 @@ class Backbone:
         B = 0, so it starts as the base model), in a free slot, ready to train with `training`.
         config["modules_to_save"] names heads (e.g. ["classifier"]) that the adapter gets its own
         trainable copy of, as PEFT's modules_to_save."""
+        adapter_type = self.types.get(type)
         config = dict(config or {})
-        adapter = self.types.get(type).init(self.model, config)
+        check_config(config, adapter_type.config_schema, f"create({name!r}, {type!r}) config",
+                     fix="fix the config passed to create()")
+        adapter = adapter_type.init(self.model, config)
         for wanted in config.get("modules_to_save") or []:
             found = [p for p in self._modules if p == wanted or p.endswith("." + wanted)]
             if not found:
@@ -167,17 +171,23 @@ class Backbone:
 
     @contextlib.contextmanager
     def training(self, names: str | Sequence[str]) -> Iterator[Trainable]:
-        """Makes resident adapters trainable in their slots for the block (see adapterhub/trainable.py):
+        """Makes resident adapters trainable in their slots for the block (backbone/trainable.py):
         yields their parameters; forwards that record gradients send each row's gradients to its
-        row's adapter only. The adapters are pinned meanwhile; at the end their trained weights stay
-        in their slots (save them with `save`)."""
+        row's adapter only. The adapters are pinned meanwhile, and cannot be swapped or unloaded;
+        `save` writes their current values. At the end their trained weights stay in their slots."""
         names = [names] if isinstance(names, str) else list(names)
         with self._lock:
+            for name in names:
+                self._record(name)
+                if name in self._training:
+                    raise AdapterError(f"{name!r} is already being trained in another training() block; "
+                                       "leave that block first")
             adapters = {name: self._extract(name) for name in names}
             pinned = {name for name in names if name in self.table.pinned}
             trainable = Trainable(self, adapters)
             for name in names:
                 self.table.pinned.add(name)
+                self._training[name] = trainable
         hooks = [self.model.register_forward_pre_hook(trainable.before_forward, prepend=True),  # before prompts
                  self.model.register_forward_hook(trainable.after_forward, always_call=True)]
         try:
@@ -187,11 +197,30 @@ class Backbone:
                 hook.remove()
             trainable.restore()
             with self._lock:
-                if all(self.table.slot_of.get(n) is not None for n in names):
-                    trainable.sync()
+                trainable.sync()
                 for name in names:
-                    if name in self.table.slot_of and name not in pinned:
+                    del self._training[name]
+                    if name not in pinned:
                         self.table.pinned.discard(name)
+
+    def slot_modules(self, name: str) -> list[ModuleSlots]:
+        """The slot tensors that hold resident `name`: its type's ModuleSlots on each module it adapts,
+        then the HeadSlots of its modules_to_save heads."""
+        with self._lock:
+            record = self._record(name)
+            return [self._module_slots[(record.type, path)] for path in record.modules] + \
+                [self._heads[path] for path in record.heads]
+
+    def rewrite(self, name: str, adapter: Adapter) -> None:
+        """Writes new values of resident `name`'s tensors (`adapter`: the same modules and shapes, e.g.
+        a trainer's parameters) into its slot through the ModuleSlots' own `write`: differentiable
+        copies when the tensors require grad, so gradients reach them from the slots."""
+        with self._lock:
+            record, slot = self._record(name), self.table.slot_of[name]
+            for path in record.modules:
+                self._module_slots[(record.type, path)].write(slot, adapter.modules[path])
+            for path in record.heads:
+                self._heads[path].write(slot, adapter.modules_to_save[path])
 
     def _put(self, name: str, source: str, key: tuple, adapter: Adapter, pin: bool = False) -> None:
         with self._placing(key, adapter):
@@ -207,10 +236,10 @@ class Backbone:
              cache_dir: str | os.PathLike | None = None, allow_pickle: bool = False) -> None:
         """Replaces `name`'s weights with those at `source` (any type); batches in flight finish on the old ones."""
         with self._lock:
-            self._record(name)
+            self._check_not_training(name, "swap")
         key, adapter = self._fetch(source, type, revision, subfolder, token, cache_dir, allow_pickle)
         with self._placing(key, adapter):
-            self._record(name)  # it may have been unloaded or evicted while the files were read
+            self._check_not_training(name, "swap")  # it may have been unloaded or evicted while the files were read
             pinned = name in self.table.pinned
             old = self.table.slot_of[name]
             # Another slot if one is free or a batch reads the old one (no batch can start while
@@ -235,14 +264,17 @@ class Backbone:
     def unload(self, name: str) -> None:
         """Removes `name` (pinned or not); its slot is reused once no batch in flight reads it."""
         with self._lock:
-            self._record(name)
+            self._check_not_training(name, "unload")
             self.table.remove(name)
             del self._records[name]
 
     def save(self, name: str, directory: str | os.PathLike) -> None:
-        """Writes `name` in its type's format (PEFT's for the PEFT types)."""
+        """Writes `name` in its type's format (PEFT's for the PEFT types); inside a `training` block, its
+        current parameters (the slots themselves catch up only at the next forward)."""
         with self._lock:
-            adapter = self._extract(name)
+            self._record(name)
+            trainable = self._training.get(name)
+            adapter = trainable.adapter(name) if trainable is not None else self._extract(name)
         self.types.get(adapter.type).write(adapter, Path(directory))
 
     # ---- routing -------------------------------------------------------------------------
@@ -273,7 +305,7 @@ class Backbone:
                     used = sorted({s for s in slots if s >= 0})
                     self.table.acquire(used)
                 try:
-                    self.routing.set(*routes_for(slots, types, features, broadcast, repeat, self._device()))
+                    self.routing.set(routes_for(slots, types, features, broadcast, repeat, self._device()))
                     yield
                 finally:
                     self.routing.clear()
@@ -291,6 +323,11 @@ class Backbone:
         if name not in self._records:
             raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {sorted(self._records)}")
         return self._records[name]
+
+    def _check_not_training(self, name: str, what: str) -> None:
+        self._record(name)
+        if name in self._training:
+            raise AdapterError(f"cannot {what} {name!r} while a training() block trains it; leave the block first")
 
     def _slot_for_use(self, name: str | None) -> int:
         if name is None:
@@ -331,9 +368,10 @@ class Backbone:
                 raise
 
     def _check(self, adapter: Adapter) -> None:
-        """Every module exists, the rank fits the slots, the type accepts the tensors; raises before
-        anything is written."""
+        """The config fits the type's schema, every module exists, the rank fits the slots, the type
+        accepts the tensors; raises before anything is written."""
         adapter_type = self.types.get(adapter.type)
+        check_config(adapter.config, adapter_type.config_schema, adapter.source or "the adapter's config")
         for path in adapter.modules:
             if path not in self._modules:
                 raise AdapterError(f"{adapter.source}: the adapter adapts module {path!r}, which does not exist in "
@@ -380,18 +418,18 @@ class Backbone:
     def _allocate(self, adapter_type: AdapterType, path: str) -> ModuleSlots:
         """The type's slots on module `path`, allocated (all empty) on first use."""
         key = (adapter_type.name, path)
-        if key not in self._slots:
+        if key not in self._module_slots:
             module = self._modules[path]
             slots = adapter_type.allocate(module, path, self.max_adapters, self.max_rank)
-            attach(module, slots, self.routing, adapter_type.name)
-            self._slots[key] = slots
-        return self._slots[key]
+            attach(module, slots, self.routing, adapter_type.name, f"adapterhub_{adapter_type.name}")
+            self._module_slots[key] = slots
+        return self._module_slots[key]
 
     def _write(self, slot: int, adapter: Adapter) -> None:
         adapter_type = self.types.get(adapter.type)
         for path in adapter.modules:
             self._allocate(adapter_type, path)
-        for (type_name, path), slots in self._slots.items():
+        for (type_name, path), slots in self._module_slots.items():
             if type_name == adapter.type:
                 slots.write(slot, adapter.modules.get(path))
         for path in adapter.modules_to_save:
@@ -402,9 +440,8 @@ class Backbone:
     def _head(self, path: str) -> HeadSlots:
         if path not in self._heads:
             module = self.model.get_submodule(path)
-            head = HeadSlots(module, self.routing, self.max_adapters)
-            module.add_module("adapterhub_head", head)
-            module.register_forward_hook(head.hook)
+            head = HeadSlots(module, self.max_adapters)
+            attach(module, head, self.routing, ALL_ROWS, "adapterhub_head")
             self._heads[path] = head
         return self._heads[path]
 
@@ -419,7 +456,7 @@ class Backbone:
     def _extract(self, name: str) -> Adapter:
         """The resident adapter copied out of its slot, as read from disk."""
         record, slot = self._records[name], self.table.slot_of[name]
-        modules = {path: self._slots[(record.type, path)].read(slot) for path in record.modules}
+        modules = {path: self._module_slots[(record.type, path)].read(slot) for path in record.modules}
         heads = {path: self._heads[path].read(slot) for path in record.heads}
         return Adapter(type=record.type, config=dict(record.config), modules=modules, modules_to_save=heads,
                        source=record.source)

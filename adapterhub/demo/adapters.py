@@ -1,14 +1,18 @@
 """The demo adapters: small LoRA adapters on the embedded SmolLM2 whose replies differ at a glance
-(upper case, a JSON object, numbers as words: adapterhub/demo_data.py), trained together in one
-fit whose batches mix their rows, then kept in a cache so that later runs (and servers) only load them.
+(upper case, a JSON object, numbers as words: adapterhub/demo/data.py), trained together in one
+fit whose batches mix their rows.
 
-    directory = demo_adapters.ensure()       # trains once (a few minutes on 2 CPU cores), then cached
+The seeded recipe's result ships with adapterhub (`SHIPPED`, adapterhub/demo/shipped/), so a new
+machine serves them at once; `adapterhub demo-adapters --force` trains them again into a cache,
+which is then preferred.
+
+    directory = adapters.ensure()            # the cache if it holds them, else the shipped set
     bb.load(directory / "upper")             # or peft.PeftModel.from_pretrained(model, directory / "upper")
 
-The cache, written whole or not at all (a temporary directory renamed into place):
+A set, the cache or the shipped one, written whole or not at all (a temporary directory renamed into place):
     <directory>/<name>/adapter_config.json, adapter_model.safetensors    PEFT format, one per adapter
     <directory>/demo.json                                                what was trained, how, how long
-Its place: --cache-dir, else $ADAPTERHUB_DEMO_ADAPTERS_DIR, else $XDG_CACHE_HOME/adapterhub/demo-adapters
+The cache: --cache-dir, else $ADAPTERHUB_DEMO_ADAPTERS_DIR, else $XDG_CACHE_HOME/adapterhub/demo-adapters
 (~/.cache/adapterhub/demo-adapters without XDG_CACHE_HOME).
 """
 
@@ -24,12 +28,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import demo_data
-from .backbone import Backbone
-from .train import AdapterTuning, fit
-from .train.checkpoint import atomic_directory
+from ..backbone import Backbone
+from ..train import AdapterTuning, fit
+from ..train.checkpoint import atomic_directory
+from . import data as demo_data
 
 ENV = "ADAPTERHUB_DEMO_ADAPTERS_DIR"
+SHIPPED = Path(__file__).parent / "shipped"  # the default Recipe's result, trained once and shipped
 MANIFEST = "demo.json"
 VERSION = 1  # of the data and the recipe: a cache written by another version is trained again
 
@@ -75,7 +80,9 @@ def cached(directory: Path) -> dict | None:
 
 def ensure(directory: str | os.PathLike | None = None, *, force: bool = False, recipe: Recipe = Recipe(),
            model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> Path:
-    """The cache directory of the demo adapters, trained into it first unless it holds them (or `force`).
+    """A directory holding the demo adapters: `directory` (default: the cache, default_dir()) if it holds
+    them; else, for the embedded SmolLM2 and no `directory`, the shipped set; else (or with `force`)
+    `directory` after training them into it.
 
     `model` and `tokenizer` (a causal LM with a chat template) default to the embedded SmolLM2; another
     model needs its own `directory`, so that it never fills the default cache with adapters of its own."""
@@ -85,8 +92,10 @@ def ensure(directory: str | os.PathLike | None = None, *, force: bool = False, r
     path = Path(directory) if directory is not None else default_dir()
     if not force and cached(path) is not None:
         return path
+    if not force and directory is None and recipe == Recipe() and cached(SHIPPED) is not None:
+        return SHIPPED
     if model is None:
-        from .default_model import GGUF_FILE, load_default
+        from ..default_model import GGUF_FILE, load_default
 
         model, tokenizer = load_default()
         base_model = f"{GGUF_FILE} (adapterhub.default_model.load_default)"

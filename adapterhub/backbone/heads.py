@@ -1,44 +1,45 @@
 """Per-slot full copies of one small nn.Linear (PEFT's modules_to_save, e.g. a classifier), for any
-adapter type, chosen per row by gathering each row's copy: no Python branch on which slots are
-present, so a compiled model does not recompile as adapters with heads come and go."""
+adapter type: the slot tensors of a head. Each row's copy is gathered, with no Python branch on
+which slots hold one, so a compiled model does not recompile as adapters with heads come and go."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .routing import Routing
+from ..plugins.contract import ModuleSlots, Route
 
 
-class HeadSlots(nn.Module):
+class HeadSlots(ModuleSlots):
+    """weight (slots, out, in), bias (slots, out) and whether each slot holds a copy; rows whose slot
+    holds none (the base, adapters without this head) keep the module's own output."""
+
     MAX_PARAMETERS = 1 << 22  # a classifier or score head; not lm_head or embeddings
 
-    def __init__(self, base: nn.Linear, routing: Routing, slots: int):
+    def __init__(self, base: nn.Linear, slots: int):
         super().__init__()
-        self.routing = routing
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.register_buffer("weight", torch.zeros(slots, *base.weight.shape, **kw), persistent=False)
         self.register_buffer("bias", torch.zeros(slots, base.weight.size(0), **kw), persistent=False)
         self.register_buffer("present", torch.zeros(slots, dtype=torch.bool, device=kw["device"]), persistent=False)
         self.has_bias = base.bias is not None
 
-    def write(self, slot: int, state: dict[str, torch.Tensor] | None) -> None:
-        self.present[slot] = state is not None
-        if state is not None:
-            self.weight[slot].copy_(state["weight"])
+    def write(self, slot: int, tensors: dict[str, torch.Tensor] | None) -> None:
+        self.present[slot] = tensors is not None
+        if tensors is not None:
+            self.weight[slot].copy_(tensors["weight"])
             if self.has_bias:
-                self.bias[slot].copy_(state["bias"])
+                self.bias[slot].copy_(tensors["bias"])
 
-    def read(self, slot: int) -> dict[str, torch.Tensor]:
-        state = {"weight": self.weight[slot].clone()}
-        if self.has_bias:
-            state["bias"] = self.bias[slot].clone()
-        return state
-
-    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        route = self.routing.any
-        if route is None:
+    def read(self, slot: int) -> dict[str, torch.Tensor] | None:
+        if not self.present[slot]:
             return None
+        tensors = {"weight": self.weight[slot].clone()}
+        if self.has_bias:
+            tensors["bias"] = self.bias[slot].clone()
+        return tensors
+
+    def after(self, module: nn.Module, args: tuple, output: torch.Tensor, route: Route) -> torch.Tensor:
         x = args[0]  # (n0, ..., in)
         index = route.rows(x.size(0), x.size(0), x.device)  # (n0,)
         slot = index.clamp(min=0)

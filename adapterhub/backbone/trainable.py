@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .adapter_type import Adapter
+from ..formats import Adapter
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -87,19 +87,11 @@ class Trainable:
         return sum(p._version for p in self.parameters())
 
     def _write(self, differentiable: bool) -> None:
-        bb = self.backbone
         for name, adapter in self.adapters.items():
-            slot = bb.table.slot_of[name]
-            for path, tensors in adapter.modules.items():
-                target = bb._slots[(adapter.type, path)]
-                if differentiable:
-                    self._clone_buffers(target)
-                target.write(slot, tensors)
-            for path, state in adapter.modules_to_save.items():
-                head = bb._heads[path]
-                if differentiable:
-                    self._clone_buffers(head)
-                head.write(slot, state)
+            if differentiable:
+                for slots in self.backbone.slot_modules(name):
+                    self._clone_buffers(slots)
+            self.backbone.rewrite(name, adapter)
 
     def _clone_buffers(self, slots: nn.Module) -> None:
         """Replaces every floating-point buffer of `slots` (and its children) by a clone, once per forward."""

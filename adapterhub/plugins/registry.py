@@ -21,14 +21,14 @@ from typing import Any
 
 import pluggy
 
+from ..errors import AdapterError
+from ..formats.files import CONFIG_FILE
 from . import hookspecs
-from .adapter_type import AdapterType
-from .errors import AdapterError
+from .contract import AdapterType
 
 log = logging.getLogger("adapterhub")
 
 GROUP = "adapterhub.adapter_types"
-CONFIG_FILE = "adapter_config.json"
 
 
 @dataclass(frozen=True)

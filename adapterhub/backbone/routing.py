@@ -1,0 +1,64 @@
+"""The batch in flight, shared by every adapted module, and the hooks that hand it to their slots.
+
+`Backbone.use` sets one `Route` per adapter type present in the batch (each row's slot where the
+row's adapter is of that type, -1 elsewhere) and one over all rows (`ALL_ROWS`, for the
+modules_to_save heads). The slot tensors of a type on a module (its `ModuleSlots`) are called
+through forward hooks only when their route is set, so a batch of one type costs nothing in the
+others' modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..plugins.contract import ModuleSlots, Route
+
+ALL_ROWS = "*"  # the route over every row, whatever its adapter's type
+
+
+class Routing:
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}  # adapter type (or ALL_ROWS) -> its rows; empty: no adapter in use
+
+    def set(self, routes: dict[str, Route]) -> None:
+        self.routes = routes
+
+    def clear(self) -> None:
+        self.routes = {}
+
+
+def attach(module: nn.Module, slots: ModuleSlots, routing: Routing, key: str, child: str) -> None:
+    """Makes `slots` the child `child` of `module` and calls its before/after hooks in batches where
+    route `key` (an adapter type, or ALL_ROWS) is set."""
+    module.add_module(child, slots)
+    if type(slots).before is not ModuleSlots.before:
+        def before(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+            route = routing.routes.get(key)
+            return None if route is None else slots.before(mod, args, kwargs, route)
+        module.register_forward_pre_hook(before, with_kwargs=True)
+    if type(slots).after is not ModuleSlots.after:
+        def after(mod: nn.Module, args: tuple, output: Any) -> Any:
+            route = routing.routes.get(key)
+            return None if route is None else slots.after(mod, args, output, route)
+        module.register_forward_hook(after)
+
+
+def routes_for(slots: list[int], types: list[str | None], features: list[frozenset[str]], broadcast: bool,
+               repeat: int, device: torch.device) -> dict[str, Route]:
+    """The route of each type present and ALL_ROWS, for rows using `slots` (-1 = base) of adapter
+    `types` that need `features`."""
+    def route(of_type: str | None) -> Route:
+        values = [s if of_type is None or t == of_type else -1 for s, t in zip(slots, types)]
+        index = torch.tensor(values, dtype=torch.long, device=device)
+        index = index.repeat_interleave(repeat) if repeat > 1 and not broadcast else index
+        needed = frozenset().union(*(f for f, t in zip(features, types) if of_type is None or t == of_type))
+        return Route(index, needed, broadcast)
+
+    everything = route(None)
+    present = sorted({t for t in types if t is not None})
+    if len(present) == 1 and None not in types:
+        return {present[0]: everything, ALL_ROWS: everything}
+    return {**{t: route(t) for t in present}, ALL_ROWS: everything}

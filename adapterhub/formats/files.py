@@ -1,0 +1,89 @@
+"""Reading an adapter directory's files, for every format: the config file as a checked JSON object,
+the tensors from safetensors (or, when allowed, a pickle loaded with weights_only=True), every value
+floating point and finite. Each problem is an AdapterError naming the file and key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping
+
+import jsonschema
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..errors import AdapterError
+
+CONFIG_FILE = "adapter_config.json"  # PEFT's and AdapterHub adapters' config file alike
+
+
+def read_json_object(file: Path, resave: str) -> dict:
+    """A config file parsed, which must hold a JSON object; `resave` says how to get a good one."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{file} is not valid JSON ({e}); {resave} or fix the file") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{file}: expected a JSON object, got {type(config).__name__}; {resave}")
+    return config
+
+
+def check_config(config: dict, schema: Mapping, file: str | os.PathLike,
+                 fix: str = "fix the config file (or save the adapter again)") -> None:
+    """An AdapterError naming the first key of `config` (read from `file`, or what `file` names) that
+    breaks the JSON Schema `schema`, or holds a non-finite number; `fix` says what to do."""
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    if error is not None:
+        where = ".".join(map(str, error.absolute_path)) or "the config"
+        raise AdapterError(f"{file}: {where}: {error.message}; {fix}")
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise AdapterError(f"{file}: {key} is {value}; it must be a finite number")
+
+
+def read_tensors(directory: Path, allow_pickle: bool, files: tuple[str, str],
+                 convert: str = "convert it to safetensors") -> tuple[dict[str, torch.Tensor], Path]:
+    """The adapter's tensors and the file they came from: `files` = (safetensors, pickle) names; the
+    pickle only when allowed. `convert`: how the library that wrote it saves safetensors instead."""
+    safetensors_file, pickle_file = files
+    safetensors, pickled = directory / safetensors_file, directory / pickle_file
+    if safetensors.is_file():
+        try:
+            return load_file(safetensors), safetensors
+        except (SafetensorError, OSError) as e:
+            raise AdapterError(
+                f"{safetensors} is truncated or corrupt ({e}); download or save the adapter again") from e
+    if pickled.is_file() and not allow_pickle:
+        raise AdapterError(
+            f"{pickled} is a pickle and only {safetensors_file} is loaded by default; pass allow_pickle=True to load "
+            f"it with torch.load(weights_only=True) if you trust it, or {convert}")
+    if pickled.is_file():
+        try:
+            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+            raise AdapterError(f"{pickled} could not be loaded with weights_only=True ({e}); save it again") from e
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AdapterError(f"{pickled}: expected a dict of tensors, got {type(tensors).__name__}; save it again")
+        return tensors, pickled
+    raise AdapterError(f"no {safetensors_file} (or {pickle_file}) in {directory}: the adapter's weights are missing")
+
+
+def check_values(file: Path, key: str, tensor: torch.Tensor) -> None:
+    """Floating point and finite: a NaN/inf would silently poison every output it touches."""
+    if not tensor.is_floating_point():
+        raise AdapterError(f"{file}: {key} has dtype {tensor.dtype}, expected a floating-point tensor")
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise AdapterError(
+            f"{file}: {key} has {bad} NaN/inf value(s) of {tensor.numel()}; the adapter diverged or was "
+            "corrupted: use an earlier checkpoint")
+
+
+def preview(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+

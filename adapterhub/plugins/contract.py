@@ -1,0 +1,134 @@
+"""The adapter-type contract: what a plugin declares through the `adapter_types` hook.
+
+An `AdapterType` reads and writes its on-disk format (into an `adapterhub.Adapter`), checks an
+adapter against a backbone, allocates per-module slot tensors (`ModuleSlots`) and creates fresh
+trainable weights. The Backbone does the rest (slot table, LRU, host cache, routing,
+modules_to_save heads), the same way for every type. See docs/writing-a-plugin.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..formats.adapter import Adapter
+
+
+class Route:
+    """The rows of the batch in flight that use one adapter type: their slot, -1 for every other row."""
+
+    def __init__(self, index: torch.Tensor, features: frozenset[str], broadcast: bool):
+        self.index = index  # (n,) int64: the slot of each row of this type, -1 elsewhere
+        self.features = features  # union of AdapterType.features over the batch's adapters of this type
+        self.broadcast = broadcast  # index holds one slot for every row of any batch
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def rows(self, n0: int, rows: int, device: torch.device) -> torch.Tensor:
+        """(rows,) slot per row for x (n0, ..., features) flattened to (rows, features), on x's device
+        (a model may span devices): every position of batch row i gets row i's slot."""
+        if torch.compiler.is_compiling():
+            return self._expand(n0, rows).to(device)
+        key = (n0, rows, device)
+        if key not in self._cache:
+            self._cache[key] = self._expand(n0, rows).to(device)
+        return self._cache[key]
+
+    def _expand(self, n0: int, rows: int) -> torch.Tensor:
+        index = self.index
+        if self.broadcast:
+            index = index.expand(n0).contiguous()
+        elif index.size(0) != n0:
+            raise ValueError(f"the batch has {n0} rows but Backbone.use routes {index.size(0)}; give one name "
+                             "per row (with repeat=k when generate() expands each row k times: num_beams x "
+                             "num_return_sequences), or a single name for all rows")
+        return index if rows == n0 else index.repeat_interleave(rows // n0)
+
+
+class ModuleSlots(nn.Module):
+    """One adapter type's preallocated slots on one module of the backbone.
+
+    Tensors are non-persistent buffers of shape (slots, ...), written in place, so loading never
+    changes a shape and `model.state_dict()` stays the user's. Override `before` to change the
+    module's inputs, `after` to change its output; each is called only for batches that have
+    rows of this type, with their `Route`.
+    """
+
+    def write(self, slot: int, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Copies one adapter's tensors for this module into `slot`; None: it does not adapt this module."""
+        raise NotImplementedError
+
+    def read(self, slot: int) -> dict[str, torch.Tensor] | None:
+        """The tensors `write` was given for `slot`, or None: copies of slot data (the slot may be
+        rewritten later); frozen tensors shared by many modules may be returned as they are."""
+        raise NotImplementedError
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict, route: Route) -> tuple[tuple, dict] | None:
+        """New (args, kwargs) for the module's forward, or None to leave them."""
+        return None
+
+    def after(self, module: nn.Module, args: tuple, output: Any, route: Route) -> Any:
+        """The module's new output (may be `output` changed in place), or None to leave it."""
+        return None
+
+
+class AdapterType:
+    """An adapter type. Subclass it, set the class attributes, implement the methods.
+
+    `name` is what users pass as `type=` and what `Adapter.type` holds; `aliases` are the
+    PEFT `peft_type` values (or other format tags) whose directories this type reads;
+    `config_schema` is a JSON Schema of the config file, checked before `read` returns.
+    """
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    config_schema: ClassVar[dict] = {"type": "object"}
+    description: ClassVar[str] = ""
+
+    def read(self, directory: Path, *, allow_pickle: bool = False) -> Adapter:
+        """Reads and checks the adapter in `directory`; any problem is an AdapterError naming file and key."""
+        raise NotImplementedError
+
+    def write(self, adapter: Adapter, directory: Path) -> None:
+        """Writes `adapter` in this type's format, loadable by the library that defined the format."""
+        raise NotImplementedError
+
+    def place(self, adapter: Adapter, model: nn.Module) -> Adapter:
+        """`adapter` fitted to `model` before it is checked: e.g. module paths saved from a bare
+        BertModel moved onto BertForSequenceClassification (`bert.` prefix). Default: unchanged."""
+        return adapter
+
+    def features(self, adapter: Adapter) -> frozenset[str]:
+        """Optional computations this adapter needs (LoRA: {"dora"}), passed to the slots as
+        `Route.features` so that batches without them skip them. A compiled model compiles once per
+        set of features, so keep them few and coarse; per-slot data belongs in tensors."""
+        return frozenset()
+
+    def rank(self, adapter: Adapter) -> int:
+        """The slot width `adapter` needs (LoRA r, bottleneck width, virtual tokens); <= Backbone max_rank."""
+        raise NotImplementedError
+
+    def check(self, adapter: Adapter, model: nn.Module) -> None:
+        """Raises AdapterError if an adapted module is of the wrong kind or a tensor has the wrong shape.
+        The Backbone has already checked that every path names a module and that rank <= max_rank.
+        It may complete the adapter from the model (VeRA rebuilds projections that PEFT did not save)."""
+        raise NotImplementedError
+
+    def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> ModuleSlots:
+        """Empty slots for `module` (at `path` in the model): every slot adapts nothing until written."""
+        raise NotImplementedError
+
+    def trainable(self, adapter: Adapter) -> list[tuple[str, str]]:
+        """(module path, tensor name) of the tensors a trainer updates; an AdapterError if this adapter
+        cannot be trained. Default: every floating-point tensor with a dimension (0-d tensors hold
+        scalings derived from the config). `write` must copy them with differentiable ops (`copy_`,
+        products), so that gradients reach them when the Backbone trains."""
+        return [(path, key) for path, parts in adapter.modules.items() for key, t in parts.items()
+                if t.is_floating_point() and t.dim() > 0]
+
+    def init(self, model: nn.Module, config: dict) -> Adapter:
+        """A fresh adapter for `model` from `config` (validated against config_schema), initialised
+        as the format's library does it, ready to train."""
+        raise NotImplementedError

@@ -1,0 +1,69 @@
+"""Starting a server: the settings one engine is built from (a process of `adapterhub serve`, or one
+Ray replica), the line that says it is ready, and a free port to listen on."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+READY = "adapterhub serve: ready on"  # the line printed once the server accepts requests (tests wait for it)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What one engine (a process of `adapterhub serve`, or one Ray replica) is built from."""
+
+    base: str = "smollm2"
+    served_model_name: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_adapters: int = 16
+    max_rank: int = 16
+    max_batch: int = 64
+
+    @property
+    def base_name(self) -> str:
+        """The base model's name in the API."""
+        return self.served_model_name or ("SmolLM2-135M-Instruct" if self.base == "smollm2" else Path(self.base).name)
+
+    def build(self) -> Engine:
+        """The base model (the embedded SmolLM2, a directory or a Hub id) in a Backbone, in an Engine (not started)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..backbone import Backbone
+        from .engine import Engine
+
+        dtype = getattr(torch, self.dtype)
+        if self.base == "smollm2":
+            from ..default_model import load_default
+
+            model, tokenizer = load_default(dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(self.base)
+            model = AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype).eval()
+        backbone = Backbone(model.to(self.device), max_adapters=self.max_adapters, max_rank=self.max_rank)
+        return Engine(backbone, tokenizer, base_name=self.base_name, max_batch=self.max_batch)
+
+
+def ready(url: str, base_name: str, adapters: list[str], extra: str = "") -> None:
+    print(f"{READY} {url} (base {base_name}; adapters: {', '.join(adapters) or 'none yet'}{extra})", flush=True)
+
+
+def free_port(host: str = "127.0.0.1", preferred: int = 0) -> int:
+    """`preferred` if nothing listens there on `host`, else a port the system picks."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        if preferred:
+            try:
+                probe.bind((host, preferred))
+                return preferred
+            except OSError:
+                pass
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
