@@ -1,7 +1,8 @@
-# make demo: the main job on the embedded default: the demo adapters (trained once, then cached)
+# make demo: the main job on the embedded default: the demo adapters (shipped in adapterhub/demo/shipped)
 #   served by `adapterhub serve` on SmolLM2, one mixed batch through the openai client, answers side
 #   by side; then it keeps serving (DEMO_EXIT=1 exits instead).
-# make test: the test suite.  make bench: every benchmark, side by side with its peer.
+# make test: lint and format check (ruff), then the test suite.  make bench: every benchmark, side by side
+#   with its peer.
 # make bench-transfer: the transfer-learning study on all-MiniLM-L6-v2 (bench/transfer/README.md).
 # Each target creates .venv and installs what it needs on first use.
 PYTHON ?= python3
@@ -11,7 +12,7 @@ INSTALLED := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 SOURCES := pyproject.toml setup.py $(PLUGINS) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test bench bench-transfer demo cuda-check clean
+.PHONY: test lint bench bench-transfer demo cuda-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +30,11 @@ cuda-check:
 		bash csrc/cuda/compile_check.sh; \
 	else echo "cuda-check: no nvcc here, CUDA sources not compile-checked"; fi
 
-test: $(INSTALLED) cuda-check
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: $(INSTALLED) lint cuda-check
 	ADAPTERHUB_EXPECT_COMPILED=1 $(PY) -m pytest -q
 
 bench: $(INSTALLED)
@@ -46,7 +51,7 @@ bench-transfer: $(INSTALLED) $(TRANSFER)
 	$(PY) -m bench.transfer.run
 
 demo: $(INSTALLED)
-	$(PY) -m adapterhub.serve.demo
+	$(PY) -m adapterhub.demo
 
 clean:
 	rm -rf build adapterhub/_C*.so *.egg-info $(INSTALLED)

@@ -4,6 +4,7 @@ CppExtension always; CUDAExtension when torch was built with CUDA, nvcc is found
 and csrc/cuda holds kernels. ADAPTERHUB_BUILD_EXT=0 installs the pure-Python
 package (the ops then run on the pure-PyTorch fallback).
 """
+
 import glob
 import os
 

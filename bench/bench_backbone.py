@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adapterhub as ah
-from adapterhub.formats import read_peft_lora
 from adapterhub.backbone.host_cache import source_key
+from adapterhub.formats import read_peft_lora
 from bench.tables import layout, record
 
 RANK, RESIDENT = 16, 32
@@ -43,8 +43,11 @@ def setup(tmp_path_factory):
         d = root / f"a{i}"
         d.mkdir()
         (d / "adapter_config.json").write_text((root / "template" / "adapter_config.json").read_text())
-        save_file({k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()},
-                  d / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()},
+            d / "adapter_model.safetensors",
+            metadata={"format": "pt"},
+        )
         dirs.append(d)
     ours_model = copy.deepcopy(base)
     bb = ah.Backbone(ours_model, max_adapters=RESIDENT + 1, max_rank=RANK, target_modules=TARGETS)
@@ -83,6 +86,7 @@ def bench_prefill_one_adapter(benchmark, setup, column):
     if column == "base":
         fn = lambda: base(ids).logits  # noqa: E731
     elif column == "ours":
+
         def fn():
             with bb.use("a0"):
                 return ours_model(ids).logits
@@ -120,6 +124,7 @@ def bench_load_with_32_resident(benchmark, setup, column):
     _, _, bb, peft, dirs = setup
     new, key = dirs[RESIDENT], source_key(dirs[RESIDENT])
     if column == "peft":
+
         def reset():
             if "new" in peft.peft_config:
                 peft.set_adapter("a0")
@@ -140,6 +145,7 @@ def bench_load_with_32_resident(benchmark, setup, column):
 
         def fn():
             bb.load(new, name="new")
+
     benchmark.pedantic(fn, setup=reset, rounds=8, warmup_rounds=1, iterations=1)
     reset()
     record("backbone_smollm2", "load one adapter, 32 resident", "peft" if column == "peft" else column, benchmark)
@@ -157,8 +163,9 @@ def bench_load_with_1_resident(benchmark, setup):
             bb.unload("new")
 
     try:
-        benchmark.pedantic(lambda: bb.load(dirs[RESIDENT], name="new"), setup=reset, rounds=8, warmup_rounds=1,
-                           iterations=1)
+        benchmark.pedantic(
+            lambda: bb.load(dirs[RESIDENT], name="new"), setup=reset, rounds=8, warmup_rounds=1, iterations=1
+        )
     finally:
         reset()
         for i, name in enumerate(others, start=1):
@@ -168,16 +175,26 @@ def bench_load_with_1_resident(benchmark, setup):
 
 @layout("backbone_smollm2")
 def backbone_table(rows: dict[str, dict[str, float]]) -> str:
-    lines = ["| case (SmolLM2-135M, LoRA r=16 x 7 projections, fp32) | base ms | ours ms | PEFT ms "
-             "| ours / base | PEFT / base | PEFT / ours |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case (SmolLM2-135M, LoRA r=16 x 7 projections, fp32) | base ms | ours ms | PEFT ms "
+        "| ours / base | PEFT / base | PEFT / ours |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    def fmt(v):
+        return f"{v:.1f}" if v else "-"
+
     for case, m in rows.items():
         base = m.get("base")
         ours = m.get("ours")
         peft = m.get("peft")
-        ratio = (lambda a, b: f"{a / b:.2f}x" if a and b else "-")
-        fmt = (lambda v: f"{v:.1f}" if v else "-")
-        lines.append(f"| {case} | {fmt(base)} | {fmt(ours)} | {fmt(peft)} | {ratio(ours, base)} "
-                     f"| {ratio(peft, base)} | {ratio(peft, ours)} |")
+        lines.append(
+            f"| {case} | {fmt(base)} | {fmt(ours)} | {fmt(peft)} | {ratio(ours, base)} "
+            f"| {ratio(peft, base)} | {ratio(peft, ours)} |"
+        )
         if "ours_host_cache" in m:
             lines.append(f"| {case}, ours from the host cache | - | {m['ours_host_cache']:.1f} | - | - | - | - |")
     return "\n".join(lines)

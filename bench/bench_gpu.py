@@ -119,12 +119,22 @@ def dram_bandwidth(timer: Timer) -> float:
 def card() -> str:
     props = torch.cuda.get_device_properties(0)
     try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        driver = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
     except (OSError, IndexError, subprocess.SubprocessError):
         driver = "unknown"
-    return (f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB; "
-            f"driver {driver}; CUDA {torch.version.cuda}; torch {torch.__version__}")
+    return (
+        f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB; "
+        f"driver {driver}; CUDA {torch.version.cuda}; torch {torch.__version__}"
+    )
 
 
 def run_case(timer, bw, W, A, B, scale, in_f, out_f, rank, rows, workload, seed):
@@ -150,21 +160,33 @@ def run_case(timer, bw, W, A, B, scale, in_f, out_f, rank, rows, workload, seed)
     adapter_bytes = distinct * rank * (in_f + out_f) * elem
     floor_ms = (rows * (in_f + out_f) + out_f * in_f) * elem / bw * 1e3 + adapter_bytes / bw * 1e3
     added = ms["graph"] - ms["base"]
-    return dict(ms, ok=ok, distinct=distinct, floor=floor_ms, added=added,
-                adapter_bw=adapter_bytes / (added * 1e-3) if added > 0 else float("nan"))
+    return dict(
+        ms,
+        ok=ok,
+        distinct=distinct,
+        floor=floor_ms,
+        added=added,
+        adapter_bw=adapter_bytes / (added * 1e-3) if added > 0 else float("nan"),
+    )
 
 
 def table(results, bw) -> str:
-    head = ("| in->out | r | rows | workload | adapters | base µs | ours eager µs | ours graph µs | fallback µs "
-            "| PEFT loop µs | floor µs | added (graph) | adapter BW (graph) | PEFT / ours (eager, graph) | ok |")
+    head = (
+        "| in->out | r | rows | workload | adapters | base µs | ours eager µs | ours graph µs | fallback µs "
+        "| PEFT loop µs | floor µs | added (graph) | adapter BW (graph) | PEFT / ours (eager, graph) | ok |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (in_f, out_f, rank, rows, workload), r in results.items():
-        bw_pct = f"{r['adapter_bw'] / 1e9:.0f} GB/s ({100 * r['adapter_bw'] / bw:.0f}%)" if r["added"] > 0 else "n/a"
+        bw_pct = "n/a"
+        if r["added"] > 0:
+            bw_pct = f"{r['adapter_bw'] / 1e9:.0f} GB/s ({100 * r['adapter_bw'] / bw:.0f}%)"
         lines.append(
             f"| {in_f}->{out_f} | {rank} | {rows} | {workload} | {r['distinct']} | {1e3 * r['base']:.1f} "
             f"| {1e3 * r['eager']:.1f} | {1e3 * r['graph']:.1f} | {1e3 * r['fallback']:.0f} | {1e3 * r['peft']:.0f} "
             f"| {1e3 * r['floor']:.1f} | {1e3 * r['added']:+.1f} µs ({100 * r['added'] / r['base']:+.0f}%) "
-            f"| {bw_pct} | {r['peft'] / r['eager']:.1f}x, {r['peft'] / r['graph']:.1f}x | {'yes' if r['ok'] else 'NO'} |")
+            f"| {bw_pct} | {r['peft'] / r['eager']:.1f}x, {r['peft'] / r['graph']:.1f}x "
+            f"| {'yes' if r['ok'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -173,15 +195,18 @@ def targets(results, bw) -> str:
     r = results[(in_f, out_f, rank, rows, workload)]
     adapter_mb = r["distinct"] * rank * (in_f + out_f) * 2 / 1e6
     w_mb = in_f * out_f * 2 / 1e6
-    return "\n".join([
-        f"Issue 4 targets, decode {rows} rows x {r['distinct']} distinct rank-{rank} adapters, {in_f}->{out_f} bf16:",
-        f"- added over the base GEMM: {1e3 * r['added']:+.1f} µs = {100 * r['added'] / r['base']:+.0f}% "
-        f"(target <= +10%; the floor itself adds {100 * adapter_mb / w_mb:.0f}%: {adapter_mb:.1f} MB of adapters "
-        f"vs {w_mb:.1f} MB of W)",
-        f"- adapter bytes at {100 * r['adapter_bw'] / bw:.0f}% of the measured DRAM bandwidth (target >= 70%)",
-        f"- PEFT-style loop / ours: {r['peft'] / r['eager']:.1f}x eager, {r['peft'] / r['graph']:.1f}x graph "
-        f"(target >= 5x)",
-    ])
+    return "\n".join(
+        [
+            f"Issue 4 targets, decode {rows} rows x {r['distinct']} distinct rank-{rank} adapters, "
+            f"{in_f}->{out_f} bf16:",
+            f"- added over the base GEMM: {1e3 * r['added']:+.1f} µs = {100 * r['added'] / r['base']:+.0f}% "
+            f"(target <= +10%; the floor itself adds {100 * adapter_mb / w_mb:.0f}%: {adapter_mb:.1f} MB of adapters "
+            f"vs {w_mb:.1f} MB of W)",
+            f"- adapter bytes at {100 * r['adapter_bw'] / bw:.0f}% of the measured DRAM bandwidth (target >= 70%)",
+            f"- PEFT-style loop / ours: {r['peft'] / r['eager']:.1f}x eager, {r['peft'] / r['graph']:.1f}x graph "
+            f"(target >= 5x)",
+        ]
+    )
 
 
 def main():
@@ -204,17 +229,34 @@ def main():
             for rows in rows_list:
                 for workload in workloads:
                     key = (in_f, out_f, rank, rows, workload)
-                    results[key] = run_case(timer, bw, W, A, B, scale, in_f, out_f, rank, rows, workload,
-                                            seed=zlib.crc32(repr(key).encode()))
+                    results[key] = run_case(
+                        timer,
+                        bw,
+                        W,
+                        A,
+                        B,
+                        scale,
+                        in_f,
+                        out_f,
+                        rank,
+                        rows,
+                        workload,
+                        seed=zlib.crc32(repr(key).encode()),
+                    )
                     print(table({key: results[key]}, bw).splitlines()[-1], flush=True)
             del A, B
-    text = "\n\n".join([
-        "# lora_linear on the GPU (bench/bench_gpu.py)",
-        f"Card: {card()}",
-        f"Measured DRAM bandwidth (1 GiB device-to-device copy, read + write): {bw / 1e9:.0f} GB/s",
-        table(results, bw),
-        targets(results, bw),
-    ]) + "\n"
+    text = (
+        "\n\n".join(
+            [
+                "# lora_linear on the GPU (bench/bench_gpu.py)",
+                f"Card: {card()}",
+                f"Measured DRAM bandwidth (1 GiB device-to-device copy, read + write): {bw / 1e9:.0f} GB/s",
+                table(results, bw),
+                targets(results, bw),
+            ]
+        )
+        + "\n"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)

@@ -120,8 +120,10 @@ def bench_rank_padding(benchmark, shape, column):
 
 @layout("ops_cpu_rank_padding")
 def padding_table(rows: dict[str, dict[str, float]]) -> str:
-    lines = ["| case (rank 16 in max_rank 64 slots) | zero-padded ms | per-slot ranks ms | padded / ranks |",
-             "|---|---|---|---|"]
+    lines = [
+        "| case (rank 16 in max_rank 64 slots) | zero-padded ms | per-slot ranks ms | padded / ranks |",
+        "|---|---|---|---|",
+    ]
     for case, m in rows.items():
         if {"padded", "ranks"} <= m.keys():
             lines.append(f"| {case} | {m['padded']:.3f} | {m['ranks']:.3f} | {m['padded'] / m['ranks']:.2f}x |")

@@ -60,6 +60,7 @@ def bench_train_one_adapter(benchmark, models, column):
             def fn():
                 with bb.use(names[0]):
                     _step(ours, ids, optimizer)
+
             benchmark.pedantic(fn, rounds=4, warmup_rounds=1, iterations=1)
     else:
         peft.set_adapter(names[0])
@@ -80,6 +81,7 @@ def bench_train_four_adapters(benchmark, models, column):
             def fn():
                 with bb.use(rows):
                     _step(ours, ids, optimizer)
+
             benchmark.pedantic(fn, rounds=4, warmup_rounds=1, iterations=1)
     else:
         optimizers = {}
@@ -90,16 +92,21 @@ def bench_train_four_adapters(benchmark, models, column):
         def fn():
             for k, name in enumerate(names):
                 peft.set_adapter(name)
-                _step(peft, ids[2 * k:2 * k + 2], optimizers[name])
+                _step(peft, ids[2 * k : 2 * k + 2], optimizers[name])
+
         benchmark.pedantic(fn, rounds=4, warmup_rounds=1, iterations=1)
     record("train_smollm2", f"{ADAPTERS} adapters, 2 rows each", column, benchmark)
 
 
 @layout("train_smollm2")
 def _table(rows: dict[str, dict[str, float]]) -> str:
-    lines = ["LoRA r=16 on all 7 projections of SmolLM2-135M, fp32; one training step "
-             "(forward + backward + AdamW) on 8 x 64 tokens. Median ms.", "",
-             "| case | ours | PEFT | ours / PEFT |", "|---|---|---|---|"]
+    lines = [
+        "LoRA r=16 on all 7 projections of SmolLM2-135M, fp32; one training step "
+        "(forward + backward + AdamW) on 8 x 64 tokens. Median ms.",
+        "",
+        "| case | ours | PEFT | ours / PEFT |",
+        "|---|---|---|---|",
+    ]
     for case, cols in rows.items():
         ours, peft = cols.get("ours"), cols.get("peft")
         ratio = f"{ours / peft:.2f}x" if ours and peft else "-"

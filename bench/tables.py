@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import platform
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -17,9 +17,11 @@ LAYOUTS: dict[str, Callable[[dict[str, dict[str, float]]], str]] = {}
 
 def layout(table: str):
     """Declares the function that turns a table's medians into markdown."""
+
     def register(fn):
         LAYOUTS[table] = fn
         return fn
+
     return register
 
 
@@ -32,15 +34,17 @@ def record(table: str, case: str, column: str, benchmark) -> None:
 def machine() -> str:
     cpu = platform.processor() or "unknown cpu"
     if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def render_all() -> dict[str, str]:
     """table name -> markdown with the machine it ran on."""
-    return {table: f"## {table}\n\nMachine: {machine()}\n\n{LAYOUTS[table](rows)}\n"
-            for table, rows in MEDIANS.items()}
+    return {table: f"## {table}\n\nMachine: {machine()}\n\n{LAYOUTS[table](rows)}\n" for table, rows in MEDIANS.items()}

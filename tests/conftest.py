@@ -98,8 +98,18 @@ class Case:
         return self.x, self.W, self.bias, self.A, self.B, self.scale, self.index, self.ranks
 
 
-def make_case(index, slots: int, max_rank: int, in_f: int, out_f: int, dtype=torch.float32,
-              ranks=None, padding=float("nan"), seed: int = 0, tokens: int | None = None) -> Case:
+def make_case(
+    index,
+    slots: int,
+    max_rank: int,
+    in_f: int,
+    out_f: int,
+    dtype=torch.float32,
+    ranks=None,
+    padding=float("nan"),
+    seed: int = 0,
+    tokens: int | None = None,
+) -> Case:
     """Random inputs with O(1) outputs. index: list or LongTensor of slot ids (-1 = none).
 
     With ranks, the padding A[s, r:] and B[s, :, r:] is filled with `padding` (NaN by default:
@@ -120,11 +130,11 @@ def make_case(index, slots: int, max_rank: int, in_f: int, out_f: int, dtype=tor
     t = torch.randn(n0, max_rank, generator=g, dtype=torch.float64)
     if ranks is not None:
         for s in range(slots):
-            A[s, int(ranks[s]):] = padding
-            B[s, :, int(ranks[s]):] = padding
+            A[s, int(ranks[s]) :] = padding
+            B[s, :, int(ranks[s]) :] = padding
     for i in range(n0):
         s = int(index[i])
-        t[i, _rank(ranks, s, max_rank) if s >= 0 else 0:] = float("nan")
+        t[i, _rank(ranks, s, max_rank) if s >= 0 else 0 :] = float("nan")
     return Case(
         x=randn(*lead, in_f),
         W=randn(out_f, in_f, std=1 / math.sqrt(in_f)),

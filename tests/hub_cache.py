@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 LFS_SUFFIXES = (".safetensors", ".bin")  # tracked by git-lfs in the default .gitattributes
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
@@ -32,12 +32,16 @@ def repo_folder(cache_dir: str | os.PathLike, repo_id: str) -> Path:
 def files_of(directory: str | os.PathLike, under: str = "") -> dict[str, bytes]:
     """The files below directory as {repo path: contents}, put under the repo folder `under`."""
     root = Path(directory)
-    return {"/".join(filter(None, [under, p.relative_to(root).as_posix()])): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        "/".join(filter(None, [under, p.relative_to(root).as_posix()])): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
-def add_commit(cache_dir: str | os.PathLike, repo_id: str, files: Mapping[str, bytes],
-               refs: tuple[str, ...] = ("main",)) -> str:
+def add_commit(
+    cache_dir: str | os.PathLike, repo_id: str, files: Mapping[str, bytes], refs: tuple[str, ...] = ("main",)
+) -> str:
     """Cache one commit of repo_id holding files (plus .gitattributes); refs point at it. Returns its hash."""
     storage = repo_folder(cache_dir, repo_id)
     files = {".gitattributes": GITATTRIBUTES, **files}

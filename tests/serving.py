@@ -11,7 +11,6 @@ import threading
 import time
 
 import torch
-
 from tiny_models import LLAMA_TARGETS, broken_copy, save_peft, save_peft_adapter, tiny_llama, tiny_tokenizer
 
 EOS = 1  # tiny_tokenizer's <eos>
@@ -36,13 +35,21 @@ def make_model_dir(root: pathlib.Path) -> dict[str, pathlib.Path]:
     adapters = root / "adapters"
     dirs = {
         "a0": save_peft_adapter(tiny_llama, adapters / "a0", seed=10, r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
-        "a1": save_peft(tiny_llama, adapters / "a1", 11, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                                                    feedforward_modules=["down_proj"])),
-        "a2": save_peft_adapter(tiny_llama, adapters / "a2", seed=12, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "a1": save_peft(
+            tiny_llama,
+            adapters / "a1",
+            11,
+            IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        ),
+        "a2": save_peft_adapter(
+            tiny_llama, adapters / "a2", seed=12, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+        ),
         "a3": save_peft_adapter(tiny_llama, adapters / "a3", seed=13, r=4, lora_alpha=4, target_modules=LLAMA_TARGETS),
     }
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    dirs["broken"] = broken_copy(dirs["a0"], adapters / "broken", tensors=lambda t: t.update({key: t[key][:, :-3].contiguous()}))
+    dirs["broken"] = broken_copy(
+        dirs["a0"], adapters / "broken", tensors=lambda t: t.update({key: t[key][:, :-3].contiguous()})
+    )
     return dirs
 
 
@@ -73,8 +80,9 @@ class Offline:
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
     def chat(self, adapter: str | None, content: str, max_tokens: int) -> str:
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
         return self.complete(adapter, text, max_tokens)
 
 
@@ -83,8 +91,13 @@ class Server:
 
     def __init__(self, args: list[str], cwd: pathlib.Path, timeout: float = 120.0):
         self.args = args
-        self.process = subprocess.Popen([sys.executable, "-m", "adapterhub.cli", "serve", "--port", "0", *args],
-                                        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "adapterhub.cli", "serve", "--port", "0", *args],
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         ready = threading.Event()
 
@@ -94,6 +107,7 @@ class Server:
                 if line.startswith("adapterhub serve: ready on "):
                     self.url = line.split()[4]
                     ready.set()
+
         threading.Thread(target=read, daemon=True).start()
         deadline = time.monotonic() + timeout
         while not ready.wait(0.2):

@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import LLAMA_TARGETS, broken_copy, ids, save_peft_adapter, tiny_llama
 
 import adapterhub as ah
-from tiny_models import LLAMA_TARGETS, broken_copy, ids, save_peft_adapter, tiny_llama
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -15,8 +15,10 @@ WEIGHTS = "adapter_model.safetensors"
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     root = tmp_path_factory.mktemp("good")
-    return [save_peft_adapter(tiny_llama, root / f"g{seed}", seed=seed, r=8, lora_alpha=16,
-                              target_modules=LLAMA_TARGETS) for seed in (1, 2)]
+    return [
+        save_peft_adapter(tiny_llama, root / f"g{seed}", seed=seed, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
+        for seed in (1, 2)
+    ]
 
 
 @pytest.fixture
@@ -60,9 +62,13 @@ def test_module_missing_from_backbone(serving, good, tmp_path):
             key = first_key(t, f"q_proj.{part}")
             t[key.replace("q_proj", "qq_proj")] = t.pop(key)
 
-    bad = broken_copy(good[0], tmp_path / "bad", tensors=rename,
-                      config=lambda c: c.update(target_modules=list(c["target_modules"]) + ["qq_proj"]))
-    with pytest.raises(ah.AdapterError, match="qq_proj.*does not exist"):
+    bad = broken_copy(
+        good[0],
+        tmp_path / "bad",
+        tensors=rename,
+        config=lambda c: c.update(target_modules=list(c["target_modules"]) + ["qq_proj"]),
+    )
+    with pytest.raises(ah.AdapterError, match=r"qq_proj.*does not exist"):
         bb.load(bad, name="bad")
     unchanged()
 
@@ -113,15 +119,19 @@ def test_truncated_safetensors(serving, good, tmp_path):
 
 def test_name_already_loaded(serving, good):
     bb, unchanged = serving
-    with pytest.raises(ah.AdapterError, match="already loaded.*swap"):
+    with pytest.raises(ah.AdapterError, match=r"already loaded.*swap"):
         bb.load(good[1], name=good[0].name)
     unchanged()
 
 
 def test_unknown_name(serving):
     bb, unchanged = serving
-    for call in (lambda: bb.unload("nope"), lambda: bb.swap("nope", "."), lambda: bb.info("nope"),
-                 lambda: bb.use("nope").__enter__()):
+    for call in (
+        lambda: bb.unload("nope"),
+        lambda: bb.swap("nope", "."),
+        lambda: bb.info("nope"),
+        lambda: bb.use("nope").__enter__(),
+    ):
         with pytest.raises(ah.AdapterError, match="no adapter named 'nope'"):
             call()
     unchanged()
@@ -139,7 +149,7 @@ def test_pickle_only_adapter_is_refused(serving, good, tmp_path):
     bad = shutil.copytree(good[0], tmp_path / "bin")
     torch.save(load_file(bad / WEIGHTS), bad / "adapter_model.bin")
     (bad / WEIGHTS).unlink()
-    with pytest.raises(ah.AdapterError, match="adapter_model.bin.*allow_pickle"):
+    with pytest.raises(ah.AdapterError, match=r"adapter_model\.bin.*allow_pickle"):
         bb.load(bad, name="bin")
     unchanged()
     bb.load(bad, name="bin", allow_pickle=True)

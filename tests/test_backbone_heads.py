@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import ids, save_peft_adapter, tiny_bert_cls
 
 import adapterhub as ah
-from tiny_models import ids, save_peft_adapter, tiny_bert_cls
 
 ALL_BUT_CLASSIFIER = r"(?!classifier$).*"
 
@@ -15,9 +15,19 @@ ALL_BUT_CLASSIFIER = r"(?!classifier$).*"
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
     root = tmp_path_factory.mktemp("heads")
-    return [save_peft_adapter(tiny_bert_cls, root / f"h{seed}", seed=seed, r=4, lora_alpha=8,
-                              target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS")
-            for seed in range(1, 7)]
+    return [
+        save_peft_adapter(
+            tiny_bert_cls,
+            root / f"h{seed}",
+            seed=seed,
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        )
+        for seed in range(1, 7)
+    ]
 
 
 def logits(model, batch):

@@ -2,24 +2,40 @@
 
 import pytest
 import torch
+from tiny_models import LLAMA_TARGETS, ids, peft_model, save_peft_adapter, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 import adapterhub as ah
-from tiny_models import (LLAMA_TARGETS, ids, peft_model, save_peft_adapter, tiny_bert_cls, tiny_gpt2,
-                         tiny_llama)
 
 VARIANTS = {
     "llama": (tiny_llama, dict(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)),
-    "llama-patterns": (tiny_llama, dict(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS,
-                                        rank_pattern={"layers.1.self_attn.q_proj": 4, "down_proj": 2},
-                                        alpha_pattern={"v_proj": 3})),
+    "llama-patterns": (
+        tiny_llama,
+        dict(
+            r=8,
+            lora_alpha=16,
+            target_modules=LLAMA_TARGETS,
+            rank_pattern={"layers.1.self_attn.q_proj": 4, "down_proj": 2},
+            alpha_pattern={"v_proj": 3},
+        ),
+    ),
     "llama-rslora": (tiny_llama, dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"])),
     "llama-dora": (tiny_llama, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"])),
     "llama-regex": (tiny_llama, dict(r=4, lora_alpha=4, target_modules=r".*\.(q_proj|up_proj)")),
-    "llama-layers": (tiny_llama, dict(r=4, lora_alpha=4, target_modules=["k_proj", "gate_proj"],
-                                      layers_to_transform=[1])),
+    "llama-layers": (
+        tiny_llama,
+        dict(r=4, lora_alpha=4, target_modules=["k_proj", "gate_proj"], layers_to_transform=[1]),
+    ),
     "gpt2": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
-    "bert-cls": (tiny_bert_cls, dict(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
-                                     modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "bert-cls": (
+        tiny_bert_cls,
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value", "dense"],
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        ),
+    ),
 }
 
 
@@ -31,8 +47,10 @@ def logits(model, batch):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
-    return {name: [save_peft_adapter(build, root / f"{name}-{seed}", seed=seed, **kw) for seed in (1, 2)]
-            for name, (build, kw) in VARIANTS.items()}
+    return {
+        name: [save_peft_adapter(build, root / f"{name}-{seed}", seed=seed, **kw) for seed in (1, 2)]
+        for name, (build, kw) in VARIANTS.items()
+    }
 
 
 def backbone_for(build):
@@ -72,8 +90,8 @@ def test_mixed_batch_matches_per_row_runs(saved, variant):
         mixed = logits(model, batch)
     for row, name in enumerate(names):
         with bb.use(name):
-            single = logits(model, batch[row:row + 1])
-        torch.testing.assert_close(mixed[row:row + 1], single, rtol=1e-4, atol=1e-5)
+            single = logits(model, batch[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], single, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

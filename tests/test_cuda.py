@@ -35,8 +35,12 @@ pytestmark = [
 
 DEV = "cuda"
 # dtype -> (rtol, atol) against float64 for O(1) values; t is float32 whatever the input dtype.
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3),
-       torch.bfloat16: (2e-2, 3e-2)}
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (2e-2, 3e-2),
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -55,8 +59,9 @@ def route(pattern: str, rows: int, slots: int, g: torch.Generator) -> torch.Tens
     raise ValueError(pattern)
 
 
-def make_inputs(rows, slots, rank, in_f, out_f, dtype, pattern="shuffled", padded=True, seed=0, tokens=None,
-                max_rank=None):
+def make_inputs(
+    rows, slots, rank, in_f, out_f, dtype, pattern="shuffled", padded=True, seed=0, tokens=None, max_rank=None
+):
     """CPU tensors with O(1) outputs. padded: max_rank > rank (default rank + 3, or + 8 from rank 8 on,
     keeping 16-byte rows) and per-slot ranks (rank; rank // 2 for slot 1, 0 for slot 2), NaN padding."""
     g = torch.Generator().manual_seed(seed)
@@ -82,11 +87,20 @@ def make_inputs(rows, slots, rank, in_f, out_f, dtype, pattern="shuffled", padde
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     t = torch.randn(rows, max_rank, generator=g, dtype=torch.float64)
     for i, s in enumerate(index.tolist()):  # NaN wherever lora_expand must not read
-        t[i, (max_rank if ranks is None else int(ranks[s])) if s >= 0 else 0:] = float("nan")
+        t[i, (max_rank if ranks is None else int(ranks[s])) if s >= 0 else 0 :] = float("nan")
     lead = (rows,) if tokens is None else (rows, tokens)
-    return dict(x=randn(*lead, in_f), W=randn(out_f, in_f, std=in_f**-0.5), bias=randn(out_f), A=A, B=B,
-                scale=torch.rand(slots, generator=g) * 1.5 + 0.25, index=index, ranks=ranks,
-                y=randn(rows, out_f), t=t.to(acc))
+    return dict(
+        x=randn(*lead, in_f),
+        W=randn(out_f, in_f, std=in_f**-0.5),
+        bias=randn(out_f),
+        A=A,
+        B=B,
+        scale=torch.rand(slots, generator=g) * 1.5 + 0.25,
+        index=index,
+        ranks=ranks,
+        y=randn(rows, out_f),
+        t=t.to(acc),
+    )
 
 
 def cuda(v):
@@ -218,8 +232,13 @@ print("y untouched:", torch.equal(y, y0))
 @pytest.mark.parametrize("device", ["cuda", "cpu"])  # cpu: the same build's CPU kernels, for comparison
 @pytest.mark.parametrize("bad", ["index_high", "index_low", "ranks_high", "ranks_low"])
 def test_bad_routing_values_raise(bad, device):
-    run = subprocess.run([sys.executable, "-c", BAD_ROUTING, bad, device], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run(
+        [sys.executable, "-c", BAD_ROUTING, bad, device],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert run.returncode == 0, f"crashed (rc {run.returncode}): {run.stderr[-2000:]}"
     what = "index" if bad.startswith("index") else "ranks"
     lines = run.stdout.splitlines()
@@ -271,8 +290,9 @@ def test_compile_fullgraph():
     x, index = cuda(c["x"]), cuda(c["index"])
     got = compiled(x, index)
     torch.testing.assert_close(got, module(x, index))
-    expected = reference.lora_linear(*map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"], c["index"],
-                                     c["ranks"])
+    expected = reference.lora_linear(
+        *map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"], c["index"], c["ranks"]
+    )
     assert_close(got, expected, torch.bfloat16)
 
 
@@ -297,12 +317,17 @@ def test_cuda_graph_replay_follows_index_in_place():
     invalid = torch.randint(-1, slots, (rows,), generator=g)
     invalid[::5] = 99
     invalid[1::7] = -7
-    for new in (torch.full((rows,), 3), torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), -1),
-                invalid):
+    for new in (
+        torch.full((rows,), 3),
+        torch.randint(-1, slots, (rows,), generator=g),
+        torch.full((rows,), -1),
+        invalid,
+    ):
         index.copy_(new)
         graph.replay()
         torch.cuda.synchronize()
         effective = torch.where((new >= 0) & (new < slots), new, -1)
-        expected = reference.lora_linear(*map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"],
-                                         effective, c["ranks"])
+        expected = reference.lora_linear(
+            *map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"], effective, c["ranks"]
+        )
         assert_close(y, expected, torch.bfloat16)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adapterhub.demo import adapters as demo_adapters
-from adapterhub.demo import data as demo_data
 from adapterhub.cli import main
 from adapterhub.default_model import GGUF_FILE, default_model_dir
+from adapterhub.demo import adapters as demo_adapters
+from adapterhub.demo import data as demo_data
 from adapterhub.train import TrainingError
 
 TINY = demo_adapters.Recipe(questions=4, epochs=1, batch_size=6, top_layers=1)
@@ -28,8 +28,15 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -63,9 +70,16 @@ def test_each_style_rewrites_the_plain_answer():
 
 def test_numbers_in_words():
     assert demo_data.in_words("I have 3 cats") == "I have three cats"
-    cases = {0: "zero", 13: "thirteen", 40: "forty", 42: "forty-two", 100: "one hundred", 365: "three hundred "
-             "sixty-five", 2024: "two thousand twenty-four", 999_999: "nine hundred ninety-nine thousand nine hundred "
-             "ninety-nine"}
+    cases = {
+        0: "zero",
+        13: "thirteen",
+        40: "forty",
+        42: "forty-two",
+        100: "one hundred",
+        365: "three hundred sixty-five",
+        2024: "two thousand twenty-four",
+        999_999: "nine hundred ninety-nine thousand nine hundred ninety-nine",
+    }
     assert {n: demo_data.number_words(n) for n in cases} == cases
     with pytest.raises(ValueError, match="1000000"):
         demo_data.number_words(1_000_000)
@@ -98,8 +112,9 @@ def test_second_run_reuses_the_cache_and_force_trains_again(trained, model, toke
     before = manifest.stat().st_mtime_ns
     assert demo_adapters.ensure(trained, recipe=TINY, model=model, tokenizer=tokenizer) == trained
     assert manifest.stat().st_mtime_ns == before
-    demo_adapters.ensure(trained, force=True, recipe=TINY, model=copy.deepcopy(model), tokenizer=tokenizer,
-                         progress=False)
+    demo_adapters.ensure(
+        trained, force=True, recipe=TINY, model=copy.deepcopy(model), tokenizer=tokenizer, progress=False
+    )
     assert manifest.stat().st_mtime_ns != before and demo_adapters.cached(trained) is not None
 
 

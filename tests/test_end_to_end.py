@@ -5,10 +5,11 @@ import copy
 
 import pytest
 import torch
-
-import adapterhub as ah
 from hub_cache import add_commit, files_of
 from tiny_models import LLAMA_TARGETS, save_peft_adapter
+
+import adapterhub as ah
+
 
 @pytest.fixture(scope="module")
 def smollm2():
@@ -25,8 +26,15 @@ def hub(smollm2, tmp_path_factory):
     cache = root / "cache"
     build = lambda: copy.deepcopy(model)  # noqa: E731
     support = save_peft_adapter(build, root / "support", seed=1, r=16, lora_alpha=32, target_modules=LLAMA_TARGETS)
-    legal = save_peft_adapter(build, root / "legal", seed=2, r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                              rank_pattern={"v_proj": 4})
+    legal = save_peft_adapter(
+        build,
+        root / "legal",
+        seed=2,
+        r=8,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 4},
+    )
     add_commit(cache, "org/support", files_of(support))
     add_commit(cache, "org/legal", files_of(legal), refs=("v1",))
     return cache, {"support": support, "legal": legal}

@@ -21,16 +21,29 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import ModulesToSaveWrapper, get_pattern_key
 from safetensors.torch import load_file
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
-
-from adapterhub.errors import AdapterError
 from tiny_models import broken_copy
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
 from adapterhub import Adapter
+from adapterhub.errors import AdapterError
 from adapterhub.formats import read_peft_lora, write_peft_lora
-from adapterhub.formats.peft import (CONFIG_FILE, PICKLE_FILE, PREFIX, SAFETENSORS_FILE, is_targeted, pattern_key,
-                                     saved_module)
-from adapterhub.formats.peft import rank_and_alpha
+from adapterhub.formats.peft import (
+    CONFIG_FILE,
+    PICKLE_FILE,
+    PREFIX,
+    SAFETENSORS_FILE,
+    is_targeted,
+    pattern_key,
+    rank_and_alpha,
+    saved_module,
+)
 from adapterhub.types.lora import LoraType
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,33 +54,68 @@ def base_model(arch: str) -> torch.nn.Module:
     """The same tiny backbone on every call (seeded), so a fresh copy has the original's weights."""
     torch.manual_seed(0)
     if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                            intermediate_size=64, vocab_size=128)).eval()
+        return LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128
+            )
+        ).eval()
     if arch == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64,
-                                          bos_token_id=0, eos_token_id=0)).eval()
-    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                    intermediate_size=64, vocab_size=128, num_labels=3)).eval()
+        return GPT2LMHeadModel(
+            GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
+        ).eval()
+    return BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=128,
+            num_labels=3,
+        )
+    ).eval()
 
 
 # case -> (backbone, LoraConfig kwargs)
 CASES = {
     "llama_plain": ("llama", dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL)),
-    "llama_patterns": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                                     rank_pattern={"layers.1.self_attn.q_proj": 2, "v_proj": 6},
-                                     alpha_pattern={"o_proj": 3, r"layers\.0\.mlp\.down_proj": 5})),
-    "llama_rslora": ("llama", dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"],
-                                   rank_pattern={"layers.0.self_attn.v_proj": 3})),
+    "llama_patterns": (
+        "llama",
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            rank_pattern={"layers.1.self_attn.q_proj": 2, "v_proj": 6},
+            alpha_pattern={"o_proj": 3, r"layers\.0\.mlp\.down_proj": 5},
+        ),
+    ),
+    "llama_rslora": (
+        "llama",
+        dict(
+            r=4,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"layers.0.self_attn.v_proj": 3},
+        ),
+    ),
     "llama_dora": ("llama", dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "llama_regex": ("llama", dict(r=2, lora_alpha=4,
-                                  target_modules=r".*\.layers\.1\.(self_attn\.[qv]_proj|mlp\.up_proj)")),
-    "llama_layers": ("llama", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
-                                   layers_pattern="layers")),
+    "llama_regex": (
+        "llama",
+        dict(r=2, lora_alpha=4, target_modules=r".*\.layers\.1\.(self_attn\.[qv]_proj|mlp\.up_proj)"),
+    ),
+    "llama_layers": (
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    ),
     "gpt2_fan_in_fan_out": ("gpt2", dict(r=4, lora_alpha=8, target_modules=GPT2_ALL, fan_in_fan_out=True)),
-    "gpt2_dora_fan_in_fan_out": ("gpt2", dict(r=4, lora_alpha=8, target_modules=GPT2_ALL, fan_in_fan_out=True,
-                                              use_dora=True)),
-    "bert_classifier": ("bert", dict(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                     modules_to_save=["classifier"], task_type="SEQ_CLS")),
+    "gpt2_dora_fan_in_fan_out": (
+        "gpt2",
+        dict(r=4, lora_alpha=8, target_modules=GPT2_ALL, fan_in_fan_out=True, use_dora=True),
+    ),
+    "bert_classifier": (
+        "bert",
+        dict(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
+    ),
 }
 
 
@@ -91,8 +139,11 @@ def outputs(model: torch.nn.Module) -> torch.Tensor:
 
 
 def peft_layers(model: PeftModel) -> dict[str, LoraLayer]:
-    return {n.removeprefix(PREFIX): m for n, m in model.named_modules()
-            if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    return {
+        n.removeprefix(PREFIX): m
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer) and "default" in m.lora_A
+    }
 
 
 def assert_same_adapter(a: Adapter, b: Adapter) -> None:
@@ -118,7 +169,7 @@ def peft_case(request, tmp_path_factory):
 
 
 def test_read_matches_peft(peft_case):
-    arch, model, directory = peft_case
+    _, model, directory = peft_case
     adapter = read_peft_lora(directory)
     layers = peft_layers(model)
 
@@ -134,11 +185,16 @@ def test_read_matches_peft(peft_case):
         else:
             assert "magnitude" not in got
     config = model.peft_config["default"]
-    assert (adapter.config.get("fan_in_fan_out", False), adapter.config.get("use_dora", False)) == \
-        (config.fan_in_fan_out, config.use_dora)
+    assert (adapter.config.get("fan_in_fan_out", False), adapter.config.get("use_dora", False)) == (
+        config.fan_in_fan_out,
+        config.use_dora,
+    )
 
-    saved = {n.removeprefix(PREFIX): m.modules_to_save["default"].state_dict()
-             for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    saved = {
+        n.removeprefix(PREFIX): m.modules_to_save["default"].state_dict()
+        for n, m in model.named_modules()
+        if isinstance(m, ModulesToSaveWrapper)
+    }
     assert adapter.modules_to_save.keys() == saved.keys()
     for name, state in saved.items():
         assert adapter.modules_to_save[name].keys() == state.keys()
@@ -171,17 +227,28 @@ def test_written_adapter_loads_in_peft_with_same_outputs(peft_case, tmp_path):
 def test_write_adapter_built_in_memory(tmp_path):
     """Ranks and scales that match no single r/alpha, from no config at all, reach peft exactly."""
     g = torch.Generator().manual_seed(3)
-    specs = {"model.layers.0.self_attn.q_proj": (3, 0.5), "model.layers.1.self_attn.q_proj": (5, 2.0),
-             "model.layers.1.mlp.down_proj": (5, 1 / 3), "model.layers.0.mlp.up_proj": (3, 8 / 3)}
+    specs = {
+        "model.layers.0.self_attn.q_proj": (3, 0.5),
+        "model.layers.1.self_attn.q_proj": (5, 2.0),
+        "model.layers.1.mlp.down_proj": (5, 1 / 3),
+        "model.layers.0.mlp.up_proj": (3, 8 / 3),
+    }
     float32_scale = {"model.layers.0.mlp.up_proj": float(torch.tensor(8 / 3))}  # as read back from a slot
 
     def module(path, r, scale):
         out, inp = {"down_proj": (32, 64), "up_proj": (64, 32)}.get(path.rsplit(".", 1)[1], (32, 32))
-        return {"A": torch.randn(r, inp, generator=g), "B": torch.randn(out, r, generator=g),
-                "scale": torch.tensor(scale, dtype=torch.float64)}
+        return {
+            "A": torch.randn(r, inp, generator=g),
+            "B": torch.randn(out, r, generator=g),
+            "scale": torch.tensor(scale, dtype=torch.float64),
+        }
 
-    adapter = Adapter(type="lora", config={}, source="memory",
-                      modules={p: module(p, r, float32_scale.get(p, s)) for p, (r, s) in specs.items()})
+    adapter = Adapter(
+        type="lora",
+        config={},
+        source="memory",
+        modules={p: module(p, r, float32_scale.get(p, s)) for p, (r, s) in specs.items()},
+    )
     write_peft_lora(adapter, tmp_path)
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert rank_and_alpha(config, "model.layers.0.mlp.up_proj") == (3, 8), "float32 scale of 8/3 at r=3: alpha 8"
@@ -238,8 +305,9 @@ TARGETING = [
     dict(target_modules=["q_proj", "c_proj", "dense"], layers_to_transform=0, layers_pattern="layers"),
     dict(target_modules=["q_proj", "c_proj", "dense"], layers_to_transform=[0], layers_pattern=["h", "layer"]),
     dict(target_modules=["q_proj", "k_proj", "c_attn", "dense"], exclude_modules=["k_proj", "output.dense"]),
-    dict(target_modules=["q_proj", "dense", "c_attn"],
-         exclude_modules=r".*\.layers\.0\.self_attn\.q_proj|.*\.h\.0\.attn"),
+    dict(
+        target_modules=["q_proj", "dense", "c_attn"], exclude_modules=r".*\.layers\.0\.self_attn\.q_proj|.*\.h\.0\.attn"
+    ),
     dict(target_modules=["dense", "out_proj", "query"], modules_to_save=["classifier", "pooler"]),
 ]
 
@@ -305,14 +373,17 @@ def _poison(key, value):
     def change(state):
         state[key] = state[key].clone()
         state[key].view(-1)[3] = value
+
     return change
 
 
 # id -> (what to break, regexes the message must contain)
 BAD = {
     "no_config": (dict(files=lambda d: (d / CONFIG_FILE).unlink()), [r"no adapter_config\.json in .*adapter"]),
-    "invalid_json": (dict(files=lambda d: (d / CONFIG_FILE).write_text("{\"r\": 4,")),
-                     [r"adapter_config\.json is not valid JSON"]),
+    "invalid_json": (
+        dict(files=lambda d: (d / CONFIG_FILE).write_text('{"r": 4,')),
+        [r"adapter_config\.json is not valid JSON"],
+    ),
     "not_an_object": (dict(files=lambda d: (d / CONFIG_FILE).write_text("[1]")), [r"expected a JSON object, got list"]),
     "peft_type_ia3": (dict(config=lambda c: c.update(peft_type="IA3")), [r"peft_type 'IA3' is not LORA"]),
     "peft_type_missing": (dict(config=lambda c: c.pop("peft_type")), [r"peft_type None is not LORA"]),
@@ -321,42 +392,72 @@ BAD = {
     "bad_regex": (dict(config=lambda c: c.update(target_modules="(q_proj")), [r"'\(q_proj' is not a valid regular"]),
     "no_weights": (dict(files=lambda d: (d / SAFETENSORS_FILE).unlink()), [r"no adapter_model\.safetensors"]),
     "truncated": (dict(files=_truncate), [r"adapter/adapter_model\.safetensors is truncated or corrupt"]),
-    "A_without_B": (dict(tensors=lambda s: s.pop(f"{Q}.lora_B.weight")),
-                    [rf"{Q}\.lora_A\.weight has no {Q}\.lora_B\.weight"]),
-    "B_without_A": (dict(tensors=lambda s: s.pop(f"{Q}.lora_A.weight")),
-                    [rf"{Q}\.lora_B\.weight has no {Q}\.lora_A\.weight"]),
-    "rank_mismatch": (dict(tensors=_set(f"{Q}.lora_B.weight", torch.ones(32, 3))),
-                      [rf"{Q}\.lora_B\.weight has shape \(32, 3\), expected \(32, 4\)"]),
+    "A_without_B": (
+        dict(tensors=lambda s: s.pop(f"{Q}.lora_B.weight")),
+        [rf"{Q}\.lora_A\.weight has no {Q}\.lora_B\.weight"],
+    ),
+    "B_without_A": (
+        dict(tensors=lambda s: s.pop(f"{Q}.lora_A.weight")),
+        [rf"{Q}\.lora_B\.weight has no {Q}\.lora_A\.weight"],
+    ),
+    "rank_mismatch": (
+        dict(tensors=_set(f"{Q}.lora_B.weight", torch.ones(32, 3))),
+        [rf"{Q}\.lora_B\.weight has shape \(32, 3\), expected \(32, 4\)"],
+    ),
     "one_dim": (dict(tensors=_set(f"{Q}.lora_A.weight", torch.ones(128))), [rf"{Q}\.lora_A\.weight \(128,\)"]),
-    "config_r": (dict(config=lambda c: c.update(r=8)),
-                 [r"module model\.layers\.0\.self_attn\.q_proj has rank 4", r"gives it r=8"]),
-    "rank_pattern": (dict(config=lambda c: c.update(rank_pattern={"layers.1.self_attn.v_proj": 2})),
-                     [r"module model\.layers\.1\.self_attn\.v_proj has rank 4",
-                      r"rank_pattern\['layers\.1\.self_attn\.v_proj'\]=2"]),
+    "config_r": (
+        dict(config=lambda c: c.update(r=8)),
+        [r"module model\.layers\.0\.self_attn\.q_proj has rank 4", r"gives it r=8"],
+    ),
+    "rank_pattern": (
+        dict(config=lambda c: c.update(rank_pattern={"layers.1.self_attn.v_proj": 2})),
+        [r"module model\.layers\.1\.self_attn\.v_proj has rank 4", r"rank_pattern\['layers\.1\.self_attn\.v_proj'\]=2"],
+    ),
     "nan": (dict(tensors=_poison(f"{Q}.lora_A.weight", float("nan"))), [rf"{Q}\.lora_A\.weight has 1 NaN/inf"]),
-    "inf": (dict(tensors=_poison(f"{V1}.lora_magnitude_vector", float("inf"))),
-            [rf"{V1}\.lora_magnitude_vector has 1 NaN/inf"]),
-    "integer_tensor": (dict(tensors=_set(f"{Q}.lora_A.weight", torch.ones(4, 32, dtype=torch.int32))),
-                       [rf"{Q}\.lora_A\.weight has dtype torch\.int32"]),
-    "unexpected_keys": (dict(tensors=lambda s: s.update({f"{PREFIX}model.norm.weight": torch.ones(32),
-                                                         "stray": torch.ones(1)})),
-                        [r"2 unexpected key\(s\)", r"base_model\.model\.model\.norm\.weight", r"stray"]),
-    "magnitude_missing": (dict(tensors=lambda s: s.pop(f"{V1}.lora_magnitude_vector")),
-                          [rf"{V1}\.lora_magnitude_vector is missing"]),
-    "magnitude_without_dora": (dict(config=lambda c: c.update(use_dora=False)),
-                               [r"lora_magnitude_vector is a DoRA tensor but use_dora is false"]),
-    "magnitude_shape": (dict(tensors=_set(f"{V1}.lora_magnitude_vector", torch.ones(31))),
-                        [rf"{V1}\.lora_magnitude_vector has shape \(31,\), expected \(32,\)"]),
-    "not_targeted": (dict(config=lambda c: c.update(target_modules=["q_proj"])),
-                     [r"module model\.layers\.0\.self_attn\.v_proj has LoRA tensors but target_modules"]),
-    "outside_layers_to_transform": (dict(config=lambda c: c.update(layers_to_transform=[0], layers_pattern="layers")),
-                                    [r"module model\.layers\.1\.self_attn\.q_proj has LoRA tensors but"]),
-    "excluded": (dict(config=lambda c: c.update(exclude_modules=["layers.1.self_attn.v_proj"])),
-                 [r"module model\.layers\.1\.self_attn\.v_proj has LoRA tensors but"]),
-    "outside_regex": (dict(config=lambda c: c.update(target_modules=r".*\.layers\.0\..*")),
-                      [r"module model\.layers\.1\.self_attn\.q_proj has LoRA tensors but"]),
-    "only_modules_to_save": (dict(tensors=_only_classifier, config=lambda c: c.update(modules_to_save=["classifier"])),
-                             [r"no tensor ends with .*this is not a LORA adapter"]),
+    "inf": (
+        dict(tensors=_poison(f"{V1}.lora_magnitude_vector", float("inf"))),
+        [rf"{V1}\.lora_magnitude_vector has 1 NaN/inf"],
+    ),
+    "integer_tensor": (
+        dict(tensors=_set(f"{Q}.lora_A.weight", torch.ones(4, 32, dtype=torch.int32))),
+        [rf"{Q}\.lora_A\.weight has dtype torch\.int32"],
+    ),
+    "unexpected_keys": (
+        dict(tensors=lambda s: s.update({f"{PREFIX}model.norm.weight": torch.ones(32), "stray": torch.ones(1)})),
+        [r"2 unexpected key\(s\)", r"base_model\.model\.model\.norm\.weight", r"stray"],
+    ),
+    "magnitude_missing": (
+        dict(tensors=lambda s: s.pop(f"{V1}.lora_magnitude_vector")),
+        [rf"{V1}\.lora_magnitude_vector is missing"],
+    ),
+    "magnitude_without_dora": (
+        dict(config=lambda c: c.update(use_dora=False)),
+        [r"lora_magnitude_vector is a DoRA tensor but use_dora is false"],
+    ),
+    "magnitude_shape": (
+        dict(tensors=_set(f"{V1}.lora_magnitude_vector", torch.ones(31))),
+        [rf"{V1}\.lora_magnitude_vector has shape \(31,\), expected \(32,\)"],
+    ),
+    "not_targeted": (
+        dict(config=lambda c: c.update(target_modules=["q_proj"])),
+        [r"module model\.layers\.0\.self_attn\.v_proj has LoRA tensors but target_modules"],
+    ),
+    "outside_layers_to_transform": (
+        dict(config=lambda c: c.update(layers_to_transform=[0], layers_pattern="layers")),
+        [r"module model\.layers\.1\.self_attn\.q_proj has LoRA tensors but"],
+    ),
+    "excluded": (
+        dict(config=lambda c: c.update(exclude_modules=["layers.1.self_attn.v_proj"])),
+        [r"module model\.layers\.1\.self_attn\.v_proj has LoRA tensors but"],
+    ),
+    "outside_regex": (
+        dict(config=lambda c: c.update(target_modules=r".*\.layers\.0\..*")),
+        [r"module model\.layers\.1\.self_attn\.q_proj has LoRA tensors but"],
+    ),
+    "only_modules_to_save": (
+        dict(tensors=_only_classifier, config=lambda c: c.update(modules_to_save=["classifier"])),
+        [r"no tensor ends with .*this is not a LORA adapter"],
+    ),
 }
 
 

@@ -15,15 +15,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import hub_cache
 import pytest
 from huggingface_hub import constants, scan_cache_dir
+from test_formats_peft_lora import assert_same_adapter, make_peft
 
 from adapterhub.errors import AdapterError
 from adapterhub.formats import read_peft_lora
 from adapterhub.hub import resolve
-
-import hub_cache
-from test_formats_peft_lora import assert_same_adapter, make_peft
 
 REPO = "org/adapter"
 _GUARDS: list[list] = []  # the attempt lists of the tests now guarding the network
@@ -61,9 +60,11 @@ def offline(monkeypatch, network):
 def adapters(tmp_path_factory):
     """Three saved peft adapters: name -> directory."""
     root = tmp_path_factory.mktemp("adapters")
-    specs = {"main": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-             "extra": dict(r=2, lora_alpha=4, target_modules=["o_proj"], use_dora=True),
-             "tagged": dict(r=3, lora_alpha=3, target_modules=["down_proj"])}
+    specs = {
+        "main": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "extra": dict(r=2, lora_alpha=4, target_modules=["o_proj"], use_dora=True),
+        "tagged": dict(r=3, lora_alpha=3, target_modules=["down_proj"]),
+    }
     for name, kwargs in specs.items():
         make_peft("llama", **kwargs).save_pretrained(root / name)
     return {name: root / name for name in specs}
@@ -74,8 +75,9 @@ def cache(tmp_path_factory, adapters):
     """A cache holding REPO: main = adapter "main" at the root + adapter "extra" in subfolder "extra";
     tag v2 = adapter "tagged". Returns (cache dir, {ref: commit})."""
     directory = tmp_path_factory.mktemp("hf_cache")
-    first = hub_cache.add_commit(directory, REPO, {**hub_cache.files_of(adapters["main"]),
-                                                   **hub_cache.files_of(adapters["extra"], "extra")})
+    first = hub_cache.add_commit(
+        directory, REPO, {**hub_cache.files_of(adapters["main"]), **hub_cache.files_of(adapters["extra"], "extra")}
+    )
     second = hub_cache.add_commit(directory, REPO, hub_cache.files_of(adapters["tagged"]), refs=("v2",))
     return directory, {"main": first, "v2": second}
 
@@ -91,8 +93,12 @@ def test_cache_is_what_huggingface_hub_reads(cache):
     (repo,) = info.repos
     assert repo.repo_id == REPO
     assert {ref: rev.commit_hash for ref, rev in repo.refs.items()} == commits
-    files = {f.file_path.relative_to(snapshot(cache_dir, commits["main"])).as_posix()
-             for rev in repo.revisions if rev.commit_hash == commits["main"] for f in rev.files}
+    files = {
+        f.file_path.relative_to(snapshot(cache_dir, commits["main"])).as_posix()
+        for rev in repo.revisions
+        if rev.commit_hash == commits["main"]
+        for f in rev.files
+    }
     assert files >= {"adapter_config.json", "adapter_model.safetensors", "extra/adapter_model.safetensors"}
 
 

@@ -6,27 +6,36 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig
+from tiny_models import LLAMA_TARGETS, ids, save_peft, tiny_bert_cls, tiny_llama
 
 import adapterhub as ah
 from adapterhub.plugins import get_type
-from tiny_models import LLAMA_TARGETS, ids, save_peft, tiny_bert_cls, tiny_llama
 
 BOTTLENECK = ("seq_bn", "double_seq_bn")  # made with the type's init, weights randomised, as adapters saves them
 
 CONFIGS = {
-    "llama": (tiny_llama, {
-        "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
-        "dora": lambda: LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "down_proj"]),
-        "ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-        "prompt5": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
-        "prompt2": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
-    }),
-    "bert": (tiny_bert_cls, {
-        "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"),
-        "ia3": lambda: IA3Config(task_type="SEQ_CLS", target_modules=["key", "output.dense"],
-                                 feedforward_modules=["output.dense"]),
-        "prompt3": lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
-    }),
+    "llama": (
+        tiny_llama,
+        {
+            "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
+            "dora": lambda: LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "down_proj"]),
+            "ia3": lambda: IA3Config(
+                target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+            ),
+            "prompt5": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+            "prompt2": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+        },
+    ),
+    "bert": (
+        tiny_bert_cls,
+        {
+            "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"),
+            "ia3": lambda: IA3Config(
+                task_type="SEQ_CLS", target_modules=["key", "output.dense"], feedforward_modules=["output.dense"]
+            ),
+            "prompt3": lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+        },
+    ),
 }
 
 
@@ -64,7 +73,7 @@ def test_each_row_equals_running_it_alone(arch, tmp_path):
     T = batch.size(1)
     for i, name in enumerate(rows):
         with bb.use(name):
-            alone = outputs(model, batch[i:i + 1])[0]
+            alone = outputs(model, batch[i : i + 1])[0]
         got = together[i] if together.dim() == 2 else together[i, -T:]  # causal: the tokens are the last T
         want = alone if alone.dim() == 1 else alone[-T:]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"row {i} ({name})")
@@ -122,11 +131,13 @@ def test_one_name_with_repeat_routes_every_row(tmp_path):
     model, bb = loaded("llama", tmp_path)
     batch = ids(batch=2)
     with bb.use("lora"):
-        want = model.generate(batch, attention_mask=torch.ones_like(batch), num_beams=2, max_new_tokens=3,
-                              do_sample=False)
+        want = model.generate(
+            batch, attention_mask=torch.ones_like(batch), num_beams=2, max_new_tokens=3, do_sample=False
+        )
     with bb.use("lora", repeat=2):
-        got = model.generate(batch, attention_mask=torch.ones_like(batch), num_beams=2, max_new_tokens=3,
-                             do_sample=False)
+        got = model.generate(
+            batch, attention_mask=torch.ones_like(batch), num_beams=2, max_new_tokens=3, do_sample=False
+        )
     assert torch.equal(got, want)
 
 
@@ -142,7 +153,7 @@ def test_prompt_rows_and_plain_rows_give_their_own_losses(tmp_path):
         alone = []
         for i, name in enumerate(rows):
             with bb.use(name):
-                alone.append(model(input_ids=batch[i:i + 1], labels=batch[i:i + 1]).loss)
+                alone.append(model(input_ids=batch[i : i + 1], labels=batch[i : i + 1]).loss)
     T = batch.size(1)  # the prompted row predicts all T tokens (the first from its prompt), the plain row T - 1
     torch.testing.assert_close(out.loss, (alone[0] * T + alone[1] * (T - 1)) / (2 * T - 1), rtol=1e-5, atol=1e-5)
     bert, bert_bb = loaded("bert", tmp_path / "bert")

@@ -11,12 +11,12 @@ import zlib
 
 import pytest
 import torch
+from conftest import TOL, assert_close, make_case, oracle_expand, oracle_linear, oracle_shrink
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapterhub import ops
 from adapterhub.ops import reference
-from conftest import TOL, assert_close, make_case, oracle_expand, oracle_linear, oracle_shrink
 
 IMPLS = {"op": ops, "reference": reference}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -87,8 +87,9 @@ def build(c, dtype, **kwargs):
     rows, slots, max_rank, pattern, padded, in_f, out_f = c
     seed = seed_of(c)
     ranks = per_slot_ranks(slots, max_rank, seed) if padded else None
-    return make_case(routing(pattern, rows, slots, seed), slots, max_rank, in_f, out_f, dtype,
-                     ranks=ranks, seed=seed, **kwargs)
+    return make_case(
+        routing(pattern, rows, slots, seed), slots, max_rank, in_f, out_f, dtype, ranks=ranks, seed=seed, **kwargs
+    )
 
 
 def untouched_rows(c) -> torch.Tensor:
@@ -148,8 +149,17 @@ def test_linear_matches_oracle(impl, dtype, c):
 def test_linear_bias_and_leading_dims(impl, dtype, bias, tokens):
     """x (rows, in), or x (n0, T, in) with index (n0,): entry i routes all of x[i]."""
     index = [0, 2, -1, 1, 0, 2, 1, -1, 2, 2, 0, 1] if tokens else [0, 2, -1, 1] * 5
-    case = make_case(index, slots=3, max_rank=4, in_f=19, out_f=23, dtype=dtype, ranks=[4, 2, 3],
-                     seed=seed_of(dtype, bias, tokens), tokens=tokens)
+    case = make_case(
+        index,
+        slots=3,
+        max_rank=4,
+        in_f=19,
+        out_f=23,
+        dtype=dtype,
+        ranks=[4, 2, 3],
+        seed=seed_of(dtype, bias, tokens),
+        tokens=tokens,
+    )
     if not bias:
         case.bias = None
     y = IMPLS[impl].lora_linear(*case.linear_args)
@@ -183,12 +193,16 @@ def test_zero_padding_without_ranks_equals_true_rank(impl, dtype):
 
 
 @parametrize_impl
-@pytest.mark.parametrize("slots, max_rank, index, tokens", [
-    (0, 2, [-1, -1], None),  # no slots at all
-    (2, 0, [0, -1, 1], None),  # max_rank 0
-    (2, 2, [0, 1], 0),  # x (2, 0, in)
-    (2, 2, [], 3),  # x (0, 3, in)
-], ids=["no_slots", "max_rank0", "no_tokens", "no_sequences"])
+@pytest.mark.parametrize(
+    "slots, max_rank, index, tokens",
+    [
+        (0, 2, [-1, -1], None),  # no slots at all
+        (2, 0, [0, -1, 1], None),  # max_rank 0
+        (2, 2, [0, 1], 0),  # x (2, 0, in)
+        (2, 2, [], 3),  # x (0, 3, in)
+    ],
+    ids=["no_slots", "max_rank0", "no_tokens", "no_sequences"],
+)
 def test_linear_degenerate_shapes(impl, slots, max_rank, index, tokens):
     case = make_case(index, slots, max_rank, in_f=6, out_f=5, seed=8, tokens=tokens)
     y = IMPLS[impl].lora_linear(*case.linear_args)
@@ -213,8 +227,11 @@ def test_slot_tensors_may_be_views_into_a_pool(impl):
     A, B = pool_A[1], pool_B[1]
     assert A.storage_offset() > 0 and A.is_contiguous()
     expected = oracle_linear(*case.linear_args)
-    assert_close(IMPLS[impl].lora_linear(case.x, case.W, case.bias, A, B, case.scale, case.index, case.ranks),
-                 expected, torch.float32)
+    assert_close(
+        IMPLS[impl].lora_linear(case.x, case.W, case.bias, A, B, case.scale, case.index, case.ranks),
+        expected,
+        torch.float32,
+    )
     big_y = torch.randn(case.y.size(0) + 4, case.y.size(1))
     big_y[2:-2] = case.y
     before = big_y.clone()
@@ -231,8 +248,16 @@ def batches(draw):
     ranks = draw(st.none() | st.lists(st.integers(0, max_rank), min_size=slots, max_size=slots))
     index = draw(st.lists(st.integers(-1, slots - 1), min_size=rows, max_size=rows))
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
-    return make_case(index, slots, max_rank, in_f=draw(st.integers(1, 20)), out_f=draw(st.integers(1, 20)),
-                     dtype=dtype, ranks=ranks, seed=draw(st.integers(0, 2**31 - 1)))
+    return make_case(
+        index,
+        slots,
+        max_rank,
+        in_f=draw(st.integers(1, 20)),
+        out_f=draw(st.integers(1, 20)),
+        dtype=dtype,
+        ranks=ranks,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -254,8 +279,18 @@ def test_hypothesis_ops_match_oracle(case):
 def grad_case(dtype, tokens=None, padding=3.0):
     """Mixed routing incl. -1, a GEMM-sized segment (slot 1) and per-slot ranks below max_rank."""
     index = [1, 0, 1, -1, 1, 1, 2, 1, 1, 1, -1, 1] if tokens is None else [1, -1, 0, 1, 2]
-    return make_case(index, slots=3, max_rank=3, in_f=5, out_f=4, dtype=dtype, ranks=[2, 3, 1],
-                     padding=padding, seed=11, tokens=tokens)
+    return make_case(
+        index,
+        slots=3,
+        max_rank=3,
+        in_f=5,
+        out_f=4,
+        dtype=dtype,
+        ranks=[2, 3, 1],
+        padding=padding,
+        seed=11,
+        tokens=tokens,
+    )
 
 
 @pytest.mark.parametrize("tokens", [None, 3], ids=["x2d", "x3d"])
@@ -269,8 +304,9 @@ def test_gradcheck_float64(tokens):
     assert torch.autograd.gradcheck(f, leaves)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
-                         ids=["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"]
+)
 @pytest.mark.parametrize("tokens", [None, 4], ids=["x2d", "x3d"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_grads_match_oracle_autograd(dtype, tokens, bias):
@@ -290,7 +326,9 @@ def test_grads_match_oracle_autograd(dtype, tokens, bias):
     for name, g, e in zip(names, got, expected):
         assert g.dtype == dtype, name
         rtol, atol = TOL[dtype]
-        torch.testing.assert_close(g.double(), e, rtol=rtol, atol=2 * atol, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(
+            g.double(), e, rtol=rtol, atol=2 * atol, msg=lambda m, name=name: f"grad of {name}: {m}"
+        )
     grad_A, grad_B = got[names.index("A")], got[names.index("B")]
     for s, r in enumerate(case.ranks.tolist()):
         assert torch.all(grad_A[s, r:] == 0) and torch.all(grad_B[s, :, r:] == 0)
@@ -320,8 +358,9 @@ def test_opcheck(name, case):
     torch.library.opcheck(lib.lora_linear.default, case.linear_args)
     grads = [v.clone().requires_grad_() for v in (case.x, case.W, case.bias, case.A, case.B)]
     torch.library.opcheck(lib.lora_linear.default, (*grads, case.scale, case.index, case.ranks))
-    torch.library.opcheck(lib.lora_linear_backward.default,
-                          (y, x2, case.W, case.A, case.B, case.scale, index, case.ranks))
+    torch.library.opcheck(
+        lib.lora_linear_backward.default, (y, x2, case.W, case.A, case.B, case.scale, index, case.ranks)
+    )
 
 
 class AdaptedLinear(torch.nn.Module):
@@ -373,7 +412,7 @@ def test_compile_backward_matches_eager():
     compiled(x2, case.index).square().sum().backward()
     assert_close(x2.grad, x1.grad, torch.float32)
     for (name, p), q in zip(eager.named_parameters(), compiled_module.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(q.grad, p.grad, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 def test_compile_dynamic_batch_size_does_not_recompile():
@@ -386,6 +425,7 @@ def test_compile_dynamic_batch_size_does_not_recompile():
             case = make_case(routing("mixed", rows, 3, step), 3, 4, 6, 5, ranks=[4, 1, 2], seed=step)
             with torch._dynamo.config.patch(error_on_recompile=step > 0):
                 y = compiled(case.x, case.index)
-            expected = oracle_linear(case.x, module.W, module.bias, module.A, module.B, module.scale, case.index,
-                                     module.ranks)
+            expected = oracle_linear(
+                case.x, module.W, module.bias, module.A, module.B, module.scale, case.index, module.ranks
+            )
             assert_close(y, expected, torch.float32)

@@ -29,10 +29,17 @@ def valid_args() -> dict:
     """4 rows, in 6, out 5, 3 slots of max_rank 2; row 0 is valid so a late check would show in y."""
     g = torch.Generator().manual_seed(0)
     return dict(
-        x=torch.randn(4, 6, generator=g), W=torch.randn(5, 6, generator=g), bias=torch.randn(5, generator=g),
-        A=torch.randn(3, 2, 6, generator=g), B=torch.randn(3, 5, 2, generator=g),
-        scale=torch.rand(3, generator=g), index=torch.tensor([0, 1, 2, -1]), ranks=None,
-        y=torch.randn(4, 5, generator=g), t=torch.randn(4, 2, generator=g), grad_y=torch.randn(4, 5, generator=g),
+        x=torch.randn(4, 6, generator=g),
+        W=torch.randn(5, 6, generator=g),
+        bias=torch.randn(5, generator=g),
+        A=torch.randn(3, 2, 6, generator=g),
+        B=torch.randn(3, 5, 2, generator=g),
+        scale=torch.rand(3, generator=g),
+        index=torch.tensor([0, 1, 2, -1]),
+        ranks=None,
+        y=torch.randn(4, 5, generator=g),
+        t=torch.randn(4, 2, generator=g),
+        grad_y=torch.randn(4, 5, generator=g),
     )
 
 
@@ -55,16 +62,19 @@ SHRINK, EXPAND, LINEAR, BACKWARD = "lora_shrink", "lora_expand", "lora_linear", 
 CASES = {
     # wrong dtype
     "shrink-A-bf16": Bad(SHRINK, {"A": lambda a: a["A"].bfloat16()}, ["A must be Float", "got BFloat16"]),
-    "shrink-x-int": Bad(SHRINK, {"x": lambda a: a["x"].long()}, ["x must be float32, float64, bfloat16 or float16",
-                                                                 "got Long"]),
+    "shrink-x-int": Bad(
+        SHRINK, {"x": lambda a: a["x"].long()}, ["x must be float32, float64, bfloat16 or float16", "got Long"]
+    ),
     "shrink-index-int32": Bad(SHRINK, {"index": lambda a: a["index"].int()}, ["index must be Long", "got Int"]),
-    "shrink-ranks-int32": Bad(SHRINK, {"ranks": lambda a: torch.tensor([1, 2, 2], dtype=torch.int32)},
-                              ["ranks must be Long", "got Int"]),
+    "shrink-ranks-int32": Bad(
+        SHRINK, {"ranks": lambda a: torch.tensor([1, 2, 2], dtype=torch.int32)}, ["ranks must be Long", "got Int"]
+    ),
     "expand-B-bf16": Bad(EXPAND, {"B": lambda a: a["B"].bfloat16()}, ["B must be Float", "got BFloat16"]),
     "expand-scale-fp64": Bad(EXPAND, {"scale": lambda a: a["scale"].double()}, ["scale must be Float", "got Double"]),
     "expand-t-bf16": Bad(EXPAND, {"t": lambda a: a["t"].bfloat16()}, ["t must be Float", "got BFloat16"]),
-    "expand-t-fp32-for-fp64": Bad(EXPAND, {"y": lambda a: a["y"].double(), "B": lambda a: a["B"].double()},
-                                  ["t must be Double", "got Float"]),
+    "expand-t-fp32-for-fp64": Bad(
+        EXPAND, {"y": lambda a: a["y"].double(), "B": lambda a: a["B"].double()}, ["t must be Double", "got Float"]
+    ),
     "linear-A-bf16": Bad(LINEAR, {"A": lambda a: a["A"].bfloat16()}, ["A must be Float", "got BFloat16"]),
     "linear-B-fp16": Bad(LINEAR, {"B": lambda a: a["B"].half()}, ["B must be Float", "got Half"]),
     "linear-W-fp64": Bad(LINEAR, {"W": lambda a: a["W"].double()}, ["W must be Float", "got Double"]),
@@ -72,21 +82,25 @@ CASES = {
     "linear-scale-fp64": Bad(LINEAR, {"scale": lambda a: a["scale"].double()}, ["scale must be Float", "got Double"]),
     "linear-index-int32": Bad(LINEAR, {"index": lambda a: a["index"].int()}, ["index must be Long", "got Int"]),
     "backward-A-bf16": Bad(BACKWARD, {"A": lambda a: a["A"].bfloat16()}, ["A must be Float", "got BFloat16"]),
-    "backward-grad_y-fp64": Bad(BACKWARD, {"grad_y": lambda a: a["grad_y"].double()},
-                                ["grad_y must be Float", "got Double"]),
+    "backward-grad_y-fp64": Bad(
+        BACKWARD, {"grad_y": lambda a: a["grad_y"].double()}, ["grad_y must be Float", "got Double"]
+    ),
     # wrong shape
     "shrink-A-in": Bad(SHRINK, {"A": lambda a: torch.randn(3, 2, 7)}, ["A.size(2)", "must be 6, got 7"]),
     "shrink-A-2d": Bad(SHRINK, {"A": lambda a: a["A"][0]}, ["A must be 3-D", "got shape [2, 6]"]),
-    "shrink-index-length": Bad(SHRINK, {"index": lambda a: a["index"][:3]},
-                               ["index has 3 entries but the batch has 4 rows"]),
-    "shrink-ranks-length": Bad(SHRINK, {"ranks": lambda a: torch.tensor([1, 2])},
-                               ["ranks.size(0)", "must be 3, got 2"]),
+    "shrink-index-length": Bad(
+        SHRINK, {"index": lambda a: a["index"][:3]}, ["index has 3 entries but the batch has 4 rows"]
+    ),
+    "shrink-ranks-length": Bad(
+        SHRINK, {"ranks": lambda a: torch.tensor([1, 2])}, ["ranks.size(0)", "must be 3, got 2"]
+    ),
     "expand-B-out": Bad(EXPAND, {"B": lambda a: torch.randn(3, 4, 2)}, ["B.size(1)", "must be 5, got 4"]),
     "expand-t-rank": Bad(EXPAND, {"t": lambda a: torch.randn(4, 3)}, ["t.size(1)", "must be 2, got 3"]),
     "expand-t-rows": Bad(EXPAND, {"t": lambda a: torch.randn(3, 2)}, ["t.size(0)", "must be 4, got 3"]),
     "expand-scale-length": Bad(EXPAND, {"scale": lambda a: torch.rand(2)}, ["scale.size(0)", "must be 3, got 2"]),
-    "expand-index-length": Bad(EXPAND, {"index": lambda a: torch.tensor([0, 1, 2, -1, 0])},
-                               ["index has 5 entries", "4 rows"]),
+    "expand-index-length": Bad(
+        EXPAND, {"index": lambda a: torch.tensor([0, 1, 2, -1, 0])}, ["index has 5 entries", "4 rows"]
+    ),
     "linear-A-in": Bad(LINEAR, {"A": lambda a: torch.randn(3, 2, 7)}, ["A.size(2)", "must be 6, got 7"]),
     "linear-W-in": Bad(LINEAR, {"W": lambda a: torch.randn(5, 7)}, ["W.size(1)", "must be 6, got 7"]),
     "linear-B-out": Bad(LINEAR, {"B": lambda a: torch.randn(3, 4, 2)}, ["B.size(1)", "must be 5, got 4"]),
@@ -94,39 +108,86 @@ CASES = {
     "linear-B-slots": Bad(LINEAR, {"B": lambda a: torch.randn(2, 5, 2)}, ["B.size(0)", "must be 3, got 2"]),
     "linear-bias-length": Bad(LINEAR, {"bias": lambda a: torch.randn(4)}, ["bias.size(0)", "must be 5, got 4"]),
     "linear-scale-length": Bad(LINEAR, {"scale": lambda a: torch.rand(4)}, ["scale.size(0)", "must be 3, got 4"]),
-    "linear-x-1d": Bad(LINEAR, {"x": lambda a: a["x"][0]}, ["x must be (rows, in) or (batch, ..., in)",
-                                                            "got shape [6]"]),
-    "linear-index-per-token": Bad(LINEAR, {"x": lambda a: a["x"].view(2, 2, 6)},
-                                  ["index has 4 entries but the batch has 2 rows"]),
-    "backward-grad_y-out": Bad(BACKWARD, {"grad_y": lambda a: torch.randn(4, 4)},
-                               ["grad_y.size(1)", "must be 5, got 4"]),
-    "backward-grad_y-rows": Bad(BACKWARD, {"grad_y": lambda a: torch.randn(3, 5)},
-                                ["grad_y.size(0)", "must be 4, got 3"]),
-    "backward-x-3d": Bad(BACKWARD, {"x": lambda a: a["x"].view(2, 2, 6), "index": lambda a: a["index"][:2]},
-                         ["x must be 2-D", "got shape [2, 2, 6]"]),
+    "linear-x-1d": Bad(
+        LINEAR, {"x": lambda a: a["x"][0]}, ["x must be (rows, in) or (batch, ..., in)", "got shape [6]"]
+    ),
+    "linear-index-per-token": Bad(
+        LINEAR, {"x": lambda a: a["x"].view(2, 2, 6)}, ["index has 4 entries but the batch has 2 rows"]
+    ),
+    "backward-grad_y-out": Bad(
+        BACKWARD, {"grad_y": lambda a: torch.randn(4, 4)}, ["grad_y.size(1)", "must be 5, got 4"]
+    ),
+    "backward-grad_y-rows": Bad(
+        BACKWARD, {"grad_y": lambda a: torch.randn(3, 5)}, ["grad_y.size(0)", "must be 4, got 3"]
+    ),
+    "backward-x-3d": Bad(
+        BACKWARD,
+        {"x": lambda a: a["x"].view(2, 2, 6), "index": lambda a: a["index"][:2]},
+        ["x must be 2-D", "got shape [2, 2, 6]"],
+    ),
     # wrong device (meta; a CUDA device is tested in test_cuda_tensor_with_cpu_x)
     "shrink-A-meta": Bad(SHRINK, {"A": lambda a: a["A"].to("meta")}, ["A is on meta but x is on cpu"]),
     # index out of range, ranks out of [0, max_rank]
-    "shrink-index-slots": Bad(SHRINK, {"index": lambda a: torch.tensor([0, 1, 3, -1])},
-                              ["index values must be in [-1, 3)", "got 3 at row 2"], reads_values=True),
-    "shrink-index-below": Bad(SHRINK, {"index": lambda a: torch.tensor([0, 1, -2, -1])},
-                              ["index values must be in [-1, 3)", "got -2 at row 2"], reads_values=True),
-    "shrink-ranks-above": Bad(SHRINK, {"ranks": lambda a: torch.tensor([2, 3, 1])},
-                              ["ranks values must be in [0, max_rank = 2]", "got 3 for slot 1"], reads_values=True),
-    "shrink-ranks-negative": Bad(SHRINK, {"ranks": lambda a: torch.tensor([2, -1, 1])},
-                                 ["ranks values must be in [0, max_rank = 2]", "got -1 for slot 1"], reads_values=True),
-    "expand-index-slots": Bad(EXPAND, {"index": lambda a: torch.tensor([0, 1, 3, -1])},
-                              ["index values must be in [-1, 3)", "got 3 at row 2"], reads_values=True),
-    "expand-index-below": Bad(EXPAND, {"index": lambda a: torch.tensor([0, 1, -5, -1])},
-                              ["index values must be in [-1, 3)", "got -5 at row 2"], reads_values=True),
-    "expand-ranks-above": Bad(EXPAND, {"ranks": lambda a: torch.tensor([2, 3, 1])},
-                              ["ranks values must be in [0, max_rank = 2]", "got 3 for slot 1"], reads_values=True),
-    "linear-index-slots": Bad(LINEAR, {"index": lambda a: torch.tensor([0, 1, 7, -1])},
-                              ["index values must be in [-1, 3)", "got 7 at row 2"], reads_values=True),
-    "linear-ranks-negative": Bad(LINEAR, {"ranks": lambda a: torch.tensor([2, -1, 1])},
-                                 ["ranks values must be in [0, max_rank = 2]", "got -1 for slot 1"], reads_values=True),
-    "backward-index-slots": Bad(BACKWARD, {"index": lambda a: torch.tensor([0, 1, 3, -1])},
-                                ["index values must be in [-1, 3)", "got 3 at row 2"], reads_values=True),
+    "shrink-index-slots": Bad(
+        SHRINK,
+        {"index": lambda a: torch.tensor([0, 1, 3, -1])},
+        ["index values must be in [-1, 3)", "got 3 at row 2"],
+        reads_values=True,
+    ),
+    "shrink-index-below": Bad(
+        SHRINK,
+        {"index": lambda a: torch.tensor([0, 1, -2, -1])},
+        ["index values must be in [-1, 3)", "got -2 at row 2"],
+        reads_values=True,
+    ),
+    "shrink-ranks-above": Bad(
+        SHRINK,
+        {"ranks": lambda a: torch.tensor([2, 3, 1])},
+        ["ranks values must be in [0, max_rank = 2]", "got 3 for slot 1"],
+        reads_values=True,
+    ),
+    "shrink-ranks-negative": Bad(
+        SHRINK,
+        {"ranks": lambda a: torch.tensor([2, -1, 1])},
+        ["ranks values must be in [0, max_rank = 2]", "got -1 for slot 1"],
+        reads_values=True,
+    ),
+    "expand-index-slots": Bad(
+        EXPAND,
+        {"index": lambda a: torch.tensor([0, 1, 3, -1])},
+        ["index values must be in [-1, 3)", "got 3 at row 2"],
+        reads_values=True,
+    ),
+    "expand-index-below": Bad(
+        EXPAND,
+        {"index": lambda a: torch.tensor([0, 1, -5, -1])},
+        ["index values must be in [-1, 3)", "got -5 at row 2"],
+        reads_values=True,
+    ),
+    "expand-ranks-above": Bad(
+        EXPAND,
+        {"ranks": lambda a: torch.tensor([2, 3, 1])},
+        ["ranks values must be in [0, max_rank = 2]", "got 3 for slot 1"],
+        reads_values=True,
+    ),
+    "linear-index-slots": Bad(
+        LINEAR,
+        {"index": lambda a: torch.tensor([0, 1, 7, -1])},
+        ["index values must be in [-1, 3)", "got 7 at row 2"],
+        reads_values=True,
+    ),
+    "linear-ranks-negative": Bad(
+        LINEAR,
+        {"ranks": lambda a: torch.tensor([2, -1, 1])},
+        ["ranks values must be in [0, max_rank = 2]", "got -1 for slot 1"],
+        reads_values=True,
+    ),
+    "backward-index-slots": Bad(
+        BACKWARD,
+        {"index": lambda a: torch.tensor([0, 1, 3, -1])},
+        ["index values must be in [-1, 3)", "got 3 at row 2"],
+        reads_values=True,
+    ),
     # not contiguous
     "shrink-x-strided": Bad(SHRINK, {"x": lambda a: strided(a["x"])}, ["x must be contiguous", "strides [12, 2]"]),
     "shrink-A-strided": Bad(SHRINK, {"A": lambda a: strided(a["A"])}, ["A must be contiguous"]),
@@ -192,8 +253,9 @@ def test_compiled_and_fallback_say_the_same(bad):
     assert messages[0] == messages[1]
 
 
-@pytest.mark.parametrize("name", ["linear-A-bf16", "linear-B-rank", "linear-x-strided", "expand-t-rank",
-                                  "shrink-index-int32"])
+@pytest.mark.parametrize(
+    "name", ["linear-A-bf16", "linear-B-rank", "linear-x-strided", "expand-t-rank", "shrink-index-int32"]
+)
 def test_compiled_graph_reports_the_error(name):
     """torch.compile traces with the fake kernels: the same message, raised while compiling."""
     torch._dynamo.reset()

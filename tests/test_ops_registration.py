@@ -47,16 +47,22 @@ def test_backend_matches_environment():
 
 @pytest.mark.skipif(backend() != "compiled", reason="the extension is not built or not used")
 def test_compiled_backend_dispatches_to_the_cpp_kernels():
-    for name, source in [("lora_shrink", "lora_cpu.cpp"), ("lora_expand", "lora_cpu.cpp"),
-                         ("lora_linear", "lora_linear.cpp"), ("lora_linear_backward", "lora_linear.cpp")]:
+    for name, source in [
+        ("lora_shrink", "lora_cpu.cpp"),
+        ("lora_expand", "lora_cpu.cpp"),
+        ("lora_linear", "lora_linear.cpp"),
+        ("lora_linear_backward", "lora_linear.cpp"),
+    ]:
         assert source in torch._C._dispatch_dump(f"adapterhub::{name}"), name
 
 
 @pytest.mark.parametrize("force, expected", [("1", "fallback"), ("0", "compiled" if BUILT else "fallback")])
 def test_backend_in_a_fresh_process(force, expected):
-    code = ("import torch, adapterhub; from adapterhub.ops.schemas import SCHEMAS; print(adapterhub.backend()); "
-            "print(all(str(getattr(torch.ops.adapterhub, n).default._schema) == "
-            "str(torch._C.parse_schema('adapterhub::' + s)) for n, s in SCHEMAS.items()))")
+    code = (
+        "import torch, adapterhub; from adapterhub.ops.schemas import SCHEMAS; print(adapterhub.backend()); "
+        "print(all(str(getattr(torch.ops.adapterhub, n).default._schema) == "
+        "str(torch._C.parse_schema('adapterhub::' + s)) for n, s in SCHEMAS.items()))"
+    )
     result = run(["-c", code], force)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [expected, "True"]
@@ -65,8 +71,19 @@ def test_backend_in_a_fresh_process(force, expected):
 @pytest.mark.skipif(backend() == "fallback", reason="this run already tests the fallback")
 def test_fallback_passes_the_op_tests():
     """The correctness and error tests again, with ADAPTERHUB_FORCE_FALLBACK=1."""
-    result = run(["-m", "pytest", "tests/test_ops_correctness.py", "tests/test_ops_errors.py",
-                  "tests/test_ops_registration.py::test_backend_matches_environment", "-x", "-p", "no:cacheprovider"],
-                 "1", timeout=600)
+    result = run(
+        [
+            "-m",
+            "pytest",
+            "tests/test_ops_correctness.py",
+            "tests/test_ops_errors.py",
+            "tests/test_ops_registration.py::test_backend_matches_environment",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+        ],
+        "1",
+        timeout=600,
+    )
     assert "adapterhub backend: fallback" in result.stdout
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]

@@ -65,12 +65,31 @@ def test_the_guide_plugin_installs_lists_and_loads(tmp_path):
     package.mkdir()
     for name, body in files.items():
         (package / name).write_text(body)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(package)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(package),
+        ],
+        check=True,
+        capture_output=True,
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parent)])}
 
-    listing = subprocess.run([sys.executable, "-m", "adapterhub.cli", "plugins", "--json"], env=env, check=True,
-                             capture_output=True, text=True).stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "adapterhub.cli", "plugins", "--json"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     row = {t["name"]: t for t in json.loads(listing)["types"]}["bias"]
     assert (row["distribution"], row["version"]) == ("adapterhub-bias", "0.1.0")
     assert row["hooks"] == ["adapter_types", "recognize_adapter"]

@@ -31,7 +31,7 @@ def install_fake_distribution(root: Path, name: str, entry_points: dict[str, str
 
 def test_built_in_types_come_through_entry_points():
     listing = {t.name: t for t in registry().listing()}
-    assert BUILT_IN <= set(listing)
+    assert set(listing) >= BUILT_IN
     for name in BUILT_IN:
         assert (listing[name].distribution, listing[name].version) == ("adapterhub", ah.__version__)
         assert "adapter_types" in listing[name].hooks
@@ -53,34 +53,39 @@ def test_env_vars_choose_and_block_plugins(monkeypatch):
 
 
 def test_broken_plugins_are_reported_and_skipped(tmp_path, monkeypatch, caplog):
-    install_fake_distribution(tmp_path, "adapterhub-broken", {
-        "missing": "adapterhub_no_such_module",
-        "raises": "adapterhub_raises",
-        "unknown_hook": "adapterhub_unknown_hook",
-        "not_a_type": "adapterhub_not_a_type",
-        "clash": "adapterhub_clash",
-    }, {
-        "adapterhub_raises": "raise RuntimeError('boom at import')\n",
-        "adapterhub_unknown_hook": """
+    install_fake_distribution(
+        tmp_path,
+        "adapterhub-broken",
+        {
+            "missing": "adapterhub_no_such_module",
+            "raises": "adapterhub_raises",
+            "unknown_hook": "adapterhub_unknown_hook",
+            "not_a_type": "adapterhub_not_a_type",
+            "clash": "adapterhub_clash",
+        },
+        {
+            "adapterhub_raises": "raise RuntimeError('boom at import')\n",
+            "adapterhub_unknown_hook": """
             import adapterhub
             @adapterhub.hookimpl
             def adapter_typez():  # a typo: no such hook in the contract
                 return []
         """,
-        "adapterhub_not_a_type": """
+            "adapterhub_not_a_type": """
             import adapterhub
             @adapterhub.hookimpl
             def adapter_types():
                 return ["lora"]
         """,
-        "adapterhub_clash": """
+            "adapterhub_clash": """
             import adapterhub
             from adapterhub.types.ia3 import IA3Type
             @adapterhub.hookimpl
             def adapter_types():
                 return [IA3Type()]  # a second "ia3"
         """,
-    })
+        },
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     with caplog.at_level("WARNING", logger="adapterhub"):
         reg = Registry()
@@ -93,7 +98,7 @@ def test_broken_plugins_are_reported_and_skipped(tmp_path, monkeypatch, caplog):
     assert "returned 'lora', not an AdapterType" in failures["not_a_type"].error
     assert "'ia3', which plugin 'ia3' already provides" in failures["clash"].error
     assert "skipped plugin 'raises' (adapterhub-broken 1.2.3)" in caplog.text
-    assert BUILT_IN <= set(reg.names())  # everything else keeps working
+    assert set(reg.names()) >= BUILT_IN  # everything else keeps working
     assert type(reg.get("ia3")) is IA3Type and reg.pm.get_plugin("clash") is None
 
 
@@ -117,8 +122,11 @@ def test_types_that_break_the_contract_are_refused():
 
 def test_unknown_format_names_what_is_installed(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT"}))
-    with pytest.raises(ah.AdapterError, match=r"no installed adapter type reads .* \(peft_type 'OFT'\); installed "
-                                              r"types read \[.*'IA3'.*'LORA'.*\]: install the plugin"):
+    with pytest.raises(
+        ah.AdapterError,
+        match=r"no installed adapter type reads .* \(peft_type 'OFT'\); installed "
+        r"types read \[.*'IA3'.*'LORA'.*\]: install the plugin",
+    ):
         registry().recognize(tmp_path)
 
 
@@ -126,11 +134,12 @@ def test_cli_lists_types_as_text_and_json():
     command = [sys.executable, "-m", "adapterhub.cli", "plugins"]
     listing = json.loads(subprocess.run(command + ["--json"], check=True, capture_output=True, text=True).stdout)
     rows = {row["name"]: row for row in listing["types"]}
-    assert BUILT_IN <= set(rows) and listing["failures"] == []
+    assert set(rows) >= BUILT_IN and listing["failures"] == []
     assert rows["prompt_tuning"]["aliases"] == ["PROMPT_TUNING"] and rows["lora"]["distribution"] == "adapterhub"
     text = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    assert any(line.startswith("lora ") and "adapterhub" in line and "adapter_types" in line
-               for line in text.splitlines())
+    assert any(
+        line.startswith("lora ") and "adapterhub" in line and "adapter_types" in line for line in text.splitlines()
+    )
 
 
 def test_a_plugin_cannot_take_a_format_another_type_reads():

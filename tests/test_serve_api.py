@@ -11,7 +11,6 @@ import pathlib
 import httpx
 import openai
 import pytest
-
 from serving import Offline, Server, keys_file, make_model_dir, metric
 
 ADMIN = {"Authorization": "Bearer sk-admin"}
@@ -21,14 +20,36 @@ PROMPTS = ["hello there", "The quick brown fox", "abc", "zebra crossing"]
 RAY = ["--ray", "--replicas", "2"]
 
 
-@pytest.fixture(scope="module", params=[pytest.param([], id="local"), pytest.param(RAY, id="ray", marks=pytest.mark.ray)])
+@pytest.fixture(
+    scope="module", params=[pytest.param([], id="local"), pytest.param(RAY, id="ray", marks=pytest.mark.ray)]
+)
 def setup(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     dirs = make_model_dir(root)
-    server = Server(["--base", str(root / "base"), "--served-model-name", "tiny",
-                     "--adapter", f"a0={dirs['a0']}", "--adapter", f"a1={dirs['a1']}", "--adapter", f"a2={dirs['a2']}",
-                     "--adapter-dir", str(root / "adapters"), "--max-adapters", "3", "--max-rank", "8",
-                     "--api-key", str(keys_file(root / "keys.json")), *request.param], cwd=root)
+    server = Server(
+        [
+            "--base",
+            str(root / "base"),
+            "--served-model-name",
+            "tiny",
+            "--adapter",
+            f"a0={dirs['a0']}",
+            "--adapter",
+            f"a1={dirs['a1']}",
+            "--adapter",
+            f"a2={dirs['a2']}",
+            "--adapter-dir",
+            str(root / "adapters"),
+            "--max-adapters",
+            "3",
+            "--max-rank",
+            "8",
+            "--api-key",
+            str(keys_file(root / "keys.json")),
+            *request.param,
+        ],
+        cwd=root,
+    )
     yield server, Offline(dirs), dirs
     server.stop()
 
@@ -55,12 +76,14 @@ def _complete(client, model, prompt, max_tokens=24, **kw):
 
 
 def test_mixed_batch_equals_offline_backbone(setup, client, http):
-    server, offline, _ = setup
+    _, offline, _ = setup
     before = http.get("/metrics").text
     names = ["a0", "a1", "a2", "tiny"] * 2
     with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
-        futures = [pool.submit(_complete, client, n, PROMPTS[i % 4], 30, extra_body={"ignore_eos": True})
-                   for i, n in enumerate(names)]
+        futures = [
+            pool.submit(_complete, client, n, PROMPTS[i % 4], 30, extra_body={"ignore_eos": True})
+            for i, n in enumerate(names)
+        ]
         answers = [f.result() for f in futures]
     for i, (name, answer) in enumerate(zip(names, answers)):
         adapter = None if name == "tiny" else name
@@ -80,8 +103,9 @@ def test_mixed_batch_equals_offline_backbone(setup, client, http):
 
 def test_chat_uses_the_chat_template(setup, client):
     offline = setup[1]
-    answer = client.chat.completions.create(model="a1", messages=[{"role": "user", "content": "hi there"}],
-                                            max_tokens=20, temperature=0)
+    answer = client.chat.completions.create(
+        model="a1", messages=[{"role": "user", "content": "hi there"}], max_tokens=20, temperature=0
+    )
     assert answer.choices[0].message.content == offline.chat("a1", "hi there", 20)
     assert answer.choices[0].message.role == "assistant" and answer.object == "chat.completion"
 
@@ -104,14 +128,23 @@ def test_sampling_parameters(setup, client):
     assert len(greedy) >= 8
     stop = greedy[5:7]
     cut = _complete(client, "a0", PROMPTS[0], 30, stop=[stop], extra_body={"ignore_eos": True}).choices[0]
-    assert cut.text == greedy[:greedy.index(stop)] and cut.finish_reason == "stop"
-    nucleus = client.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=30, temperature=1.0, top_p=1e-6,
-                                        extra_body={"ignore_eos": True})
+    assert cut.text == greedy[: greedy.index(stop)] and cut.finish_reason == "stop"
+    nucleus = client.completions.create(
+        model="a0", prompt=PROMPTS[0], max_tokens=30, temperature=1.0, top_p=1e-6, extra_body={"ignore_eos": True}
+    )
     assert nucleus.choices[0].text == greedy  # top_p that keeps only the likeliest token is greedy
 
     def sample(seed):
-        return client.completions.create(model="a1", prompt=PROMPTS[2], max_tokens=20, temperature=1.0, seed=seed,
-                                         n=3, extra_body={"ignore_eos": True})
+        return client.completions.create(
+            model="a1",
+            prompt=PROMPTS[2],
+            max_tokens=20,
+            temperature=1.0,
+            seed=seed,
+            n=3,
+            extra_body={"ignore_eos": True},
+        )
+
     first, again, other = sample(7), sample(7), sample(8)
     texts = [c.text for c in first.choices]
     assert [c.index for c in first.choices] == [0, 1, 2] and first.usage.completion_tokens == 60
@@ -132,8 +165,17 @@ def test_errors(setup, http):
 
     unknown = post({"model": "nope", "prompt": "hi"})
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]["message"]
-    for bad in ({"temperature": 3}, {"n": 0}, {"top_p": 0}, {"max_tokens": 0}, {"stop": [""]},
-                {"presence_penalty": 1.0}, {"logprobs": 2}, {"bogus": 1}, {"prompt": []}):
+    for bad in (
+        {"temperature": 3},
+        {"n": 0},
+        {"top_p": 0},
+        {"max_tokens": 0},
+        {"stop": [""]},
+        {"presence_penalty": 1.0},
+        {"logprobs": 2},
+        {"bogus": 1},
+        {"prompt": []},
+    ):
         response = post({"model": "a0", "prompt": "hi", **bad})
         assert response.status_code == 400, (bad, response.text)
         assert response.json()["error"]["type"] == "invalid_request_error"
@@ -159,8 +201,9 @@ def test_load_replace_and_delete_while_requests_run(setup, client, http):
     offline = setup[1]
     jobs = [("a0", PROMPTS[i % 4]) if i % 2 else ("a1", PROMPTS[i % 4]) for i in range(20)]
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        running = [pool.submit(_complete, client, name, prompt, 40, extra_body={"ignore_eos": True})
-                   for name, prompt in jobs]
+        running = [
+            pool.submit(_complete, client, name, prompt, 40, extra_body={"ignore_eos": True}) for name, prompt in jobs
+        ]
         loaded = http.post("/v1/adapters", json={"name": "a3", "source": "a3"})  # slots full: evicts one
         assert loaded.status_code == 201, loaded.text
         replaced = http.post("/v1/adapters", json={"name": "a0", "source": "a3"})  # a0 now has a3's weights
@@ -195,7 +238,9 @@ def test_keys(setup):
     with pytest.raises(openai.PermissionDeniedError):
         _complete(tenant, "a2", "hi")
     assert [m.id for m in tenant.models.list().data] == ["tiny", "a0"]
-    denied = httpx.post(url + "/adapters", json={"name": "x", "source": "a3"}, headers={"Authorization": "Bearer sk-tenant"})
+    denied = httpx.post(
+        url + "/adapters", json={"name": "x", "source": "a3"}, headers={"Authorization": "Bearer sk-tenant"}
+    )
     assert denied.status_code == 403
 
 
@@ -205,10 +250,17 @@ def test_metrics_and_health(setup, http):
     assert "adapterhub_requests_total" in text
     if not local(setup):
         return
-    for name in ("adapterhub_requests_total", "adapterhub_generated_tokens_total", "adapterhub_tokens_per_second",
-                 "adapterhub_queue_depth", "adapterhub_batch_rows_bucket", "adapterhub_adapter_slots_used",
-                 "adapterhub_adapter_loads_total", "adapterhub_adapter_evictions_total",
-                 "adapterhub_adapter_load_seconds_bucket"):
+    for name in (
+        "adapterhub_requests_total",
+        "adapterhub_generated_tokens_total",
+        "adapterhub_tokens_per_second",
+        "adapterhub_queue_depth",
+        "adapterhub_batch_rows_bucket",
+        "adapterhub_adapter_slots_used",
+        "adapterhub_adapter_loads_total",
+        "adapterhub_adapter_evictions_total",
+        "adapterhub_adapter_load_seconds_bucket",
+    ):
         assert name in text, name
     assert metric(text, "adapterhub_generated_tokens_total") > 0
 

@@ -8,13 +8,13 @@ import time
 
 import pytest
 import torch
+from serving import Offline, make_model_dir, served_llama
+from tiny_models import save_peft, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 from adapterhub import AdapterError, Backbone
 from adapterhub.serve.batch import RunningBatch, prefill
 from adapterhub.serve.engine import Engine, Failed, Finished, Token
 from adapterhub.serve.sampling import Sampling, TextStream, next_tokens
-from serving import Offline, make_model_dir, served_llama
-from tiny_models import save_peft, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
@@ -24,7 +24,7 @@ def test_rows_join_and_leave_mid_generation(build):
 
     def alone(p: list[int], k: int) -> list[int]:
         out = model.generate(torch.tensor([p]), max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
-        return out[0, len(p):].tolist()
+        return out[0, len(p) :].tolist()
 
     batch, tokens, live = RunningBatch(), {}, []
 
@@ -68,6 +68,7 @@ def _run(engine: Engine, jobs, sampling: Sampling, timeout: float = 60) -> list[
             elif isinstance(event, (Finished, Failed)):
                 assert not isinstance(event, Failed), event
                 done.release()
+
         return on_event
 
     for k, (name, prompt) in enumerate(jobs):
@@ -98,8 +99,12 @@ def test_remove_waits_for_requests_in_flight_and_cancel_lets_go(dirs):
     try:
         engine.add_adapter("a0", str(dirs["a0"]))
         finished = threading.Event()
-        engine.submit("a0", [5, 6, 7], Sampling(max_tokens=50, temperature=0, ignore_eos=True),
-                      lambda e: finished.set() if isinstance(e, Finished) else None)
+        engine.submit(
+            "a0",
+            [5, 6, 7],
+            Sampling(max_tokens=50, temperature=0, ignore_eos=True),
+            lambda e: finished.set() if isinstance(e, Finished) else None,
+        )
         started = time.perf_counter()
         engine.remove_adapter("a0", timeout=60)
         assert finished.is_set(), "remove_adapter returned before the request in flight finished"
@@ -108,8 +113,9 @@ def test_remove_waits_for_requests_in_flight_and_cancel_lets_go(dirs):
 
         engine.add_adapter("a1", str(dirs["a1"]))
         tokens = []
-        request = engine.submit("a1", [5, 6, 7], Sampling(max_tokens=55, temperature=0, ignore_eos=True),
-                                lambda e: tokens.append(e))
+        request = engine.submit(
+            "a1", [5, 6, 7], Sampling(max_tokens=55, temperature=0, ignore_eos=True), lambda e: tokens.append(e)
+        )
         while not tokens:
             time.sleep(0.01)
         request.cancel()
@@ -125,7 +131,9 @@ def test_remove_waits_for_requests_in_flight_and_cancel_lets_go(dirs):
 def test_prompt_tuning_is_refused_with_the_reason(tmp_path):
     from peft import PromptTuningConfig
 
-    source = save_peft(tiny_llama, tmp_path / "prompt", 0, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    source = save_peft(
+        tiny_llama, tmp_path / "prompt", 0, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    )
     backbone = Backbone(served_llama(), max_adapters=2, max_rank=8)
     engine = Engine(backbone, tiny_tokenizer(), base_name="tiny")
     with pytest.raises(AdapterError, match="virtual tokens"):

@@ -14,7 +14,6 @@ import time
 
 import httpx
 import pytest
-
 from serving import Offline, Server, make_model_dir, served_llama
 
 pytestmark = pytest.mark.ray
@@ -28,9 +27,30 @@ def setup(tmp_path_factory):
     long = served_llama()  # the same weights with room for long generations (Llama's rotary has no limit)
     long.config.max_position_embeddings = 4096
     long.save_pretrained(root / "base")
-    server = Server(["--ray", "--replicas", "2", "--base", str(root / "base"), "--served-model-name", "tiny",
-                     "--adapter", f"a0={dirs['a0']}", "--adapter", f"a1={dirs['a1']}", "--adapter", f"a2={dirs['a2']}",
-                     "--adapter-dir", str(root / "adapters"), "--max-adapters", "2", "--max-rank", "8"], cwd=root)
+    server = Server(
+        [
+            "--ray",
+            "--replicas",
+            "2",
+            "--base",
+            str(root / "base"),
+            "--served-model-name",
+            "tiny",
+            "--adapter",
+            f"a0={dirs['a0']}",
+            "--adapter",
+            f"a1={dirs['a1']}",
+            "--adapter",
+            f"a2={dirs['a2']}",
+            "--adapter-dir",
+            str(root / "adapters"),
+            "--max-adapters",
+            "2",
+            "--max-rank",
+            "8",
+        ],
+        cwd=root,
+    )
     yield server, Offline(dirs)
     server.stop()
 
@@ -42,8 +62,10 @@ def http(setup):
 
 
 def _complete(http, model: str, max_tokens: int = 20):
-    response = http.post("/completions", json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
-                                               "temperature": 0, "ignore_eos": True})
+    response = http.post(
+        "/completions",
+        json={"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
+    )
     return response
 
 
@@ -116,7 +138,8 @@ def test_the_deployment_config_builds_the_application():
 
     from adapterhub.serve import ray_app
 
-    config = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "deploy", "ray-serve.yaml")))
+    with open(os.path.join(os.path.dirname(__file__), "..", "deploy", "ray-serve.yaml")) as file:
+        config = yaml.safe_load(file)
     (app,) = config["applications"]
     assert app["import_path"] == "adapterhub.serve.ray_app:from_config"
     assert isinstance(ray_app.from_config(app["args"]), Application)

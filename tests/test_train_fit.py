@@ -46,8 +46,9 @@ STRATEGIES = {
     "discriminative": lambda: train.DiscriminativeLR(),
     "progressive": lambda: train.ProgressiveUnfreezing(),
     "lora": lambda: train.AdapterTuning("lora", {"r": 4, "target_modules": ["query", "value"]}),
-    "ia3": lambda: train.AdapterTuning("ia3", {"target_modules": ["value", "intermediate.dense"],
-                                               "feedforward_modules": ["intermediate.dense"]}),
+    "ia3": lambda: train.AdapterTuning(
+        "ia3", {"target_modules": ["value", "intermediate.dense"], "feedforward_modules": ["intermediate.dense"]}
+    ),
     "bottleneck": lambda: train.AdapterTuning("bottleneck", {"config": {"reduction_factor": 2}}),  # width 16
     "prompt_tuning": lambda: train.AdapterTuning("prompt_tuning", {"num_virtual_tokens": 12}),
 }
@@ -58,8 +59,9 @@ def test_every_strategy_learns_a_classifier_and_saves_it(name, tmp_path):
     model = tiny_bert_cls()
     data = _classification_data()
     before = train.evaluate(model, train.Strategy(), _examples(model, data), train.CLASSIFICATION, 16, 0)
-    result = _fit(model, STRATEGIES[name](), data, eval=data, epochs=6, lr=5e-2 if name != "full" else None,
-                  output_dir=tmp_path)
+    result = _fit(
+        model, STRATEGIES[name](), data, eval=data, epochs=6, lr=5e-2 if name != "full" else None, output_dir=tmp_path
+    )
     assert result.history[-1]["eval_loss"] < before["eval_loss"]
     assert result.best is not None and (tmp_path / "best").is_dir()
     total = sum(p.numel() for p in model.parameters())
@@ -95,8 +97,11 @@ def test_progressive_unfreezing_schedule_and_discriminative_rates():
     assert len(groups) == 4  # embeddings, 2 blocks, pooler + classifier
     rates = [g["lr"] for g in strategy.param_groups(0.8)]
     assert rates == [0.1, 0.2, 0.4, 0.8]
-    for epoch, trainable in ((0, [False, False, False, True]), (1, [False, False, True, True]),
-                             (3, [True, True, True, True])):
+    for epoch, trainable in (
+        (0, [False, False, False, True]),
+        (1, [False, False, True, True]),
+        (3, [True, True, True, True]),
+    ):
         strategy.on_epoch(epoch)
         assert [all(p.requires_grad for p in g) for g in groups] == trainable
         assert strategy.trainable_count() == sum(p.numel() for g, t in zip(groups, trainable) if t for p in g)
@@ -109,8 +114,9 @@ def test_full_fine_tuning_rate_is_a_fraction_of_scratch():
 
 
 def test_same_seed_same_loss_curve():
-    runs = [_fit(tiny_llama(), train.AdapterTuning("lora", {"r": 4}), _completion_data(), lr=1e-2).losses
-            for _ in range(2)]
+    runs = [
+        _fit(tiny_llama(), train.AdapterTuning("lora", {"r": 4}), _completion_data(), lr=1e-2).losses for _ in range(2)
+    ]
     assert runs[0] == runs[1] and len(runs[0]) == 6
     other = _fit(tiny_llama(), train.AdapterTuning("lora", {"r": 4}), _completion_data(), lr=1e-2, seed=1).losses
     assert other != runs[0]
@@ -135,20 +141,29 @@ KILLED_RUN = textwrap.dedent("""
 
 @pytest.mark.parametrize("kill_at", [3, 5])  # mid-epoch (after the step-2 checkpoint), right after an epoch's
 def test_a_killed_run_resumes_to_the_same_loss_curve(kill_at, tmp_path):
-    straight = _fit(tiny_llama(), train.AdapterTuning("lora", {"r": 4}), _completion_data(), epochs=3, lr=1e-2,
-                    output_dir=tmp_path / "straight")
+    straight = _fit(
+        tiny_llama(),
+        train.AdapterTuning("lora", {"r": 4}),
+        _completion_data(),
+        epochs=3,
+        lr=1e-2,
+        output_dir=tmp_path / "straight",
+    )
     out = tmp_path / "killed"
     code = KILLED_RUN.format(tests=str(TESTS), kill_at=kill_at, out=str(out))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 9, done.stderr
     assert not (out / "best").exists() or (out / "best" / "adapter_config.json").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no half-written directory
-    resumed = _fit(tiny_llama(), train.AdapterTuning("lora", {"r": 4}), _completion_data(), epochs=3, lr=1e-2,
-                   output_dir=out)
+    resumed = _fit(
+        tiny_llama(), train.AdapterTuning("lora", {"r": 4}), _completion_data(), epochs=3, lr=1e-2, output_dir=out
+    )
     assert resumed.losses == straight.losses
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
-    assert load_file(out / "best" / "adapter_model.safetensors").keys() == \
-        load_file(tmp_path / "straight" / "best" / "adapter_model.safetensors").keys()
+    assert (
+        load_file(out / "best" / "adapter_model.safetensors").keys()
+        == load_file(tmp_path / "straight" / "best" / "adapter_model.safetensors").keys()
+    )
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -159,10 +174,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             with torch.no_grad():
                 model.model.norm.weight.fill_(float("nan"))
 
-    with pytest.raises(train.TrainingError, match=r"became nan at step 5 \(task epoch 2, batch 2\).*last good "
-                                                  r"checkpoint is kept"):
-        _fit(model, train.AdapterTuning("lora", {"r": 4}), _completion_data(), epochs=3, lr=1e-2,
-             output_dir=tmp_path, callbacks=[poison])
+    with pytest.raises(
+        train.TrainingError,
+        match=r"became nan at step 5 \(task epoch 2, batch 2\).*last good "
+        r"checkpoint is kept",
+    ):
+        _fit(
+            model,
+            train.AdapterTuning("lora", {"r": 4}),
+            _completion_data(),
+            epochs=3,
+            lr=1e-2,
+            output_dir=tmp_path,
+            callbacks=[poison],
+        )
     from adapterhub.train.checkpoint import load_state
 
     state = load_state(tmp_path / "checkpoint")
@@ -201,20 +226,30 @@ def test_domain_adaptation_runs_language_modelling_first(tmp_path):
     assert [h["phase"] for h in result.history] == ["domain", "domain", "task", "task"]
     assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
     with pytest.raises(train.TrainingError, match="no language-model head"):
-        _fit(tiny_bert_cls(), train.DomainAdaptation(train.AdapterTuning("lora", {"r": 4}), ["x"]),
-             _classification_data())
+        _fit(
+            tiny_bert_cls(),
+            train.DomainAdaptation(train.AdapterTuning("lora", {"r": 4}), ["x"]),
+            _classification_data(),
+        )
 
 
-@pytest.mark.parametrize("data, model, message", [
-    ([], tiny_bert_cls, "train data is empty"),
-    ([{"text": "apple", "label": 7}], tiny_bert_cls, r"example 0 has label 7; the model has num_labels=3"),
-    ([{"text": "apple", "label": "fruit"}], tiny_bert_cls, r"label 'fruit', which is not a label of the model"),
-    ([{"text": "apple"}], tiny_bert_cls, r'example 0 needs "text" \(a string\) and "label"'),
-    ([{"text": "a" * 70, "label": 0}], tiny_bert_cls, r"example 0 has 70 tokens, more than the backbone's context "
-                                                     r"of 64; shorten it, or pass truncate=True"),
-    ([{"prompt": "x", "completion": "y", "adapter": "other"}], tiny_llama, r"name adapters \['other'\]"),
-    ([{"text": "x"}], lambda: torch.nn.Linear(2, 2), "cannot train a Linear"),
-])
+@pytest.mark.parametrize(
+    "data, model, message",
+    [
+        ([], tiny_bert_cls, "train data is empty"),
+        ([{"text": "apple", "label": 7}], tiny_bert_cls, r"example 0 has label 7; the model has num_labels=3"),
+        ([{"text": "apple", "label": "fruit"}], tiny_bert_cls, r"label 'fruit', which is not a label of the model"),
+        ([{"text": "apple"}], tiny_bert_cls, r'example 0 needs "text" \(a string\) and "label"'),
+        (
+            [{"text": "a" * 70, "label": 0}],
+            tiny_bert_cls,
+            r"example 0 has 70 tokens, more than the backbone's context "
+            r"of 64; shorten it, or pass truncate=True",
+        ),
+        ([{"prompt": "x", "completion": "y", "adapter": "other"}], tiny_llama, r"name adapters \['other'\]"),
+        ([{"text": "x"}], lambda: torch.nn.Linear(2, 2), "cannot train a Linear"),
+    ],
+)
 def test_bad_input_is_refused_before_anything_is_written(data, model, message, tmp_path):
     with pytest.raises(train.TrainingError, match=message):
         _fit(model(), train.AdapterTuning("lora", {"r": 4}), data, output_dir=tmp_path / "out")
@@ -237,27 +272,32 @@ def test_cli_trains_from_a_toml_file(tmp_path):
     tiny_llama().save_pretrained(model_dir)
     TOKENIZER.save_pretrained(model_dir)
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(e) for e in _completion_data()))
-    (tmp_path / "run.toml").write_text(textwrap.dedent(f"""
+    (tmp_path / "run.toml").write_text(
+        textwrap.dedent(f"""
         model = "{model_dir}"
         task = "causal_lm"
         strategy = "adapter"
         adapter_type = "lora"
         adapter_config = {{r = 4, lora_alpha = 8, target_modules = ["q_proj", "v_proj"]}}
-        data = "{tmp_path / 'train.jsonl'}"
+        data = "{tmp_path / "train.jsonl"}"
         epochs = 1
-        output_dir = "{tmp_path / 'out'}"
-    """))
+        output_dir = "{tmp_path / "out"}"
+    """)
+    )
     cli = [sys.executable, "-m", "adapterhub.cli", "train", "--config", str(tmp_path / "run.toml"), "--lr", "0.01"]
     done = subprocess.run(cli, capture_output=True, text=True, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[0])["epoch"] == 1
     config = json.loads((tmp_path / "out" / "best" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and sorted(config["target_modules"]) == ["model.layers.0.self_attn.q_proj",
-                                                                       "model.layers.0.self_attn.v_proj",
-                                                                       "model.layers.1.self_attn.q_proj",
-                                                                       "model.layers.1.self_attn.v_proj"]
-    bad = subprocess.run(cli[:-2] + ["--data", str(tmp_path / "missing-labels.jsonl")], capture_output=True,
-                         text=True, timeout=300)
+    assert config["r"] == 4 and sorted(config["target_modules"]) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    bad = subprocess.run(
+        cli[:-2] + ["--data", str(tmp_path / "missing-labels.jsonl")], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode != 0 and "missing-labels.jsonl" in bad.stderr
 
 
@@ -267,8 +307,10 @@ def test_bottleneck_classifier_saves_its_head_and_reloads(tmp_path):
     model, strategy = tiny_bert_cls(), STRATEGIES["bottleneck"]()
     data = _classification_data()
     _fit(model, strategy, data, epochs=3, lr=5e-2, output_dir=tmp_path)
-    assert sorted(load_file(tmp_path / "best" / "adapterhub_heads.safetensors")) == ["classifier.bias",
-                                                                                      "classifier.weight"]
+    assert sorted(load_file(tmp_path / "best" / "adapterhub_heads.safetensors")) == [
+        "classifier.bias",
+        "classifier.weight",
+    ]
     probe = TOKENIZER([d["text"] for d in data[:6]], return_tensors="pt", padding=True)
     strategy.backbone.save("adapter", tmp_path / "final")  # the last epoch's weights, resident after fit
     fresh = tiny_bert_cls()

@@ -12,12 +12,18 @@ import adapterhub as ah
 
 CASES = {
     "lora-llama": (tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)),
-    "lora-gpt2-conv1d": (tiny_gpt2, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
-                                               fan_in_fan_out=True)),
-    "lora-bert-head": (tiny_bert_cls, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                                 modules_to_save=["classifier"])),
-    "ia3-llama": (tiny_llama, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                        feedforward_modules=["down_proj"])),
+    "lora-gpt2-conv1d": (
+        tiny_gpt2,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    ),
+    "lora-bert-head": (
+        tiny_bert_cls,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    ),
+    "ia3-llama": (
+        tiny_llama,
+        IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    ),
     "prompt-llama": (tiny_llama, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
     # outside plugins (plugins/): trainable with no training code of their own
     "loha-plugin": (tiny_llama, LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])),
@@ -29,7 +35,7 @@ def _loss(logits: torch.Tensor, length: int) -> torch.Tensor:
     """A loss of every output that depends on all parameters (the last `length` positions: the tokens)."""
     if logits.dim() == 3:
         logits = logits[:, -length:]
-    return (logits ** 2).mean()
+    return (logits**2).mean()
 
 
 def _peft_key(name: str) -> str:
@@ -92,7 +98,7 @@ def test_no_gradient_leaks_between_slots(case, tmp_path):
             for p in trainable.parameters():
                 p.grad = None
             with bb.use(["a", "b", None]):
-                _loss(model(x).logits[row:row + 1], 9).backward()
+                _loss(model(x).logits[row : row + 1], 9).backward()
             assert all(p.grad is None or not p.grad.any() for p in trainable.parameters(other)), other
             assert all(p.grad is not None and p.grad.any() for p in trainable.parameters(owner)), owner
         for p in trainable.parameters():
@@ -116,8 +122,9 @@ def _float64(build):
     model = build().double()
     for module in model.modules():
         if type(module).__name__ == "LlamaRMSNorm":
-            module.forward = lambda h, m=module: m.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) +
-                                                                               m.variance_epsilon)
+            module.forward = lambda h, m=module: (
+                m.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+            )
     return model
 
 
@@ -194,9 +201,9 @@ def test_trained_weights_stay_in_the_slot_and_save_for_peft(tmp_path):
 def test_dora_refuses_training(tmp_path):
     model = tiny_llama()
     bb = ah.Backbone(model, max_adapters=2, max_rank=8)
-    bb.load(save_peft(tiny_llama, tmp_path / "d", 1, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)),
-            name="d")
-    with pytest.raises(ah.AdapterError, match="DoRA adapters cannot be trained"):
-        with bb.training("d"):
-            pass
+    bb.load(
+        save_peft(tiny_llama, tmp_path / "d", 1, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)), name="d"
+    )
+    with pytest.raises(ah.AdapterError, match="DoRA adapters cannot be trained"), bb.training("d"):
+        pass
     assert bb.info("d").pinned is False

@@ -18,9 +18,17 @@ def _dataset(n: int = 16) -> list[dict]:
 
 
 def _args(tmp_path) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8,
-                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                             dataloader_num_workers=0, seed=0)
+    return TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
 
 
 def test_progressive_unfreezing_in_trainer(tmp_path):
@@ -35,8 +43,13 @@ def test_progressive_unfreezing_in_trainer(tmp_path):
         def on_epoch_end(self, args, state, control, **kwargs):
             seen.append([all(p.requires_grad for p in g) for g in groups])
 
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(),
-                      optimizers=(optimizer_for(strategy, lr=1e-2), None), callbacks=[Record(strategy)])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_dataset(),
+        optimizers=(optimizer_for(strategy, lr=1e-2), None),
+        callbacks=[Record(strategy)],
+    )
     trainer.train()
     assert seen == [[False, False, False, True], [False, False, True, True]]
     changed = [any(not torch.equal(p, q) for p, q in zip(g, s)) for g, s in zip(groups, start)]
@@ -50,8 +63,9 @@ def test_adapter_trained_in_its_slot_by_trainer(tmp_path):
     strategy = train.AdapterTuning("lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]})
     strategy.attach(model)
     data = [{"input_ids": row["input_ids"], "labels": row["input_ids"]} for row in _dataset()]
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=data,
-                      optimizers=(optimizer_for(strategy, lr=1e-2), None))
+    trainer = Trainer(
+        model=model, args=_args(tmp_path), train_dataset=data, optimizers=(optimizer_for(strategy, lr=1e-2), None)
+    )
     with strategy.routing([None]):
         first = trainer.evaluate(data)["eval_loss"]
         trainer.train()

@@ -21,9 +21,9 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -72,9 +72,17 @@ class _Record:
 class Backbone:
     """A frozen model serving many adapters, of any installed types, at once. See the module docstring."""
 
-    def __init__(self, model: nn.Module, *, max_adapters: int = 16, max_rank: int = 16,
-                 target_modules: Sequence[str] | str | None = None, preallocate: Sequence[str] = ("lora",),
-                 host_cache_bytes: int = 1 << 30, types: Registry | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_adapters: int = 16,
+        max_rank: int = 16,
+        target_modules: Sequence[str] | str | None = None,
+        preallocate: Sequence[str] = ("lora",),
+        host_cache_bytes: int = 1 << 30,
+        types: Registry | None = None,
+    ):
         if max_adapters < 1 or max_rank < 1:
             raise ValueError(f"max_adapters and max_rank must be >= 1, got {max_adapters} and {max_rank}")
         self.model = model.requires_grad_(False)
@@ -107,9 +115,17 @@ class Backbone:
     def info(self, name: str) -> AdapterInfo:
         with self._lock:
             record = self._record(name)
-            return AdapterInfo(name=name, type=record.type, source=record.source, slot=self.table.slot_of[name],
-                               rank=record.rank, modules=len(record.modules), nbytes=record.nbytes,
-                               pinned=name in self.table.pinned, config=dict(record.config))
+            return AdapterInfo(
+                name=name,
+                type=record.type,
+                source=record.source,
+                slot=self.table.slot_of[name],
+                rank=record.rank,
+                modules=len(record.modules),
+                nbytes=record.nbytes,
+                pinned=name in self.table.pinned,
+                config=dict(record.config),
+            )
 
     def pin(self, name: str) -> None:
         """Keeps `name` resident: LRU eviction passes it over until `unpin`."""
@@ -123,9 +139,19 @@ class Backbone:
             self.table.pinned.discard(name)
 
     # ---- loading -------------------------------------------------------------------------
-    def load(self, source: str | os.PathLike, name: str | None = None, *, type: str | None = None,
-             revision: str | None = None, subfolder: str | None = None, token: str | bool | None = None,
-             cache_dir: str | os.PathLike | None = None, allow_pickle: bool = False, pin: bool = False) -> str:
+    def load(
+        self,
+        source: str | os.PathLike,
+        name: str | None = None,
+        *,
+        type: str | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        pin: bool = False,
+    ) -> str:
         """Loads an adapter (local directory or Hub repo id) into a free slot; returns its name.
 
         Its type is found from the files (PEFT's peft_type, or a plugin's recognize_adapter) unless
@@ -156,17 +182,25 @@ class Backbone:
         trainable copy of, as PEFT's modules_to_save."""
         adapter_type = self.types.get(type)
         config = dict(config or {})
-        check_config(config, adapter_type.config_schema, f"create({name!r}, {type!r}) config",
-                     fix="fix the config passed to create()")
+        check_config(
+            config,
+            adapter_type.config_schema,
+            f"create({name!r}, {type!r}) config",
+            fix="fix the config passed to create()",
+        )
         adapter = adapter_type.init(self.model, config)
         for wanted in config.get("modules_to_save") or []:
             found = [p for p in self._modules if p == wanted or p.endswith("." + wanted)]
             if not found:
-                raise AdapterError(f"create: modules_to_save names {wanted!r}, which is not a module of "
-                                   f"{self.model.__class__.__name__}")
+                raise AdapterError(
+                    f"create: modules_to_save names {wanted!r}, which is not a module of "
+                    f"{self.model.__class__.__name__}"
+                )
             for path in found:
                 module = self._modules[path]
-                adapter.modules_to_save[path] = {k: p.detach().clone() for k, p in module.named_parameters(recurse=False)}
+                adapter.modules_to_save[path] = {
+                    k: p.detach().clone() for k, p in module.named_parameters(recurse=False)
+                }
         return self.add(name, adapter)
 
     @contextlib.contextmanager
@@ -180,16 +214,19 @@ class Backbone:
             for name in names:
                 self._record(name)
                 if name in self._training:
-                    raise AdapterError(f"{name!r} is already being trained in another training() block; "
-                                       "leave that block first")
+                    raise AdapterError(
+                        f"{name!r} is already being trained in another training() block; leave that block first"
+                    )
             adapters = {name: self._extract(name) for name in names}
             pinned = {name for name in names if name in self.table.pinned}
             trainable = Trainable(self, adapters)
             for name in names:
                 self.table.pinned.add(name)
                 self._training[name] = trainable
-        hooks = [self.model.register_forward_pre_hook(trainable.before_forward, prepend=True),  # before prompts
-                 self.model.register_forward_hook(trainable.after_forward, always_call=True)]
+        hooks = [
+            self.model.register_forward_pre_hook(trainable.before_forward, prepend=True),  # before prompts
+            self.model.register_forward_hook(trainable.after_forward, always_call=True),
+        ]
         try:
             yield trainable
         finally:
@@ -208,8 +245,9 @@ class Backbone:
         then the HeadSlots of its modules_to_save heads."""
         with self._lock:
             record = self._record(name)
-            return [self._module_slots[(record.type, path)] for path in record.modules] + \
-                [self._heads[path] for path in record.heads]
+            return [self._module_slots[(record.type, path)] for path in record.modules] + [
+                self._heads[path] for path in record.heads
+            ]
 
     def rewrite(self, name: str, adapter: Adapter) -> None:
         """Writes new values of resident `name`'s tensors (`adapter`: the same modules and shapes, e.g.
@@ -231,9 +269,18 @@ class Backbone:
             if pin:
                 self.table.pinned.add(name)
 
-    def swap(self, name: str, source: str | os.PathLike, *, type: str | None = None, revision: str | None = None,
-             subfolder: str | None = None, token: str | bool | None = None,
-             cache_dir: str | os.PathLike | None = None, allow_pickle: bool = False) -> None:
+    def swap(
+        self,
+        name: str,
+        source: str | os.PathLike,
+        *,
+        type: str | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+    ) -> None:
         """Replaces `name`'s weights with those at `source` (any type); batches in flight finish on the old ones."""
         with self._lock:
             self._check_not_training(name, "swap")
@@ -279,7 +326,7 @@ class Backbone:
 
     # ---- routing -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def use(self, names: str | None | Sequence[str | None], *, repeat: int = 1) -> Iterator[None]:
+    def use(self, names: str | Sequence[str | None] | None, *, repeat: int = 1) -> Iterator[None]:
         """Routes every forward of the model inside the block.
 
         `names`: one name (or None = base) for all rows of any batch, or one per row of the batch;
@@ -338,11 +385,14 @@ class Backbone:
 
     def _check_new_name(self, name: str) -> None:
         if name in self._records:
-            raise AdapterError(f"an adapter named {name!r} is already loaded (from {self._records[name].source}); "
-                               f"use swap({name!r}, ...) to replace its weights, or load under another name")
+            raise AdapterError(
+                f"an adapter named {name!r} is already loaded (from {self._records[name].source}); "
+                f"use swap({name!r}, ...) to replace its weights, or load under another name"
+            )
 
     def _fetch(self, source, type_name, revision, subfolder, token, cache_dir, allow_pickle) -> tuple[tuple, Adapter]:
-        """(key of the files, adapter): from the host cache when these very files were evicted, else read and checked."""
+        """(key of the files, adapter): from the host cache when these very files were evicted, else
+        read and checked."""
         directory = Path(resolve(source, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir))
         key = source_key(directory)
         adapter = self.host_cache.take(key)
@@ -374,12 +424,16 @@ class Backbone:
         check_config(adapter.config, adapter_type.config_schema, adapter.source or "the adapter's config")
         for path in adapter.modules:
             if path not in self._modules:
-                raise AdapterError(f"{adapter.source}: the adapter adapts module {path!r}, which does not exist in "
-                                   f"{type(self.model).__name__}; modules include {sorted(self._modules)[1:7]}")
+                raise AdapterError(
+                    f"{adapter.source}: the adapter adapts module {path!r}, which does not exist in "
+                    f"{type(self.model).__name__}; modules include {sorted(self._modules)[1:7]}"
+                )
         rank = adapter_type.rank(adapter)
         if rank > self.max_rank:
-            raise AdapterError(f"{adapter.source}: the {adapter.type} adapter has rank {rank} > max_rank "
-                               f"{self.max_rank}; create the Backbone with max_rank >= {rank}")
+            raise AdapterError(
+                f"{adapter.source}: the {adapter.type} adapter has rank {rank} > max_rank "
+                f"{self.max_rank}; create the Backbone with max_rank >= {rank}"
+            )
         adapter_type.check(adapter, self.model)
         for path, state in adapter.modules_to_save.items():
             self._check_head(adapter, path, state)
@@ -387,17 +441,23 @@ class Backbone:
     def _check_head(self, adapter: Adapter, path: str, state: dict[str, torch.Tensor]) -> None:
         module = self._modules.get(path)
         if not isinstance(module, nn.Linear):
-            raise AdapterError(f"{adapter.source}: modules_to_save names {path!r}, which is "
-                               f"{'missing from the model' if module is None else type(module).__name__}; "
-                               "only nn.Linear modules can be saved per adapter")
+            raise AdapterError(
+                f"{adapter.source}: modules_to_save names {path!r}, which is "
+                f"{'missing from the model' if module is None else type(module).__name__}; "
+                "only nn.Linear modules can be saved per adapter"
+            )
         expected = {key: tuple(p.shape) for key, p in module.named_parameters(recurse=False)}
         got = {key: tuple(t.shape) for key, t in state.items()}
         if got != expected:
-            raise AdapterError(f"{adapter.source}: the modules_to_save copy of {path!r} has tensors {got}, "
-                               f"expected {expected} (the module's own parameters)")
+            raise AdapterError(
+                f"{adapter.source}: the modules_to_save copy of {path!r} has tensors {got}, "
+                f"expected {expected} (the module's own parameters)"
+            )
         if module.weight.numel() > HeadSlots.MAX_PARAMETERS:
-            raise AdapterError(f"{adapter.source}: modules_to_save names {path!r} with {module.weight.numel()} "
-                               f"weights; per-adapter copies are for small heads (<= {HeadSlots.MAX_PARAMETERS})")
+            raise AdapterError(
+                f"{adapter.source}: modules_to_save names {path!r} with {module.weight.numel()} "
+                f"weights; per-adapter copies are for small heads (<= {HeadSlots.MAX_PARAMETERS})"
+            )
 
     def _free_slot(self, name: str, keep: str | None = None) -> int:
         free = self.table.free_slots()
@@ -405,9 +465,11 @@ class Backbone:
             return free[0]
         victim = self.table.eviction_candidate(exclude=keep)
         if victim is None:
-            raise NoFreeSlot(f"cannot load {name!r}: all {self.max_adapters} slots are pinned or in use by "
-                               "batches in flight; unpin or unload an adapter, or create the Backbone with a "
-                               "larger max_adapters")
+            raise NoFreeSlot(
+                f"cannot load {name!r}: all {self.max_adapters} slots are pinned or in use by "
+                "batches in flight; unpin or unload an adapter, or create the Backbone with a "
+                "larger max_adapters"
+            )
         self.host_cache.put(self._records[victim].source_key, self._extract(victim).to("cpu"))
         slot = self.table.remove(victim)
         del self._records[victim]
@@ -448,15 +510,23 @@ class Backbone:
     def _remember(self, name: str, slot: int, source: str, key: tuple, adapter: Adapter) -> None:
         self.table.assign(name, slot)
         adapter_type = self.types.get(adapter.type)
-        self._records[name] = _Record(type=adapter.type, source=source, source_key=key, config=dict(adapter.config),
-                                      rank=adapter_type.rank(adapter), modules=tuple(adapter.modules),
-                                      nbytes=adapter.nbytes(), heads=tuple(adapter.modules_to_save),
-                                      features=adapter_type.features(adapter))
+        self._records[name] = _Record(
+            type=adapter.type,
+            source=source,
+            source_key=key,
+            config=dict(adapter.config),
+            rank=adapter_type.rank(adapter),
+            modules=tuple(adapter.modules),
+            nbytes=adapter.nbytes(),
+            heads=tuple(adapter.modules_to_save),
+            features=adapter_type.features(adapter),
+        )
 
     def _extract(self, name: str) -> Adapter:
         """The resident adapter copied out of its slot, as read from disk."""
         record, slot = self._records[name], self.table.slot_of[name]
         modules = {path: self._module_slots[(record.type, path)].read(slot) for path in record.modules}
         heads = {path: self._heads[path].read(slot) for path in record.heads}
-        return Adapter(type=record.type, config=dict(record.config), modules=modules, modules_to_save=heads,
-                       source=record.source)
+        return Adapter(
+            type=record.type, config=dict(record.config), modules=modules, modules_to_save=heads, source=record.source
+        )

@@ -35,21 +35,32 @@ def attach(module: nn.Module, slots: ModuleSlots, routing: Routing, key: str, ch
     route `key` (an adapter type, or ALL_ROWS) is set."""
     module.add_module(child, slots)
     if type(slots).before is not ModuleSlots.before:
+
         def before(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
             route = routing.routes.get(key)
             return None if route is None else slots.before(mod, args, kwargs, route)
+
         module.register_forward_pre_hook(before, with_kwargs=True)
     if type(slots).after is not ModuleSlots.after:
+
         def after(mod: nn.Module, args: tuple, output: Any) -> Any:
             route = routing.routes.get(key)
             return None if route is None else slots.after(mod, args, output, route)
+
         module.register_forward_hook(after)
 
 
-def routes_for(slots: list[int], types: list[str | None], features: list[frozenset[str]], broadcast: bool,
-               repeat: int, device: torch.device) -> dict[str, Route]:
+def routes_for(
+    slots: list[int],
+    types: list[str | None],
+    features: list[frozenset[str]],
+    broadcast: bool,
+    repeat: int,
+    device: torch.device,
+) -> dict[str, Route]:
     """The route of each type present and ALL_ROWS, for rows using `slots` (-1 = base) of adapter
     `types` that need `features`."""
+
     def route(of_type: str | None) -> Route:
         values = [s if of_type is None or t == of_type else -1 for s, t in zip(slots, types)]
         index = torch.tensor(values, dtype=torch.long, device=device)

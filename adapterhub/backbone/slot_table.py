@@ -1,9 +1,9 @@
 """Which adapter lives in which preallocated slot, and which slot to give up next.
 
 The slot tensors themselves live in ModuleSlots children of the adapted modules (a type's, and
-HeadSlots for modules_to_save heads); this table only assigns slot numbers. A slot is busy while a batch that routes to it is in flight
-(`acquire`/`release`), pinned while its adapter is pinned, and otherwise evictable in
-least-recently-used order. All methods are called under the Backbone's lock.
+HeadSlots for modules_to_save heads); this table only assigns slot numbers. A slot is busy while a
+batch that routes to it is in flight (`acquire`/`release`), pinned while its adapter is pinned, and
+otherwise evictable in least-recently-used order. All methods are called under the Backbone's lock.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -54,9 +54,12 @@ class Recipe:
 
     def lora_config(self, layers: int) -> dict:
         """PEFT LoRA settings for a model of `layers` blocks: every projection of the top layers."""
-        return {"r": self.r, "lora_alpha": self.lora_alpha,
-                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                "layers_to_transform": list(range(max(layers - self.top_layers, 0), layers))}
+        return {
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "layers_to_transform": list(range(max(layers - self.top_layers, 0), layers)),
+        }
 
 
 def default_dir() -> Path:
@@ -78,8 +81,15 @@ def cached(directory: Path) -> dict | None:
     return manifest if all((directory / name).is_dir() for name in manifest["adapters"]) else None
 
 
-def ensure(directory: str | os.PathLike | None = None, *, force: bool = False, recipe: Recipe = Recipe(),
-           model: nn.Module | None = None, tokenizer=None, progress: bool = True) -> Path:
+def ensure(
+    directory: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    recipe: Recipe = Recipe(),
+    model: nn.Module | None = None,
+    tokenizer=None,
+    progress: bool = True,
+) -> Path:
     """A directory holding the demo adapters: `directory` (default: the cache, default_dir()) if it holds
     them; else, for the embedded SmolLM2 and no `directory`, the shipped set; else (or with `force`)
     `directory` after training them into it.
@@ -87,8 +97,10 @@ def ensure(directory: str | os.PathLike | None = None, *, force: bool = False, r
     `model` and `tokenizer` (a causal LM with a chat template) default to the embedded SmolLM2; another
     model needs its own `directory`, so that it never fills the default cache with adapters of its own."""
     if model is not None and directory is None:
-        raise ValueError("ensure(model=...) trains adapters for another model than the embedded default: "
-                         "give it a directory of its own")
+        raise ValueError(
+            "ensure(model=...) trains adapters for another model than the embedded default: "
+            "give it a directory of its own"
+        )
     path = Path(directory) if directory is not None else default_dir()
     if not force and cached(path) is not None:
         return path
@@ -106,16 +118,24 @@ def ensure(directory: str | os.PathLike | None = None, *, force: bool = False, r
     return path
 
 
-def train_into(directory: Path, model: nn.Module, tokenizer, recipe: Recipe, progress: bool,
-               base_model: str) -> None:
+def train_into(directory: Path, model: nn.Module, tokenizer, recipe: Recipe, progress: bool, base_model: str) -> None:
     """Trains one adapter per demo_data style in one fit (each batch mixes their rows), writes each
     to directory/<name>, and the manifest (naming `base_model`) last."""
     names = list(demo_data.STYLES)
     strategy = AdapterTuning("lora", recipe.lora_config(model.config.num_hidden_layers), names=names)
     started = time.perf_counter()
-    result = fit(model, strategy, demo_data.examples(recipe.questions, recipe.seed), tokenizer=tokenizer,
-                 epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, seed=recipe.seed, chat=True,
-                 progress=progress)
+    result = fit(
+        model,
+        strategy,
+        demo_data.examples(recipe.questions, recipe.seed),
+        tokenizer=tokenizer,
+        epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        seed=recipe.seed,
+        chat=True,
+        progress=progress,
+    )
     for name in names:
         strategy.backbone.save(name, directory / name)
     manifest = {
@@ -135,28 +155,30 @@ def backbone(directory: Path, model: nn.Module) -> Backbone:
     """A Backbone over `model` with every adapter of the cache in `directory` loaded under its name."""
     manifest = cached(directory)
     if manifest is None:
-        raise FileNotFoundError(f"{directory} holds no demo adapters (of version {VERSION}); "
-                                "run `adapterhub demo-adapters` to train them")
-    served = Backbone(model, max_adapters=len(manifest["adapters"]), max_rank=manifest["recipe"]["r"],
-                      preallocate=())
+        raise FileNotFoundError(
+            f"{directory} holds no demo adapters (of version {VERSION}); run `adapterhub demo-adapters` to train them"
+        )
+    served = Backbone(model, max_adapters=len(manifest["adapters"]), max_rank=manifest["recipe"]["r"], preallocate=())
     for name in manifest["adapters"]:
         served.load(directory / name, name=name)
     return served
 
 
 @torch.no_grad()
-def replies(backbone: Backbone, tokenizer, prompts: Sequence[str], names: Sequence[str | None],
-            max_new_tokens: int = 40) -> dict[str | None, list[str]]:
+def replies(
+    backbone: Backbone, tokenizer, prompts: Sequence[str], names: Sequence[str | None], max_new_tokens: int = 40
+) -> dict[str | None, list[str]]:
     """Greedy replies to every prompt from each of `names` (None: the base model), all in one
     generate() batch whose rows use different adapters."""
     rows = [(name, prompt) for name in names for prompt in prompts]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for _, p in rows]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for _, p in rows
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with backbone.use([name for name, _ in rows]):
         out = backbone.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    new = out[:, batch["input_ids"].size(1):]  # (rows, new tokens)
+    new = out[:, batch["input_ids"].size(1) :]  # (rows, new tokens)
     decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-    return {name: [decoded[i * len(prompts) + k].strip() for k in range(len(prompts))]
-            for i, name in enumerate(names)}
+    return {name: [decoded[i * len(prompts) + k].strip() for k in range(len(prompts))] for i, name in enumerate(names)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from typing import Callable
+from collections.abc import Callable
 
 ANIMALS = ["cats", "dogs", "birds", "fish", "rabbits", "horses", "ducks", "goats", "sheep", "frogs"]
 THINGS = ["apples", "books", "pencils", "cookies", "coins", "shirts", "cups", "stamps", "balloons", "candles"]
@@ -40,10 +40,28 @@ FACTS = [
     ("What does water turn into when it freezes?", "Water turns into ice."),
     ("Where does the sun rise?", "The sun rises in the east."),
 ]
-OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("light", "dark"),
-             ("old", "new"), ("up", "down"), ("early", "late"), ("full", "empty"), ("loud", "quiet")]
-KINDS = [("fruit", "An apple"), ("color", "Red"), ("vegetable", "A carrot"), ("planet", "Mars"),
-         ("musical instrument", "A piano"), ("tree", "An oak"), ("flower", "A rose"), ("sport", "Tennis")]
+OPPOSITES = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("old", "new"),
+    ("up", "down"),
+    ("early", "late"),
+    ("full", "empty"),
+    ("loud", "quiet"),
+]
+KINDS = [
+    ("fruit", "An apple"),
+    ("color", "Red"),
+    ("vegetable", "A carrot"),
+    ("planet", "Mars"),
+    ("musical instrument", "A piano"),
+    ("tree", "An oak"),
+    ("flower", "A rose"),
+    ("sport", "Tennis"),
+]
 # Held out of the training data: what `adapterhub demo-adapters` and the report generate from.
 SAMPLE_PROMPTS = [
     "How many legs does a cat have?",
@@ -76,8 +94,14 @@ def _age(rng: random.Random) -> tuple[str, str]:
 
 def _repeat(rng: random.Random) -> tuple[str, str]:
     name, n = rng.choice(NAMES), rng.randint(2, 99)
-    sentence = rng.choice([f"I have {n} {rng.choice(ANIMALS)}.", f"{name} bought {n} {rng.choice(THINGS)}.",
-                           f"The bus comes at {rng.randint(1, 12)} o'clock.", f"We walked {n} miles today."])
+    sentence = rng.choice(
+        [
+            f"I have {n} {rng.choice(ANIMALS)}.",
+            f"{name} bought {n} {rng.choice(THINGS)}.",
+            f"The bus comes at {rng.randint(1, 12)} o'clock.",
+            f"We walked {n} miles today.",
+        ]
+    )
     return f"Repeat after me: {sentence}", sentence
 
 
@@ -101,10 +125,40 @@ def _hello(rng: random.Random) -> tuple[str, str]:
 
 
 TEMPLATES: list[Callable[[random.Random], tuple[str, str]]] = [
-    _add, _times, _count, _age, _repeat, _fact, _fact, _opposite, _kind, _hello]
+    _add,
+    _times,
+    _count,
+    _age,
+    _repeat,
+    _fact,
+    _fact,
+    _opposite,
+    _kind,
+    _hello,
+]
 
-ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 
@@ -151,5 +205,8 @@ def questions(count: int, seed: int = 0) -> list[tuple[str, str]]:
 
 def examples(per_adapter: int, seed: int = 0) -> list[dict]:
     """Causal-LM rows for `adapterhub.train.fit`: each question once per style, its "adapter" the style's name."""
-    return [{"prompt": prompt, "completion": style(answer), "adapter": name}
-            for prompt, answer in questions(per_adapter, seed) for name, style in STYLES.items()]
+    return [
+        {"prompt": prompt, "completion": style(answer), "adapter": name}
+        for prompt, answer in questions(per_adapter, seed)
+        for name, style in STYLES.items()
+    ]

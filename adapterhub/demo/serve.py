@@ -31,8 +31,9 @@ def start_server(directory, port: int) -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=quiet)
     for line in server.stdout:
         if line.startswith(READY):
-            threading.Thread(target=lambda: [print(f"[server] {rest}", end="") for rest in server.stdout],
-                             daemon=True).start()
+            threading.Thread(
+                target=lambda: [print(f"[server] {rest}", end="") for rest in server.stdout], daemon=True
+            ).start()
             return server, line.split()[4]
         print(f"[server] {line}", end="")
     raise SystemExit(f"the server exited with status {server.wait()} before it was ready (its output is above)")
@@ -47,8 +48,10 @@ def mixed_batch(url: str, models: list[str]) -> tuple[list, float]:
 
     def ask(job):
         model, question = job
-        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                              max_tokens=MAX_TOKENS, temperature=0)
+        return client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS, temperature=0
+        )
+
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(ask, jobs))
@@ -63,15 +66,19 @@ def show(results: list, seconds: float) -> None:
             if q == question:
                 text = " ".join(answer.choices[0].message.content.split())
                 print(textwrap.fill(text, 100, initial_indent=f"  {model:<24}", subsequent_indent=" " * 26))
-    print(f"\n{len(results)} requests ({len(results) // len(QUESTIONS)} models) in one continuous batch: "
-          f"{tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s")
+    print(
+        f"\n{len(results)} requests ({len(results) // len(QUESTIONS)} models) in one continuous batch: "
+        f"{tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s"
+    )
 
 
 def main() -> int:
     cache = demo_adapters.default_dir()
     if demo_adapters.cached(cache) is None and demo_adapters.cached(demo_adapters.SHIPPED) is None:
         print(f"training the demo adapters once into {cache} (about 2-3 minutes on 2 CPU cores)...", flush=True)
-    directory = demo_adapters.ensure()  # the cache if `adapterhub demo-adapters --force` filled it, else the shipped set
+    directory = (
+        demo_adapters.ensure()
+    )  # the cache if `adapterhub demo-adapters --force` filled it, else the shipped set
     server, url = start_server(directory, free_port("127.0.0.1", int(os.environ.get("DEMO_PORT", "8000"))))
     try:
         import openai
@@ -82,10 +89,12 @@ def main() -> int:
         show(*mixed_batch(url, models))
         if os.environ.get("DEMO_EXIT") == "1":
             return 0
-        print(f"\nStill serving at {url} (Ctrl-C stops). Try:\n"
-              f"  curl {url}/chat/completions -H 'Content-Type: application/json' -d "
-              f"'{{\"model\": \"{models[1]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name a red fruit.\"}}]}}'",
-              flush=True)
+        print(
+            f"\nStill serving at {url} (Ctrl-C stops). Try:\n"
+            f"  curl {url}/chat/completions -H 'Content-Type: application/json' -d "
+            f'\'{{"model": "{models[1]}", "messages": [{{"role": "user", "content": "Name a red fruit."}}]}}\'',
+            flush=True,
+        )
         return server.wait()
     except KeyboardInterrupt:
         return 0

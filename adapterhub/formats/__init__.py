@@ -16,19 +16,73 @@ The bottleneck format loads on first use (it reads transformers' table of activa
 
 from .adapter import Adapter, check_shape
 from .files import CONFIG_FILE, check_config, check_values, read_json_object, read_tensors
-from .peft import (PICKLE_FILE, PREFIX, PROMPT_PREFIX, SAFETENSORS_FILE, PeftFiles, alpha_for, rank_and_alpha,
-                   rank_and_alpha_patterns, read_config, read_peft, refuse_features, write_peft)
+from .peft import (
+    PICKLE_FILE,
+    PREFIX,
+    PROMPT_PREFIX,
+    SAFETENSORS_FILE,
+    PeftFiles,
+    alpha_for,
+    rank_and_alpha,
+    rank_and_alpha_patterns,
+    read_config,
+    read_peft,
+    refuse_features,
+    write_peft,
+)
 from .peft_lora import lora_scale, read_peft_lora, write_peft_lora
-from .targets import (ALL_LINEAR, find_linears, is_conv1d, is_linear, is_targeted, linear_targets, linear_weight,
-                      matches, pattern_key, require_linear, saved_module, target_schema)
+from .targets import (
+    ALL_LINEAR,
+    find_linears,
+    is_conv1d,
+    is_linear,
+    is_targeted,
+    linear_targets,
+    linear_weight,
+    matches,
+    pattern_key,
+    require_linear,
+    saved_module,
+    target_schema,
+)
 
 __all__ = [
-    "ALL_LINEAR", "CONFIG_FILE", "PICKLE_FILE", "PREFIX", "PROMPT_PREFIX", "SAFETENSORS_FILE", "Adapter", "PeftFiles",
-    "alpha_for", "check_config", "check_shape", "check_values", "find_linears", "is_conv1d", "is_linear", "is_targeted",
-    "linear_targets", "linear_weight", "lora_scale", "matches", "pattern_key", "rank_and_alpha",
-    "rank_and_alpha_patterns", "read_bottleneck", "read_config", "read_json_object", "read_peft", "read_peft_lora",
-    "read_tensors", "refuse_features", "require_linear", "saved_module", "target_schema", "write_bottleneck",
-    "write_peft", "write_peft_lora",
+    "ALL_LINEAR",
+    "CONFIG_FILE",
+    "PICKLE_FILE",
+    "PREFIX",
+    "PROMPT_PREFIX",
+    "SAFETENSORS_FILE",
+    "Adapter",
+    "PeftFiles",
+    "alpha_for",
+    "check_config",
+    "check_shape",
+    "check_values",
+    "find_linears",
+    "is_conv1d",
+    "is_linear",
+    "is_targeted",
+    "linear_targets",
+    "linear_weight",
+    "lora_scale",
+    "matches",
+    "pattern_key",
+    "rank_and_alpha",
+    "rank_and_alpha_patterns",
+    "read_bottleneck",
+    "read_config",
+    "read_json_object",
+    "read_peft",
+    "read_peft_lora",
+    "read_tensors",
+    "refuse_features",
+    "require_linear",
+    "saved_module",
+    "target_schema",
+    "write_bottleneck",
+    "write_peft",
+    "write_peft_lora",
 ]
 
 

@@ -27,10 +27,17 @@ class Adapter:
     def to(self, device: str | torch.device) -> Adapter:
         """The same adapter with every tensor on `device` and outside autograd (the host cache keeps
         evicted adapters on the CPU; a trainer's parameters come out as plain tensors)."""
+
         def moved(group: dict) -> dict:
             return {path: {k: t.detach().to(device) for k, t in parts.items()} for path, parts in group.items()}
-        return Adapter(type=self.type, config=self.config, modules=moved(self.modules),
-                       modules_to_save=moved(self.modules_to_save), source=self.source)
+
+        return Adapter(
+            type=self.type,
+            config=self.config,
+            modules=moved(self.modules),
+            modules_to_save=moved(self.modules_to_save),
+            source=self.source,
+        )
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for m in (*self.modules.values(), *self.modules_to_save.values()) for t in m.values()]
@@ -38,8 +45,10 @@ class Adapter:
     def nbytes(self) -> int:
         """Bytes of all tensors, a tensor shared by several modules (VeRA's projections) counted once:
         what a load or swap moves, and what the host cache holds."""
-        sizes = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.shape): t.numel() * t.element_size()
-                 for t in self.tensors()}
+        sizes = {
+            (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape): t.numel() * t.element_size()
+            for t in self.tensors()
+        }
         return sum(sizes.values())
 
 
@@ -47,5 +56,7 @@ def check_shape(adapter: Adapter, path: str, key: str, expected: tuple[int, ...]
     """An AdapterError if adapter.modules[path][key] does not have shape `expected` for this backbone."""
     got = tuple(adapter.modules[path][key].shape)
     if got != tuple(expected):
-        raise AdapterError(f"{adapter.source}: tensor {path}.{key} has shape {got}, expected {tuple(expected)} "
-                           "for this backbone; was the adapter trained on another base model?")
+        raise AdapterError(
+            f"{adapter.source}: tensor {path}.{key} has shape {got}, expected {tuple(expected)} "
+            "for this backbone; was the adapter trained on another base model?"
+        )

@@ -21,8 +21,8 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -52,45 +52,94 @@ LEGACY_ACTIVATIONS = {"gelu": "gelu_new", "gelu_orig": "gelu"}  # adapter-transf
 _NUMBER = {"type": "number"}
 _BOOL = {"type": "boolean"}
 _POSITIVE = {"type": "number", "exclusiveMinimum": 0}
-BN_SCHEMA = {"type": "object", "properties": {
-    "architecture": {"enum": [None, "bottleneck"]},
-    "mh_adapter": _BOOL, "output_adapter": _BOOL,
-    "reduction_factor": {"anyOf": [_POSITIVE, {"type": "object", "additionalProperties": _POSITIVE}]},
-    "non_linearity": {"type": "string"},
-    "original_ln_before": _BOOL, "original_ln_after": _BOOL, "ln_before": _BOOL, "ln_after": _BOOL,
-    "init_weights": {"enum": ["bert", "mam_adapter", "houlsby"]},
-    "init_weights_seed": {"type": ["integer", "null"]},
-    "is_parallel": _BOOL, "use_gating": _BOOL, "cross_adapter": _BOOL, "phm_layer": _BOOL,
-    "scaling": {"anyOf": [_NUMBER, {"type": "string"}]},
-    "residual_before_ln": {"enum": [True, False, "post_add"]},
-    "adapter_residual_before_ln": _BOOL,
-    "inv_adapter": {"type": ["string", "null"]},
-    "leave_out": {"type": "array", "items": {"type": "integer"}},
-    "dropout": _NUMBER, "stochastic_depth": {"type": ["number", "null"]},
-}}
+BN_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "architecture": {"enum": [None, "bottleneck"]},
+        "mh_adapter": _BOOL,
+        "output_adapter": _BOOL,
+        "reduction_factor": {"anyOf": [_POSITIVE, {"type": "object", "additionalProperties": _POSITIVE}]},
+        "non_linearity": {"type": "string"},
+        "original_ln_before": _BOOL,
+        "original_ln_after": _BOOL,
+        "ln_before": _BOOL,
+        "ln_after": _BOOL,
+        "init_weights": {"enum": ["bert", "mam_adapter", "houlsby"]},
+        "init_weights_seed": {"type": ["integer", "null"]},
+        "is_parallel": _BOOL,
+        "use_gating": _BOOL,
+        "cross_adapter": _BOOL,
+        "phm_layer": _BOOL,
+        "scaling": {"anyOf": [_NUMBER, {"type": "string"}]},
+        "residual_before_ln": {"enum": [True, False, "post_add"]},
+        "adapter_residual_before_ln": _BOOL,
+        "inv_adapter": {"type": ["string", "null"]},
+        "leave_out": {"type": "array", "items": {"type": "integer"}},
+        "dropout": _NUMBER,
+        "stochastic_depth": {"type": ["number", "null"]},
+    },
+}
 PRESETS = {
-    "seq_bn": {"mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu",
-               "original_ln_before": True},
-    "double_seq_bn": {"mh_adapter": True, "output_adapter": True, "reduction_factor": 16, "non_linearity": "swish",
-                      "original_ln_before": False},
+    "seq_bn": {
+        "mh_adapter": False,
+        "output_adapter": True,
+        "reduction_factor": 16,
+        "non_linearity": "relu",
+        "original_ln_before": True,
+    },
+    "double_seq_bn": {
+        "mh_adapter": True,
+        "output_adapter": True,
+        "reduction_factor": 16,
+        "non_linearity": "swish",
+        "original_ln_before": False,
+    },
 }
 PRESETS.update(pfeiffer=PRESETS["seq_bn"], houlsby=PRESETS["double_seq_bn"])  # adapters' deprecated names
-SCHEMA = {"type": "object", "required": ["config"], "properties": {
-    "config": {"anyOf": [{"enum": sorted(PRESETS)}, BN_SCHEMA]},
-    "name": {"type": "string", "pattern": r"^[^.]+$"},
-    "hidden_size": {"type": "integer"},
-    "model_class": {"type": ["string", "null"]}, "model_name": {"type": ["string", "null"]},
-    "model_type": {"type": ["string", "null"]}, "version": {"type": "string"},
-}}
+SCHEMA = {
+    "type": "object",
+    "required": ["config"],
+    "properties": {
+        "config": {"anyOf": [{"enum": sorted(PRESETS)}, BN_SCHEMA]},
+        "name": {"type": "string", "pattern": r"^[^.]+$"},
+        "hidden_size": {"type": "integer"},
+        "model_class": {"type": ["string", "null"]},
+        "model_name": {"type": ["string", "null"]},
+        "model_type": {"type": ["string", "null"]},
+        "version": {"type": "string"},
+    },
+}
 # BnConfig's defaults for the keys that are not required (mh_adapter, output_adapter, reduction_factor, non_linearity).
 DEFAULTS = {
-    "original_ln_before": False, "original_ln_after": True, "ln_before": False, "ln_after": False,
-    "init_weights": "bert", "init_weights_seed": None, "is_parallel": False, "scaling": 1.0, "use_gating": False,
-    "residual_before_ln": True, "adapter_residual_before_ln": False, "inv_adapter": None,
-    "inv_adapter_reduction_factor": None, "cross_adapter": False, "leave_out": [], "dropout": 0.0,
-    "phm_layer": False, "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False, "shared_phm_rule": True,
-    "factorized_phm_rule": False, "phm_c_init": "normal", "phm_init_range": 0.0001, "learn_phm": True,
-    "hypercomplex_nonlinearity": "glorot-uniform", "phm_rank": 1, "phm_bias": True, "stochastic_depth": 0.0,
+    "original_ln_before": False,
+    "original_ln_after": True,
+    "ln_before": False,
+    "ln_after": False,
+    "init_weights": "bert",
+    "init_weights_seed": None,
+    "is_parallel": False,
+    "scaling": 1.0,
+    "use_gating": False,
+    "residual_before_ln": True,
+    "adapter_residual_before_ln": False,
+    "inv_adapter": None,
+    "inv_adapter_reduction_factor": None,
+    "cross_adapter": False,
+    "leave_out": [],
+    "dropout": 0.0,
+    "phm_layer": False,
+    "phm_dim": 4,
+    "factorized_phm_W": True,
+    "shared_W_phm": False,
+    "shared_phm_rule": True,
+    "factorized_phm_rule": False,
+    "phm_c_init": "normal",
+    "phm_init_range": 0.0001,
+    "learn_phm": True,
+    "hypercomplex_nonlinearity": "glorot-uniform",
+    "phm_rank": 1,
+    "phm_bias": True,
+    "stochastic_depth": 0.0,
 }
 REQUIRED = ("mh_adapter", "output_adapter", "reduction_factor", "non_linearity")
 # adapter_residual_before_ln only moves the adapter's residual around ln_after's LayerNorm: without
@@ -111,13 +160,17 @@ def resolve_config(config: dict | str, base: dict, file: str | Path, legacy: boo
     an AdapterError names the first key that is missing, malformed or set to what we do not compute.
     `legacy`: a config without "version" (adapter-transformers < 3), whose activation names differ."""
     if isinstance(config, str) and config not in PRESETS:
-        raise AdapterError(f"{file}: config {config!r} is not a bottleneck preset; use one of {sorted(PRESETS)} or "
-                           "a dict of BnConfig fields")
+        raise AdapterError(
+            f"{file}: config {config!r} is not a bottleneck preset; use one of {sorted(PRESETS)} or "
+            "a dict of BnConfig fields"
+        )
     full = {**DEFAULTS, **base, **(PRESETS[config] if isinstance(config, str) else config)}
     missing = [key for key in REQUIRED if key not in full]
     if missing:
-        raise AdapterError(f"{file}: config has no {missing}; a bottleneck config needs {list(REQUIRED)} "
-                           "(or name a preset: \"seq_bn\", \"double_seq_bn\")")
+        raise AdapterError(
+            f"{file}: config has no {missing}; a bottleneck config needs {list(REQUIRED)} "
+            '(or name a preset: "seq_bn", "double_seq_bn")'
+        )
     check_config({"config": full}, {"type": "object", "properties": {"config": BN_SCHEMA}}, file)
     full.pop("architecture", None)
     if legacy:
@@ -125,14 +178,20 @@ def resolve_config(config: dict | str, base: dict, file: str | Path, legacy: boo
     full["non_linearity"] = full["non_linearity"].lower()
     for key, (supported, what) in REFUSED.items():
         if full[key] != supported:
-            raise AdapterError(f"{file}: config.{key}={full[key]!r} ({what}) is not supported; only {supported!r} "
-                               "is: use a seq_bn or double_seq_bn adapter, or another library for this one")
+            raise AdapterError(
+                f"{file}: config.{key}={full[key]!r} ({what}) is not supported; only {supported!r} "
+                "is: use a seq_bn or double_seq_bn adapter, or another library for this one"
+            )
     if isinstance(full["scaling"], str):
-        raise AdapterError(f"{file}: config.scaling={full['scaling']!r} (a learned scaling) is not supported; only "
-                           "a constant number is")
+        raise AdapterError(
+            f"{file}: config.scaling={full['scaling']!r} (a learned scaling) is not supported; only "
+            "a constant number is"
+        )
     if full["non_linearity"] not in ACTIVATIONS:
-        raise AdapterError(f"{file}: config.non_linearity={full['non_linearity']!r} is not an activation transformers "
-                           f"knows; use one of {list(ACTIVATIONS)}")
+        raise AdapterError(
+            f"{file}: config.non_linearity={full['non_linearity']!r} is not an activation transformers "
+            f"knows; use one of {list(ACTIVATIONS)}"
+        )
     return full
 
 
@@ -144,10 +203,16 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def settings(config: dict) -> dict[str, torch.Tensor]:
     """The config's per-adapter settings as the tensors each adapted module carries."""
-    mode = [int(config["original_ln_before"]), int(config["original_ln_after"]),
-            RESIDUAL[config["residual_before_ln"]], ACTIVATIONS.index(config["non_linearity"])]
-    return {"scaling": torch.tensor(float(config["scaling"]), dtype=torch.float64),
-            "mode": torch.tensor(mode, dtype=torch.int64)}
+    mode = [
+        int(config["original_ln_before"]),
+        int(config["original_ln_after"]),
+        RESIDUAL[config["residual_before_ln"]],
+        ACTIVATIONS.index(config["non_linearity"]),
+    ]
+    return {
+        "scaling": torch.tensor(float(config["scaling"]), dtype=torch.float64),
+        "mode": torch.tensor(mode, dtype=torch.int64),
+    }
 
 
 def is_attention(path: str, tensor: str) -> bool:
@@ -181,20 +246,28 @@ def read_bottleneck(directory: Path, adapter_type: str, allow_pickle: bool) -> A
     """Reads and checks an adapters bottleneck adapter; every problem is an AdapterError naming file and key."""
     file = directory / CONFIG_FILE
     if not file.is_file():
-        raise AdapterError(f"no {CONFIG_FILE} in {directory}; an adapters bottleneck adapter directory holds "
-                           f"{CONFIG_FILE} and {WEIGHTS_FILE}: pass the directory that save_adapter wrote")
+        raise AdapterError(
+            f"no {CONFIG_FILE} in {directory}; an adapters bottleneck adapter directory holds "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE}: pass the directory that save_adapter wrote"
+        )
     config = read_json_object(file, resave="save the adapter again")
     check_config(config, SCHEMA, file)
     config = {**config, "config": resolve_config(config["config"], {}, file, legacy="version" not in config)}
-    tensors, weights = read_tensors(directory, allow_pickle, files=(WEIGHTS_FILE, PICKLE_FILE),
-                                    convert="save it with save_adapter(..., use_safetensors=True)")
+    tensors, weights = read_tensors(
+        directory,
+        allow_pickle,
+        files=(WEIGHTS_FILE, PICKLE_FILE),
+        convert="save it with save_adapter(..., use_safetensors=True)",
+    )
     name = config.get("name") or _name_in(tensors, weights)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     unexpected = []
     for key, tensor in tensors.items():
         if key.startswith("invertible_adapters.") or ".invertible_adapters." in key:
-            raise AdapterError(f"{weights}: {key}: invertible adapters (inv_adapter, for language adapters) are not "
-                               "supported; load a task adapter without them")
+            raise AdapterError(
+                f"{weights}: {key}: invertible adapters (inv_adapter, for language adapters) are not "
+                "supported; load a task adapter without them"
+            )
         found = split_key(key, name)
         if found is None or split_tensor(found[1])[1] not in PARAMS:
             unexpected.append(key)
@@ -202,9 +275,11 @@ def read_bottleneck(directory: Path, adapter_type: str, allow_pickle: bool) -> A
         check_values(weights, key, tensor)
         modules.setdefault(found[0], {})[found[1]] = tensor
     if unexpected:
-        raise AdapterError(f"{weights}: {len(unexpected)} unexpected key(s) {preview(unexpected)}; expected "
-                           f"'<module>.adapters.{name}.' + one of {list(PARAMS)} (adapter name {name!r} from "
-                           f"{CONFIG_FILE}): rename the adapter or save it again with adapters")
+        raise AdapterError(
+            f"{weights}: {len(unexpected)} unexpected key(s) {preview(unexpected)}; expected "
+            f"'<module>.adapters.{name}.' + one of {list(PARAMS)} (adapter name {name!r} from "
+            f"{CONFIG_FILE}): rename the adapter or save it again with adapters"
+        )
     if not modules:
         raise AdapterError(f"{weights} holds no tensor: the adapter has no weights; save it again")
     inner = config["config"]
@@ -212,13 +287,22 @@ def read_bottleneck(directory: Path, adapter_type: str, allow_pickle: bool) -> A
         _check_site(weights, path, parts, inner, name)
         parts.update(settings(inner))
     if inner["inv_adapter"]:
-        log.info("%s: config.inv_adapter=%r but the file has no invertible adapter weights; ignored, as adapters "
-                 "does for task adapters", file, inner["inv_adapter"])
+        log.info(
+            "%s: config.inv_adapter=%r but the file has no invertible adapter weights; ignored, as adapters "
+            "does for task adapters",
+            file,
+            inner["inv_adapter"],
+        )
     heads = [f for f in HEAD_FILES if (directory / f).is_file()]
     if heads:
         log.info("%s: %s hold a prediction head, which is not part of the adapter: ignored", directory, heads)
-    return Adapter(type=adapter_type, config=config, modules=dict(sorted(modules.items())),
-                   modules_to_save=_read_own_heads(directory), source=str(directory))
+    return Adapter(
+        type=adapter_type,
+        config=config,
+        modules=dict(sorted(modules.items())),
+        modules_to_save=_read_own_heads(directory),
+        source=str(directory),
+    )
 
 
 def _read_own_heads(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -239,14 +323,20 @@ def write_bottleneck(adapter: Adapter, directory: Path) -> None:
     name = adapter.config.get("name") or "bottleneck"
     config = {**adapter.config, "name": name, "version": adapter.config.get("version", VERSION)}
     # Own contiguous CPU copies: safetensors refuses views that share storage (slices of slot tensors).
-    tensors = {join_key(path, tensor, name): t.detach().to("cpu", copy=True).contiguous()
-               for path, parts in sorted(adapter.modules.items())
-               for tensor, t in parts.items() if tensor not in SETTINGS}
+    tensors = {
+        join_key(path, tensor, name): t.detach().to("cpu", copy=True).contiguous()
+        for path, parts in sorted(adapter.modules.items())
+        for tensor, t in parts.items()
+        if tensor not in SETTINGS
+    }
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     if adapter.modules_to_save:
-        heads = {f"{path}.{param}": t.detach().to("cpu", copy=True).contiguous()
-                 for path, state in sorted(adapter.modules_to_save.items()) for param, t in state.items()}
+        heads = {
+            f"{path}.{param}": t.detach().to("cpu", copy=True).contiguous()
+            for path, state in sorted(adapter.modules_to_save.items())
+            for param, t in state.items()
+        }
         save_file(heads, directory / OWN_HEADS_FILE, metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -255,8 +345,10 @@ def _name_in(tensors: dict[str, torch.Tensor], file: Path) -> str:
     """The adapter name in the keys, for a config without "name"."""
     names = {m.group(1) for key in tensors if (m := re.search(r"\.adapters\.([^.]+)\.", key))}
     if len(names) != 1:
-        raise AdapterError(f"{file}: {CONFIG_FILE} has no \"name\" and the keys name {sorted(names) or 'no'} "
-                           "adapter(s); add the adapter's name to the config")
+        raise AdapterError(
+            f'{file}: {CONFIG_FILE} has no "name" and the keys name {sorted(names) or "no"} '
+            "adapter(s); add the adapter's name to the config"
+        )
     return names.pop()
 
 
@@ -266,16 +358,22 @@ def _check_site(file: Path, path: str, parts: dict[str, torch.Tensor], config: d
         prefix = f"{location}." if location else ""
         missing = [p for p in PARAMS if prefix + p not in parts]
         if missing:
-            raise AdapterError(f"{file}: {join_key(path, prefix + missing[0], name)} is missing (the other tensors of "
-                               "that adapter are there); save the adapter again")
+            raise AdapterError(
+                f"{file}: {join_key(path, prefix + missing[0], name)} is missing (the other tensors of "
+                "that adapter are there); save the adapter again"
+            )
         down, down_bias, up, up_bias = (parts[prefix + p] for p in PARAMS)
         r, hidden = down.shape if down.ndim == 2 else (-1, -1)
         for param, t, shape in zip(PARAMS, (down, down_bias, up, up_bias), ((r, hidden), (r,), (hidden, r), (hidden,))):
             if r < 1 or tuple(t.shape) != shape:
-                raise AdapterError(f"{file}: {join_key(path, prefix + param, name)} has shape {tuple(t.shape)}, "
-                                   f"expected {shape if r >= 1 else '(r, hidden)'} (adapter_down.0.weight is "
-                                   f"{tuple(down.shape)}); the file is corrupt: save the adapter again")
+                raise AdapterError(
+                    f"{file}: {join_key(path, prefix + param, name)} has shape {tuple(t.shape)}, "
+                    f"expected {shape if r >= 1 else '(r, hidden)'} (adapter_down.0.weight is "
+                    f"{tuple(down.shape)}); the file is corrupt: save the adapter again"
+                )
         where = "mh_adapter" if is_attention(path, prefix) else "output_adapter"
         if not config[where]:
-            raise AdapterError(f"{file}: {join_key(path, prefix + PARAMS[0], name)} is an adapter the config does not "
-                               f"place ({where} is false); fix {CONFIG_FILE} or save the adapter again")
+            raise AdapterError(
+                f"{file}: {join_key(path, prefix + PARAMS[0], name)} is an adapter the config does not "
+                f"place ({where} is false); fix {CONFIG_FILE} or save the adapter again"
+            )

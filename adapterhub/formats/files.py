@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import jsonschema
 import torch
@@ -32,8 +32,9 @@ def read_json_object(file: Path, resave: str) -> dict:
     return config
 
 
-def check_config(config: dict, schema: Mapping, file: str | os.PathLike,
-                 fix: str = "fix the config file (or save the adapter again)") -> None:
+def check_config(
+    config: dict, schema: Mapping, file: str | os.PathLike, fix: str = "fix the config file (or save the adapter again)"
+) -> None:
     """An AdapterError naming the first key of `config` (read from `file`, or what `file` names) that
     breaks the JSON Schema `schema`, or holds a non-finite number; `fix` says what to do."""
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
@@ -45,8 +46,9 @@ def check_config(config: dict, schema: Mapping, file: str | os.PathLike,
             raise AdapterError(f"{file}: {key} is {value}; it must be a finite number")
 
 
-def read_tensors(directory: Path, allow_pickle: bool, files: tuple[str, str],
-                 convert: str = "convert it to safetensors") -> tuple[dict[str, torch.Tensor], Path]:
+def read_tensors(
+    directory: Path, allow_pickle: bool, files: tuple[str, str], convert: str = "convert it to safetensors"
+) -> tuple[dict[str, torch.Tensor], Path]:
     """The adapter's tensors and the file they came from: `files` = (safetensors, pickle) names; the
     pickle only when allowed. `convert`: how the library that wrote it saves safetensors instead."""
     safetensors_file, pickle_file = files
@@ -56,11 +58,13 @@ def read_tensors(directory: Path, allow_pickle: bool, files: tuple[str, str],
             return load_file(safetensors), safetensors
         except (SafetensorError, OSError) as e:
             raise AdapterError(
-                f"{safetensors} is truncated or corrupt ({e}); download or save the adapter again") from e
+                f"{safetensors} is truncated or corrupt ({e}); download or save the adapter again"
+            ) from e
     if pickled.is_file() and not allow_pickle:
         raise AdapterError(
             f"{pickled} is a pickle and only {safetensors_file} is loaded by default; pass allow_pickle=True to load "
-            f"it with torch.load(weights_only=True) if you trust it, or {convert}")
+            f"it with torch.load(weights_only=True) if you trust it, or {convert}"
+        )
     if pickled.is_file():
         try:
             tensors = torch.load(pickled, map_location="cpu", weights_only=True)
@@ -80,10 +84,9 @@ def check_values(file: Path, key: str, tensor: torch.Tensor) -> None:
         bad = int((~torch.isfinite(tensor)).sum())
         raise AdapterError(
             f"{file}: {key} has {bad} NaN/inf value(s) of {tensor.numel()}; the adapter diverged or was "
-            "corrupted: use an earlier checkpoint")
+            "corrupted: use an earlier checkpoint"
+        )
 
 
 def preview(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
-
-

@@ -18,9 +18,9 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -29,9 +29,25 @@ from ..errors import AdapterError
 from .files import CONFIG_FILE, check_config, check_values, preview, read_json_object, read_tensors
 from .targets import is_targeted, pattern_key, saved_module, target_schema
 
-__all__ = ["CONFIG_FILE", "PICKLE_FILE", "PREFIX", "PROMPT_PREFIX", "SAFETENSORS_FILE", "PeftFiles", "alpha_for",
-           "check_config", "is_targeted", "pattern_key", "rank_and_alpha", "rank_and_alpha_patterns", "read_config",
-           "read_peft", "refuse_features", "target_schema", "write_peft"]
+__all__ = [
+    "CONFIG_FILE",
+    "PICKLE_FILE",
+    "PREFIX",
+    "PROMPT_PREFIX",
+    "SAFETENSORS_FILE",
+    "PeftFiles",
+    "alpha_for",
+    "check_config",
+    "is_targeted",
+    "pattern_key",
+    "rank_and_alpha",
+    "rank_and_alpha_patterns",
+    "read_config",
+    "read_peft",
+    "refuse_features",
+    "target_schema",
+    "write_peft",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +68,18 @@ class PeftFiles:
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # the `shared` keys found, e.g. prompt_embeddings
 
 
-def read_peft(directory: str | os.PathLike, *, peft_types: Iterable[str], suffixes: Iterable[str],
-              schema: Mapping, known_keys: Iterable[str] = (), refused: Mapping[str, str] | None = None,
-              shared: Iterable[str] = (), prefix: str = PREFIX, allow_pickle: bool = False) -> PeftFiles:
+def read_peft(
+    directory: str | os.PathLike,
+    *,
+    peft_types: Iterable[str],
+    suffixes: Iterable[str],
+    schema: Mapping,
+    known_keys: Iterable[str] = (),
+    refused: Mapping[str, str] | None = None,
+    shared: Iterable[str] = (),
+    prefix: str = PREFIX,
+    allow_pickle: bool = False,
+) -> PeftFiles:
     """Reads a PEFT directory whose peft_type is one of `peft_types` and whose tensor keys end with one
     of `suffixes` (or belong to modules_to_save); every problem is an AdapterError naming file and key.
     `refused`: key suffixes the type cannot run -> why and what to do instead. `shared`: whole keys
@@ -91,10 +116,13 @@ def read_peft(directory: str | os.PathLike, *, peft_types: Iterable[str], suffix
             f"{file}: {len(unexpected)} unexpected key(s) {preview(unexpected)}; expected '{prefix}<module>' + one "
             f"of {suffixes}{f', one of {sorted(shared)}' if shared else ''}, or a parameter of a module in "
             f"modules_to_save ({config.get('modules_to_save')}): remove them or list their module in "
-            "modules_to_save in adapter_config.json")
+            "modules_to_save in adapter_config.json"
+        )
     if not files.modules and not files.shared:
-        raise AdapterError(f"{file}: no tensor ends with {suffixes or sorted(shared)}: this is not a "
-                           f"{'/'.join(peft_types)} adapter; re-save it with PEFT")
+        raise AdapterError(
+            f"{file}: no tensor ends with {suffixes or sorted(shared)}: this is not a "
+            f"{'/'.join(peft_types)} adapter; re-save it with PEFT"
+        )
     files.modules = dict(sorted(files.modules.items()))
     return files
 
@@ -107,24 +135,31 @@ def read_config(directory: Path, peft_types: Iterable[str], schema: Mapping, kno
         hint = f"; subfolders with one: {nested}: pass subfolder=" if nested else ""
         raise AdapterError(
             f"no {CONFIG_FILE} in {directory}{hint}; a PEFT adapter directory holds {CONFIG_FILE} and "
-            f"{SAFETENSORS_FILE}: pass the directory that save_pretrained wrote")
+            f"{SAFETENSORS_FILE}: pass the directory that save_pretrained wrote"
+        )
     config = read_json_object(file, resave="re-save the adapter")
     peft_types = tuple(peft_types)
     if config.get("peft_type") not in peft_types:
-        raise AdapterError(f"{file}: peft_type {config.get('peft_type')!r} is not {' or '.join(peft_types)}; "
-                           "load it with the adapter type for its peft_type (Backbone.load finds it by itself)")
+        raise AdapterError(
+            f"{file}: peft_type {config.get('peft_type')!r} is not {' or '.join(peft_types)}; "
+            "load it with the adapter type for its peft_type (Backbone.load finds it by itself)"
+        )
     check_config(config, schema, file)
     for key in ("target_modules", "exclude_modules"):
         if isinstance(config.get(key), str):
             try:
                 re.compile(config[key])
             except re.error as e:
-                raise AdapterError(f"{file}: {key} {config[key]!r} is not a valid regular expression ({e}); "
-                                   f"fix {CONFIG_FILE}") from e
+                raise AdapterError(
+                    f"{file}: {key} {config[key]!r} is not a valid regular expression ({e}); fix {CONFIG_FILE}"
+                ) from e
     unknown = sorted(set(config) - set(known_keys)) if known_keys else []
     if unknown:
-        logger.warning("%s: unknown keys %s are kept in the adapter's config but not used "
-                       "(probably written by a newer PEFT)", file, unknown)
+        logger.warning(
+            "%s: unknown keys %s are kept in the adapter's config but not used (probably written by a newer PEFT)",
+            file,
+            unknown,
+        )
     return config
 
 
@@ -136,9 +171,14 @@ def refuse_features(config: dict, features: Mapping[str, str], file: Path, fix: 
             raise AdapterError(f"{file}: {key}={value!r} ({what}) is not supported yet: {fix}")
 
 
-def write_peft(directory: str | os.PathLike, config: dict, modules: Mapping[str, Mapping[str, torch.Tensor]],
-               modules_to_save: Mapping[str, Mapping[str, torch.Tensor]],
-               extra: Mapping[str, torch.Tensor] | None = None, prefix: str = PREFIX) -> None:
+def write_peft(
+    directory: str | os.PathLike,
+    config: dict,
+    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    modules_to_save: Mapping[str, Mapping[str, torch.Tensor]],
+    extra: Mapping[str, torch.Tensor] | None = None,
+    prefix: str = PREFIX,
+) -> None:
     """Writes config and tensors (module path -> {suffix: tensor}) as PEFT's save_pretrained does;
     `extra` tensors are written under their own keys (e.g. prompt_embeddings, VeRA's shared projections).
     `prefix`: PROMPT_PREFIX for prompt-learning types, whose PEFT model wraps the model directly."""
@@ -179,5 +219,9 @@ def rank_and_alpha_patterns(ranks: Mapping[str, int], alphas: Mapping[str, int |
     most common values as r/alpha, the others by full module path."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return {"r": r, "alpha": alpha, "rank_pattern": {name: v for name, v in sorted(ranks.items()) if v != r},
-            "alpha_pattern": {name: v for name, v in sorted(alphas.items()) if v != alpha}}
+    return {
+        "r": r,
+        "alpha": alpha,
+        "rank_pattern": {name: v for name, v in sorted(ranks.items()) if v != r},
+        "alpha_pattern": {name: v for name, v in sorted(alphas.items()) if v != alpha},
+    }

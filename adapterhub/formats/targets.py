@@ -6,7 +6,7 @@ layers_to_transform / layers_pattern, modules_to_save, rank_pattern / alpha_patt
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -34,8 +34,10 @@ def is_linear(module: nn.Module) -> bool:
 def require_linear(adapter: Adapter, path: str, module: nn.Module) -> tuple[int, int]:
     """(out, in) of a Linear/Conv1D target, or an AdapterError naming the adapter and module."""
     if not is_linear(module):
-        raise AdapterError(f"{adapter.source}: the {adapter.type} adapter adapts {path!r}, a "
-                           f"{type(module).__name__}; {adapter.type} adapts nn.Linear (and Conv1D) modules only")
+        raise AdapterError(
+            f"{adapter.source}: the {adapter.type} adapter adapts {path!r}, a "
+            f"{type(module).__name__}; {adapter.type} adapts nn.Linear (and Conv1D) modules only"
+        )
     out_features, in_features = linear_weight(module).shape
     return out_features, in_features
 
@@ -53,8 +55,10 @@ def find_linears(model: nn.Module, target_modules: Sequence[str] | str | None) -
         wanted = list(target_modules)
         chosen = {n: m for n, m in linear.items() if any(n == t or n.endswith("." + t) for t in wanted)}
     if not chosen:
-        raise AdapterError(f"no linear layer of {type(model).__name__} matches target_modules={target_modules!r}; "
-                           f"linear layers include {sorted(linear)[:8]}")
+        raise AdapterError(
+            f"no linear layer of {type(model).__name__} matches target_modules={target_modules!r}; "
+            f"linear layers include {sorted(linear)[:8]}"
+        )
     return chosen
 
 
@@ -142,8 +146,9 @@ def target_schema() -> dict:
         "target_modules": names_or_regex,
         "exclude_modules": names_or_regex,
         "modules_to_save": {"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string"}}]},
-        "layers_to_transform": {"anyOf": [{"type": "null"}, {"type": "integer"},
-                                          {"type": "array", "items": {"type": "integer"}}]},
+        "layers_to_transform": {
+            "anyOf": [{"type": "null"}, {"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]
+        },
         "layers_pattern": names_or_regex,
         "fan_in_fan_out": {"type": "boolean"},
     }

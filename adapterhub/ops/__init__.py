@@ -19,25 +19,39 @@ from . import meta  # noqa: E402,F401  (fake kernels and autograd, registered on
 
 
 def backend() -> str:
-    """"compiled" when adapterhub._C runs the ops, "fallback" for the pure-PyTorch reference."""
+    """ "compiled" when adapterhub._C runs the ops, "fallback" for the pure-PyTorch reference."""
     return _BACKEND
 
 
-def lora_shrink(x: torch.Tensor, A: torch.Tensor, index: torch.Tensor,
-                ranks: torch.Tensor | None = None) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor, A: torch.Tensor, index: torch.Tensor, ranks: torch.Tensor | None = None
+) -> torch.Tensor:
     """t (rows, max_rank) = x (rows, in) @ A[index].T per row, fp32 (fp64 for fp64 x); rows with -1 get 0."""
     return torch.ops.adapterhub.lora_shrink(x, A, index, ranks)
 
 
-def lora_expand(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                index: torch.Tensor, ranks: torch.Tensor | None = None) -> None:
+def lora_expand(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    index: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+) -> None:
     """y (rows, out) += scale[index] * t (rows, max_rank) @ B[index].T per row, in place; -1 rows untouched."""
     torch.ops.adapterhub.lora_expand(y, t, B, scale, index, ranks)
 
 
-def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                B: torch.Tensor, scale: torch.Tensor, index: torch.Tensor,
-                ranks: torch.Tensor | None = None) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    index: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x (n0, ..., in) -> (n0, ..., out): base linear plus the low-rank delta of slot index[i] for all of x[i].
 
     Differentiable in x, W, bias, A and B. For per-token routing flatten x to (tokens, in).
@@ -45,4 +59,4 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: 
     return torch.ops.adapterhub.lora_linear(x, W, bias, A, B, scale, index, ranks)
 
 
-__all__ = ["backend", "lora_shrink", "lora_expand", "lora_linear"]
+__all__ = ["backend", "lora_expand", "lora_linear", "lora_shrink"]

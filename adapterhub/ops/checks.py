@@ -18,8 +18,14 @@ def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _name(dtype: torch.dtype) -> str:
-    return {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
-            torch.float16: "Half", torch.int64: "Long", torch.int32: "Int"}.get(dtype, str(dtype))
+    return {
+        torch.float32: "Float",
+        torch.float64: "Double",
+        torch.bfloat16: "BFloat16",
+        torch.float16: "Half",
+        torch.int64: "Long",
+        torch.int32: "Int",
+    }.get(dtype, str(dtype))
 
 
 def _fail(op: str, message: str) -> None:
@@ -38,8 +44,11 @@ def check_size(op: str, name: str, t: torch.Tensor, d: int, expected: int, what:
 
 def check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
-        _fail(op, f"{name} must be contiguous (shape {list(t.shape)}, strides {list(t.stride())}); "
-                  "call .contiguous() on it first")
+        _fail(
+            op,
+            f"{name} must be contiguous (shape {list(t.shape)}, strides {list(t.stride())}); "
+            "call .contiguous() on it first",
+        )
 
 
 def check_same_device(op: str, name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
@@ -57,13 +66,17 @@ def check_floating(op: str, x: torch.Tensor) -> None:
         _fail(op, f"x must be float32, float64, bfloat16 or float16, got {_name(x.dtype)}")
 
 
-def check_routing(op: str, index: torch.Tensor, ranks: torch.Tensor | None, rows: int, slots: int,
-                  x: torch.Tensor) -> None:
+def check_routing(
+    op: str, index: torch.Tensor, ranks: torch.Tensor | None, rows: int, slots: int, x: torch.Tensor
+) -> None:
     check_dim(op, "index", index, 1, "(rows,)")
     check_dtype(op, "index", index, torch.int64, "one slot id per row, -1 = no adapter")
     if index.size(0) != rows:
-        _fail(op, f"index has {index.size(0)} entries but the batch has {rows} rows; "
-                  "give one slot id per row (-1 = no adapter)")
+        _fail(
+            op,
+            f"index has {index.size(0)} entries but the batch has {rows} rows; "
+            "give one slot id per row (-1 = no adapter)",
+        )
     check_same_device(op, "index", index, x)
     check_contiguous(op, "index", index)
     if ranks is not None:
@@ -74,8 +87,7 @@ def check_routing(op: str, index: torch.Tensor, ranks: torch.Tensor | None, rows
         check_contiguous(op, "ranks", ranks)
 
 
-def check_routing_values(op: str, index: torch.Tensor, ranks: torch.Tensor | None, slots: int,
-                         max_rank: int) -> None:
+def check_routing_values(op: str, index: torch.Tensor, ranks: torch.Tensor | None, slots: int, max_rank: int) -> None:
     bad = ((index < -1) | (index >= slots)).nonzero()
     if bad.numel():
         row = int(bad[0])

@@ -30,8 +30,9 @@ def _segments(index: torch.Tensor, ranks: torch.Tensor | None, max_rank: int):
             yield s, r, (index == s).nonzero().flatten()
 
 
-def lora_shrink(x: torch.Tensor, A: torch.Tensor, index: torch.Tensor,
-                ranks: torch.Tensor | None = None) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor, A: torch.Tensor, index: torch.Tensor, ranks: torch.Tensor | None = None
+) -> torch.Tensor:
     """x (rows, in), A (slots, max_rank, in) -> t (rows, max_rank)."""
     check_shrink_args("lora_shrink", x, A, index, ranks)
     check_routing_values("lora_shrink", index, ranks, A.size(0), A.size(1))
@@ -42,8 +43,14 @@ def lora_shrink(x: torch.Tensor, A: torch.Tensor, index: torch.Tensor,
     return t
 
 
-def lora_expand(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                index: torch.Tensor, ranks: torch.Tensor | None = None) -> None:
+def lora_expand(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    index: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+) -> None:
     """y (rows, out) += scale[s] * t (rows, max_rank) @ B[s].T, B (slots, out, max_rank); in place."""
     check_expand_args("lora_expand", y, t, B, scale, index, ranks)
     check_routing_values("lora_expand", index, ranks, B.size(0), B.size(2))
@@ -58,9 +65,16 @@ def index_per_row(index: torch.Tensor, rows: int) -> torch.Tensor:
     return index if n0 in (rows, 0) else index.repeat_interleave(rows // n0)
 
 
-def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
-                B: torch.Tensor, scale: torch.Tensor, index: torch.Tensor,
-                ranks: torch.Tensor | None = None) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    index: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x (n0, ..., in) -> y (n0, ..., out): the base linear plus each row's low-rank delta."""
     check_linear_args("lora_linear", x, W, bias, A, B, scale, index, ranks)
     check_routing_values("lora_linear", index, ranks, A.size(0), A.size(1))
@@ -71,9 +85,16 @@ def lora_linear(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: 
     return y.view(*x.shape[:-1], W.size(0))
 
 
-def lora_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, A: torch.Tensor,
-                         B: torch.Tensor, scale: torch.Tensor, index: torch.Tensor,
-                         ranks: torch.Tensor | None = None):
+def lora_linear_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    index: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+):
     """grad_y (rows, out), x (rows, in) -> grad_x (rows, in) with the base term, grad_A like A, grad_B like B."""
     check_backward_args("lora_linear_backward", grad_y, x, W)
     check_linear_args("lora_linear_backward", x, W, None, A, B, scale, index, ranks)

@@ -41,9 +41,11 @@ class Route:
         if self.broadcast:
             index = index.expand(n0).contiguous()
         elif index.size(0) != n0:
-            raise ValueError(f"the batch has {n0} rows but Backbone.use routes {index.size(0)}; give one name "
-                             "per row (with repeat=k when generate() expands each row k times: num_beams x "
-                             "num_return_sequences), or a single name for all rows")
+            raise ValueError(
+                f"the batch has {n0} rows but Backbone.use routes {index.size(0)}; give one name "
+                "per row (with repeat=k when generate() expands each row k times: num_beams x "
+                "num_return_sequences), or a single name for all rows"
+            )
         return index if rows == n0 else index.repeat_interleave(rows // n0)
 
 
@@ -125,8 +127,12 @@ class AdapterType:
         cannot be trained. Default: every floating-point tensor with a dimension (0-d tensors hold
         scalings derived from the config). `write` must copy them with differentiable ops (`copy_`,
         products), so that gradients reach them when the Backbone trains."""
-        return [(path, key) for path, parts in adapter.modules.items() for key, t in parts.items()
-                if t.is_floating_point() and t.dim() > 0]
+        return [
+            (path, key)
+            for path, parts in adapter.modules.items()
+            for key, t in parts.items()
+            if t.is_floating_point() and t.dim() > 0
+        ]
 
     def init(self, model: nn.Module, config: dict) -> Adapter:
         """A fresh adapter for `model` from `config` (validated against config_schema), initialised

@@ -26,9 +26,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def adapter_types() -> list:
     """The adapter types this plugin provides: a list of `adapterhub.AdapterType` instances.
 
-        @hookimpl
-        def adapter_types():
-            return [VeraType()]
+    @hookimpl
+    def adapter_types():
+        return [VeraType()]
     """
 
 

@@ -34,13 +34,23 @@ class _LowRankDelta(torch.autograd.Function):
     def backward(ctx, grad):
         x2, W, A, B, scale, index, ranks = ctx.saved_tensors
         grad = grad.contiguous()  # (rows, out)
-        grad_x, grad_A, grad_B = torch.ops.adapterhub.lora_linear_backward(grad, x2, W.detach(), A.detach(),
-                                                                           B.detach(), scale, index, ranks)
+        grad_x, grad_A, grad_B = torch.ops.adapterhub.lora_linear_backward(
+            grad, x2, W.detach(), A.detach(), B.detach(), scale, index, ranks
+        )
         need = ctx.needs_input_grad
         grad_W = grad.T @ x2 if need[2] else None  # (out, in)
         grad_bias = grad.sum(0) if need[3] and ctx.has_bias else None
-        return grad_x, None, grad_W, grad_bias, grad_A if need[4] else None, grad_B if need[5] else None, \
-            None, None, None
+        return (
+            grad_x,
+            None,
+            grad_W,
+            grad_bias,
+            grad_A if need[4] else None,
+            grad_B if need[5] else None,
+            None,
+            None,
+            None,
+        )
 
 
 class LowRankSlots(ModuleSlots):
@@ -54,8 +64,9 @@ class LowRankSlots(ModuleSlots):
         kw = dict(device=weight.device)
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("A", torch.zeros(slots, max_rank, in_features, dtype=weight.dtype, **kw), persistent=False)
-        self.register_buffer("B", torch.zeros(slots, out_features, max_rank, dtype=weight.dtype, **kw),
-                             persistent=False)
+        self.register_buffer(
+            "B", torch.zeros(slots, out_features, max_rank, dtype=weight.dtype, **kw), persistent=False
+        )
         self.register_buffer("scale", torch.zeros(slots, dtype=torch.float32, **kw), persistent=False)
         self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int64, **kw), persistent=False)
 
@@ -67,8 +78,8 @@ class LowRankSlots(ModuleSlots):
         if r:
             buffers["A"][slot, :r].copy_(A)
             buffers["B"][slot, :, :r].copy_(B)
-        buffers["scale"][slot:slot + 1].fill_(scale if r else 0.0)
-        buffers["ranks"][slot:slot + 1].fill_(r)
+        buffers["scale"][slot : slot + 1].fill_(scale if r else 0.0)
+        buffers["ranks"][slot : slot + 1].fill_(r)
 
     def read_low_rank(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A (r, in), B (out, r), scale) copied out of `slot`, or None."""
@@ -77,8 +88,9 @@ class LowRankSlots(ModuleSlots):
             return None
         return self.A[slot, :r].clone(), self.B[slot, :, :r].clone(), float(self.scale[slot])
 
-    def add_delta(self, x: torch.Tensor, output: torch.Tensor, route: Route,
-                  base: nn.Module | None = None) -> torch.Tensor:
+    def add_delta(
+        self, x: torch.Tensor, output: torch.Tensor, route: Route, base: nn.Module | None = None
+    ) -> torch.Tensor:
         """output (n0, ..., out) + each row's delta of x (n0, ..., in): in place, or, when autograd
         records (training), as a new tensor whose gradients reach x, A, B and `base`'s weights."""
         x2 = x.reshape(-1, self.in_features).contiguous()  # (rows, in)

@@ -96,10 +96,15 @@ class Registry:
     def get(self, name: str) -> AdapterType:
         with self._lock:
             if name not in self._types:
-                blocked = " (it is blocked by ADAPTERHUB_DISABLE_PLUGINS or left out by ADAPTERHUB_PLUGINS)" \
-                    if self.pm.is_blocked(name) or "ADAPTERHUB_PLUGINS" in os.environ else ""
-                raise AdapterError(f"no adapter type named {name!r} is installed{blocked}; installed: "
-                                   f"{sorted(self._types)}{self._failure_hint()}; install the plugin that provides it")
+                blocked = (
+                    " (it is blocked by ADAPTERHUB_DISABLE_PLUGINS or left out by ADAPTERHUB_PLUGINS)"
+                    if self.pm.is_blocked(name) or "ADAPTERHUB_PLUGINS" in os.environ
+                    else ""
+                )
+                raise AdapterError(
+                    f"no adapter type named {name!r} is installed{blocked}; installed: "
+                    f"{sorted(self._types)}{self._failure_hint()}; install the plugin that provides it"
+                )
             return self._types[name][0]
 
     def names(self) -> list[str]:
@@ -119,9 +124,11 @@ class Registry:
         if name is not None:
             return self.get(name)
         what = f"peft_type {tag!r}" if tag else f"no {CONFIG_FILE}" if config is None else "its config"
-        raise AdapterError(f"no installed adapter type reads {directory} ({what}); installed types read "
-                           f"{sorted(by_alias)}{self._failure_hint()}: install the plugin for this format, or pass "
-                           "type= to Backbone.load")
+        raise AdapterError(
+            f"no installed adapter type reads {directory} ({what}); installed types read "
+            f"{sorted(by_alias)}{self._failure_hint()}: install the plugin for this format, or pass "
+            "type= to Backbone.load"
+        )
 
     def listing(self) -> list[TypeListing]:
         with self._lock:
@@ -129,9 +136,17 @@ class Registry:
             for name, (adapter_type, plugin) in sorted(self._types.items()):
                 hooks = sorted(c.name for c in self.pm.get_hookcallers(self.pm.get_plugin(plugin)) or ())
                 dist, version = self._dists.get(plugin, ("", ""))
-                rows.append(TypeListing(name=name, plugin=plugin, distribution=dist, version=version,
-                                        aliases=tuple(adapter_type.aliases), hooks=tuple(hooks),
-                                        description=adapter_type.description))
+                rows.append(
+                    TypeListing(
+                        name=name,
+                        plugin=plugin,
+                        distribution=dist,
+                        version=version,
+                        aliases=tuple(adapter_type.aliases),
+                        hooks=tuple(hooks),
+                        description=adapter_type.description,
+                    )
+                )
             return rows
 
     # ---- internals ------------------------------------------------------------------------
@@ -139,7 +154,9 @@ class Registry:
         only = _env_list("ADAPTERHUB_PLUGINS")
         blocked = _env_list("ADAPTERHUB_DISABLE_PLUGINS")
         # The built-ins first, so that an outside plugin cannot take a built-in type's name.
-        for ep in sorted(entry_points(group=GROUP), key=lambda e: (e.dist is None or e.dist.name != "adapterhub", e.name)):
+        for ep in sorted(
+            entry_points(group=GROUP), key=lambda e: (e.dist is None or e.dist.name != "adapterhub", e.name)
+        ):
             if (only is not None and ep.name not in only) or (blocked and ep.name in blocked):
                 if blocked and ep.name in blocked:
                     self.pm.set_blocked(ep.name)
@@ -151,32 +168,40 @@ class Registry:
                 self._fail(ep, dist, e)
 
     def _fail(self, ep: EntryPoint, dist: tuple[str, str], error: Exception) -> None:
-        failure = PluginFailure(plugin=ep.name, distribution=" ".join(filter(None, dist)),
-                                error=f"{type(error).__name__}: {error}")
+        failure = PluginFailure(
+            plugin=ep.name, distribution=" ".join(filter(None, dist)), error=f"{type(error).__name__}: {error}"
+        )
         self._failures.append(failure)
-        log.warning("adapterhub: skipped plugin %r (%s): %s", failure.plugin, failure.distribution or ep.value,
-                    failure.error)
+        log.warning(
+            "adapterhub: skipped plugin %r (%s): %s", failure.plugin, failure.distribution or ep.value, failure.error
+        )
 
     def _collect(self, plugin_name: str) -> None:
         """Checks and records the types one plugin declares."""
         impls = [i for i in self.pm.hook.adapter_types.get_hookimpls() if i.plugin_name == plugin_name]
         declared = impls[0].function() if impls else []
         if not isinstance(declared, (list, tuple)):
-            raise AdapterError(f"plugin {plugin_name!r}: adapter_types() must return a list of AdapterType, "
-                               f"got {type(declared).__name__}")
+            raise AdapterError(
+                f"plugin {plugin_name!r}: adapter_types() must return a list of AdapterType, "
+                f"got {type(declared).__name__}"
+            )
         found = {}
         for adapter_type in declared:
             _check_type(plugin_name, adapter_type)
             taken = self._types.get(adapter_type.name) or found.get(adapter_type.name)
             if taken:
-                raise AdapterError(f"plugin {plugin_name!r} declares adapter type {adapter_type.name!r}, which plugin "
-                                   f"{taken[1]!r} already provides; disable one with ADAPTERHUB_DISABLE_PLUGINS")
+                raise AdapterError(
+                    f"plugin {plugin_name!r} declares adapter type {adapter_type.name!r}, which plugin "
+                    f"{taken[1]!r} already provides; disable one with ADAPTERHUB_DISABLE_PLUGINS"
+                )
             readers = {alias: (t.name, p) for t, p in [*self._types.values(), *found.values()] for alias in t.aliases}
             clash = next((a for a in adapter_type.aliases if a in readers), None)
             if clash:
-                raise AdapterError(f"plugin {plugin_name!r}: type {adapter_type.name!r} claims format {clash!r}, which "
-                                   f"type {readers[clash][0]!r} (plugin {readers[clash][1]!r}) already reads; "
-                                   "disable one with ADAPTERHUB_DISABLE_PLUGINS")
+                raise AdapterError(
+                    f"plugin {plugin_name!r}: type {adapter_type.name!r} claims format {clash!r}, which "
+                    f"type {readers[clash][0]!r} (plugin {readers[clash][1]!r}) already reads; "
+                    "disable one with ADAPTERHUB_DISABLE_PLUGINS"
+                )
             found[adapter_type.name] = (adapter_type, plugin_name)
         self._types.update(found)
 

@@ -10,7 +10,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import ApiError
 from .sampling import Sampling
 
 MAX_STOPS = 4
@@ -54,8 +53,15 @@ class _Generation(BaseModel):
         return value
 
     def sampling(self, max_tokens: int) -> Sampling:
-        return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                        stop=tuple(self.stop or ()), seed=self.seed, n=self.n, ignore_eos=self.ignore_eos)
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=tuple(self.stop or ()),
+            seed=self.seed,
+            n=self.n,
+            ignore_eos=self.ignore_eos,
+        )
 
 
 class CompletionRequest(_Generation):
@@ -106,6 +112,7 @@ class ChatRequest(_Generation):
 
 class AdapterUpload(BaseModel):
     """POST /v1/adapters: load (or replace) an adapter under `name` from `source`."""
+
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, pattern=r"^[^#@/\s]+$")
     source: str = Field(min_length=1)

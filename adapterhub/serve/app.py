@@ -26,8 +26,15 @@ from .engine import Finished, Token
 from .errors import ApiError, Denied
 from .tenancy import Keys, Sources
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 422: "adapter_error", 500: "server_error", 503: "server_busy"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    422: "adapter_error",
+    500: "server_error",
+    503: "server_busy",
+}
 REPLICA_HEADER = "x-adapterhub-replica"
 
 
@@ -35,8 +42,10 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": status}}
 
 
-def create_app(backend, *, keys: Keys | None = None, sources: Sources = Sources()) -> FastAPI:
-    """The app serving `backend` (a LocalBackend, or ray_app's RayBackend); shuts it down with the app."""
+def create_app(backend, *, keys: Keys | None = None, sources: Sources | None = None) -> FastAPI:
+    """The app serving `backend` (a LocalBackend, or ray_app's RayBackend); shuts it down with the app.
+    `sources` (default: none allowed) says where POST /v1/adapters may load from."""
+    sources = sources or Sources()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -90,10 +99,17 @@ def create_app(backend, *, keys: Keys | None = None, sources: Sources = Sources(
     async def models(request: Request):
         adapters = {a["id"]: a for a in await backend.adapters()}
         created = int(time.time())
-        data = [{"id": n, "object": "model", "created": created, "owned_by": "adapterhub",
-                 "root": adapters[n]["source"] if n in adapters else n,
-                 "parent": backend.base_name if n in adapters else None}
-                for n in visible(request, [backend.base_name, *sorted(adapters)])]
+        data = [
+            {
+                "id": n,
+                "object": "model",
+                "created": created,
+                "owned_by": "adapterhub",
+                "root": adapters[n]["source"] if n in adapters else n,
+                "parent": backend.base_name if n in adapters else None,
+            }
+            for n in visible(request, [backend.base_name, *sorted(adapters)])
+        ]
         return {"object": "list", "data": data}
 
     @app.get("/v1/adapters")
@@ -114,9 +130,14 @@ def create_app(backend, *, keys: Keys | None = None, sources: Sources = Sources(
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, request: Request):
+        """200 once the adapter's requests in flight have finished; 202 if some still run when the
+        backend stops waiting (the name is gone for new requests either way; its slot frees when they end)."""
         authorize(request, None)
-        await backend.remove_adapter(name)
-        return {"id": name, "object": "adapter", "deleted": True}
+        in_flight = await backend.remove_adapter(name)
+        return JSONResponse(
+            {"id": name, "object": "adapter", "deleted": True, "in_flight": in_flight},
+            status_code=202 if in_flight else 200,
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -135,13 +156,17 @@ async def _respond(backend, body: CompletionRequest | ChatRequest, *, chat: bool
     events = backend.generate(None if body.model == backend.base_name else body.model, body)
     start = await anext(events)  # errors before the first token (unknown model, too long) are plain JSON errors
     headers = {REPLICA_HEADER: start.replica}
-    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": body.model}
+    head = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": body.model,
+    }
     usage = _Usage(start.prompt_tokens)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(events, head, usage, chat, include_usage, body.n), headers=headers,
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _sse(events, head, usage, chat, include_usage, body.n), headers=headers, media_type="text/event-stream"
+        )
     texts, reasons = {}, {}
     async for index, event in events:
         if isinstance(event, Token):
@@ -149,12 +174,21 @@ async def _respond(backend, body: CompletionRequest | ChatRequest, *, chat: bool
         elif isinstance(event, Finished):
             reasons[index] = event.reason
             usage.completion += event.tokens
-    choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, "")}, "logprobs": None,
-                "finish_reason": reasons[i]} if chat else
-               {"index": i, "text": texts.get(i, ""), "logprobs": None, "finish_reason": reasons[i]}
-               for i in sorted(reasons)]
-    return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                         "usage": usage.json()}, headers=headers)
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": texts.get(i, "")},
+            "logprobs": None,
+            "finish_reason": reasons[i],
+        }
+        if chat
+        else {"index": i, "text": texts.get(i, ""), "logprobs": None, "finish_reason": reasons[i]}
+        for i in sorted(reasons)
+    ]
+    return JSONResponse(
+        {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage.json()},
+        headers=headers,
+    )
 
 
 class _Usage:
@@ -162,8 +196,11 @@ class _Usage:
         self.prompt, self.completion = prompt, 0
 
     def json(self) -> dict:
-        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "total_tokens": self.prompt + self.completion}
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
 
 
 async def _sse(events, head: dict, usage: _Usage, chat: bool, include_usage: bool, n: int):
@@ -174,8 +211,12 @@ async def _sse(events, head: dict, usage: _Usage, chat: bool, include_usage: boo
 
     try:
         if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(n)])
+            yield chunk(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(n)
+                ]
+            )
         async for index, event in events:
             if isinstance(event, Token) and event.text:
                 delta = {"delta": {"content": event.text}} if chat else {"text": event.text}

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -49,8 +49,9 @@ def prompts_of(engine: Engine, body: CompletionRequest | ChatRequest) -> tuple[l
     return [prompt], body.limit() or max(engine.context - len(prompt), 1)  # OpenAI: the rest of the context
 
 
-async def generate(engine: Engine, adapter: str | None, body: CompletionRequest | ChatRequest,
-                   replica: str) -> AsyncIterator[Start | tuple[int, Token | Finished]]:
+async def generate(
+    engine: Engine, adapter: str | None, body: CompletionRequest | ChatRequest, replica: str
+) -> AsyncIterator[Start | tuple[int, Token | Finished]]:
     """One engine request per prompt of `body`; see the module docstring. The requests are cancelled
     if the consumer stops early (a client that went away)."""
     prompts, max_tokens = prompts_of(engine, body)
@@ -60,8 +61,10 @@ async def generate(engine: Engine, adapter: str | None, body: CompletionRequest 
     requests = []
     try:
         for k, prompt in enumerate(prompts):
+
             def deliver(event, offset=k * sampling.n):
                 loop.call_soon_threadsafe(queue.put_nowait, (offset, event))
+
             try:
                 requests.append(engine.submit(adapter, prompt, sampling, deliver))
             except UnknownAdapter as error:
@@ -91,7 +94,7 @@ def adapter_json(name: str, source: str, info=None) -> dict:
 class LocalBackend:
     """An Engine in this process."""
 
-    def __init__(self, engine: Engine, delete_timeout: float = 600.0):
+    def __init__(self, engine: Engine, delete_timeout: float = 60.0):
         self.engine, self.delete_timeout = engine, delete_timeout
         self.base_name, self.metrics = engine.base_name, engine.metrics
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
@@ -100,8 +103,10 @@ class LocalBackend:
         return generate(self.engine, adapter, body, self.replica)
 
     async def adapters(self) -> list[dict]:
-        return [adapter_json(name, self.engine.source_of(name), info)
-                for name, info in sorted(self.engine.adapters().items())]
+        return [
+            adapter_json(name, self.engine.source_of(name), info)
+            for name, info in sorted(self.engine.adapters().items())
+        ]
 
     async def add_adapter(self, name: str, source: str, revision: str | None) -> dict:
         try:
@@ -112,9 +117,11 @@ class LocalBackend:
             raise ApiError(422, f"adapter {name!r} was not loaded: {error}", "source") from None
         return adapter_json(name, source, info)
 
-    async def remove_adapter(self, name: str) -> None:
+    async def remove_adapter(self, name: str) -> int:
+        """Forgets `name`; waits up to `delete_timeout` for its requests in flight, and returns how many
+        are still running (its slot is freed when they end)."""
         try:
-            await run_in_threadpool(self.engine.remove_adapter, name, self.delete_timeout)
+            return await run_in_threadpool(self.engine.remove_adapter, name, self.delete_timeout)
         except UnknownAdapter as error:
             raise ApiError(404, str(error), "name") from None
 

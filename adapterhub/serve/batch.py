@@ -28,12 +28,13 @@ def prefill(model: nn.Module, prompts: list[list[int]], pad_id: int) -> tuple[Dy
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = 1
+        ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, P)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+    )
     _check_cache(out.cache)
     return out.cache, mask, out.logits[:, -1].float()
 
@@ -41,8 +42,10 @@ def prefill(model: nn.Module, prompts: list[list[int]], pad_id: int) -> tuple[Dy
 def _check_cache(cache: DynamicCache) -> None:
     if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
         kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])}) or [type(cache).__name__]
-        raise TypeError(f"the server batches models whose KV cache is transformers' DynamicCache of full-attention "
-                        f"layers; this model's cache has {kinds} (sliding-window or recurrent layers)")
+        raise TypeError(
+            f"the server batches models whose KV cache is transformers' DynamicCache of full-attention "
+            f"layers; this model's cache has {kinds} (sliding-window or recurrent layers)"
+        )
 
 
 class RunningBatch:
@@ -64,8 +67,13 @@ class RunningBatch:
         """Feeds one token per row (B,); returns the next-token logits (B, vocab) in fp32."""
         positions = self.lengths()[:, None]  # (B, 1)
         self.mask = torch.cat((self.mask, self.mask.new_ones(self.rows, 1)), 1)
-        out = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions,
-                    cache=self.cache, use_cache=True)
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+        )
         self.cache = out.cache
         return out.logits[:, -1].float()
 
@@ -75,9 +83,13 @@ class RunningBatch:
             self.cache, self.mask = cache, mask
             return
         L = max(self.mask.size(1), mask.size(1))
-        layers = [(torch.cat((_pad_left(a.keys, L), _pad_left(b.keys, L))),
-                   torch.cat((_pad_left(a.values, L), _pad_left(b.values, L))))
-                  for a, b in zip(self.cache.layers, cache.layers)]
+        layers = [
+            (
+                torch.cat((_pad_left(a.keys, L), _pad_left(b.keys, L))),
+                torch.cat((_pad_left(a.values, L), _pad_left(b.values, L))),
+            )
+            for a, b in zip(self.cache.layers, cache.layers)
+        ]
         self.cache = DynamicCache(layers)
         self.mask = torch.cat((_pad_left(self.mask, L, dim=1), _pad_left(mask, L, dim=1)))
 
@@ -90,8 +102,9 @@ class RunningBatch:
         mask = self.mask[index]
         first = int((mask.sum(0) > 0).long().argmax())  # the first column some kept row uses
         self.mask = mask[:, first:]
-        self.cache = DynamicCache([(layer.keys[index, :, first:], layer.values[index, :, first:])
-                                   for layer in self.cache.layers])
+        self.cache = DynamicCache(
+            [(layer.keys[index, :, first:], layer.values[index, :, first:]) for layer in self.cache.layers]
+        )
 
 
 def _pad_left(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:

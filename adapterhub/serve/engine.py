@@ -23,9 +23,9 @@ import random
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -38,8 +38,10 @@ from .sampling import Sampling, TextStream, next_tokens
 
 log = logging.getLogger("adapterhub.serve")
 
-NOT_SERVED = {"prompt_tuning": "prompt tuning adds virtual tokens to the sequence, which the server's "
-                               "continuous batching does not support yet; serve it with Backbone.use and generate()"}
+NOT_SERVED = {
+    "prompt_tuning": "prompt tuning adds virtual tokens to the sequence, which the server's "
+    "continuous batching does not support yet; serve it with Backbone.use and generate()"
+}
 
 
 def end_of_sequence(model, tokenizer) -> set[int]:
@@ -52,6 +54,7 @@ def end_of_sequence(model, tokenizer) -> set[int]:
 @dataclass(frozen=True)
 class Token:
     """Text a choice produced (may be empty when a token only completes a character later)."""
+
     choice: int
     text: str
 
@@ -107,8 +110,17 @@ class _Entry:
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, tokenizer, *, base_name: str, max_batch: int = 64,
-                 max_prefill_tokens: int = 4096, fair_wait: float = 1.0, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        tokenizer,
+        *,
+        base_name: str,
+        max_batch: int = 64,
+        max_prefill_tokens: int = 4096,
+        fair_wait: float = 1.0,
+        metrics: Metrics | None = None,
+    ):
         self.backbone, self.model, self.tokenizer = backbone, backbone.model, tokenizer
         self.base_name, self.max_batch, self.max_prefill_tokens = base_name, max_batch, max_prefill_tokens
         self.fair_wait = fair_wait  # seconds a request may wait for a slot before nobody overtakes it
@@ -116,7 +128,7 @@ class Engine:
         self.metrics.watch(self)
         config = self.model.config
         self.vocab = self.model.get_output_embeddings().weight.size(0)
-        self.context = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+        self.context = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
         self.eos = end_of_sequence(self.model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self._lock = threading.Condition()  # guards everything below; notified when there is work
@@ -153,8 +165,7 @@ class Engine:
         with self._lock:
             entries = dict(self._adapters)
         resident = set(self.backbone.names)
-        return {name: self.backbone.info(e.resident) if e.resident in resident else None
-                for name, e in entries.items()}
+        return {name: self.backbone.info(e.resident) if e.resident in resident else None for name, e in entries.items()}
 
     def source_of(self, name: str) -> str:
         with self._lock:
@@ -164,8 +175,10 @@ class Engine:
         """Loads the adapter at `source` under `name` (blocking the caller, not the engine); a name in
         use is replaced: requests already bound to it finish on the old weights."""
         if not name or "#" in name or name == self.base_name:
-            raise AdapterError(f"adapter name {name!r} is not allowed: use a non-empty name without '#' "
-                               f"that differs from the base model's {self.base_name!r}")
+            raise AdapterError(
+                f"adapter name {name!r} is not allowed: use a non-empty name without '#' "
+                f"that differs from the base model's {self.base_name!r}"
+            )
         resident = f"{name}#{next(self._versions)}"
         info = self._load(resident, source, revision)  # pinned until it is known
         if info.type in NOT_SERVED:
@@ -179,16 +192,16 @@ class Engine:
                 self._retire(old.resident)
         return info
 
-    def remove_adapter(self, name: str, timeout: float | None = None) -> None:
-        """Forgets `name` at once (new requests for it get UnknownAdapter), waits for its requests in
-        flight to finish, then frees its slot."""
+    def remove_adapter(self, name: str, timeout: float | None = None) -> int:
+        """Forgets `name` at once (new requests for it get UnknownAdapter); its slot is freed when its
+        last request in flight ends. Waits up to `timeout` seconds for that (None: as long as it takes,
+        0: not at all) and returns how many of its requests are still in flight (0: unloaded)."""
         with self._lock:
             entry = self._entry(name)
             del self._adapters[name]
             self._retire(entry.resident)
-            if not self._lock.wait_for(lambda: not self._users[entry.resident], timeout):
-                raise TimeoutError(f"adapter {name!r} still had requests in flight after {timeout} s; it is "
-                                   "removed for new requests and unloads when they finish")
+            self._lock.wait_for(lambda: not self._users[entry.resident], timeout)
+            return self._users[entry.resident]
 
     # ---- requests ------------------------------------------------------------------------
     def queue_depth(self) -> int:
@@ -197,8 +210,9 @@ class Engine:
     def running_rows(self) -> int:
         return len(self._rows)
 
-    def submit(self, adapter: str | None, prompt: list[int], sampling: Sampling,
-               on_event: Callable[[Event], None]) -> Request:
+    def submit(
+        self, adapter: str | None, prompt: list[int], sampling: Sampling, on_event: Callable[[Event], None]
+    ) -> Request:
         """Queues a request; `on_event` is called on the engine thread with each Token, each choice's
         Finished, or one Failed."""
         if not prompt:
@@ -206,9 +220,11 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= self.vocab:
             raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab})")
         if len(prompt) + sampling.max_tokens > self.context:
-            raise RequestError(f"the prompt has {len(prompt)} tokens and max_tokens is {sampling.max_tokens}: "
-                               f"together more than the model's context of {self.context} tokens; shorten the "
-                               "prompt or lower max_tokens")
+            raise RequestError(
+                f"the prompt has {len(prompt)} tokens and max_tokens is {sampling.max_tokens}: "
+                f"together more than the model's context of {self.context} tokens; shorten the "
+                "prompt or lower max_tokens"
+            )
         if sampling.n > self.max_batch:
             raise RequestError(f"n={sampling.n} is more than the server's batch of {self.max_batch} rows")
         with self._lock:
@@ -248,7 +264,9 @@ class Engine:
                 self._queue.remove(request)
                 self._release(request)
                 continue
-            if rows + request.sampling.n > self.max_batch or (taken and tokens + len(request.prompt) > self.max_prefill_tokens):
+            if rows + request.sampling.n > self.max_batch or (
+                taken and tokens + len(request.prompt) > self.max_prefill_tokens
+            ):
                 break
             if request.resident is not None and not self._pin(request.resident):
                 self._start_load(request.resident)
@@ -309,8 +327,12 @@ class Engine:
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Samples one token per row (logits (len(rows), vocab)), sends the text, finishes rows."""
-        tokens = next_tokens(logits, [r.request.sampling.temperature for r in rows],
-                             [r.request.sampling.top_p for r in rows], [r.generator for r in rows]).tolist()
+        tokens = next_tokens(
+            logits,
+            [r.request.sampling.temperature for r in rows],
+            [r.request.sampling.top_p for r in rows],
+            [r.generator for r in rows],
+        ).tolist()
         self.metrics.tokens(len(rows))
         for row, token in zip(rows, tokens):
             row.last, row.count = token, row.count + 1

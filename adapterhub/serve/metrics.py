@@ -28,16 +28,27 @@ class Metrics:
         self.requests = Counter("adapterhub_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("adapterhub_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.generated_tokens = Counter("adapterhub_generated_tokens", "tokens generated", registry=r)
-        self.batch_rows = Histogram("adapterhub_batch_rows", "rows in each decode step's forward", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.queue_seconds = Histogram("adapterhub_queue_seconds", "time from submission to prefill", registry=r,
-                                       buckets=LATENCY_BUCKETS)
-        self.request_seconds = Histogram("adapterhub_request_seconds", "time from submission to the last token",
-                                         registry=r, buckets=LATENCY_BUCKETS)
-        self.loads = Counter("adapterhub_adapter_loads", "adapter loads (from files or the host cache)", ["result"],
-                             registry=r)
-        self.load_seconds = Histogram("adapterhub_adapter_load_seconds", "time to load an adapter into a slot",
-                                      registry=r, buckets=LATENCY_BUCKETS)
+        self.batch_rows = Histogram(
+            "adapterhub_batch_rows",
+            "rows in each decode step's forward",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+        self.queue_seconds = Histogram(
+            "adapterhub_queue_seconds", "time from submission to prefill", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.request_seconds = Histogram(
+            "adapterhub_request_seconds", "time from submission to the last token", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.loads = Counter(
+            "adapterhub_adapter_loads", "adapter loads (from files or the host cache)", ["result"], registry=r
+        )
+        self.load_seconds = Histogram(
+            "adapterhub_adapter_load_seconds",
+            "time to load an adapter into a slot",
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last RATE_WINDOW seconds
         self._recent_lock = threading.Lock()
 
@@ -68,14 +79,18 @@ class _EngineCollector:
 
     def collect(self):
         e, bb = self.engine, self.engine.backbone
-        values = [("adapterhub_queue_depth", "requests waiting to join the batch", e.queue_depth()),
-                  ("adapterhub_running_rows", "rows (sequences) in the running batch", e.running_rows()),
-                  ("adapterhub_adapter_slots_used", "adapter slots holding an adapter", len(bb.names)),
-                  ("adapterhub_adapter_slots", "adapter slots in all", bb.max_adapters),
-                  ("adapterhub_adapters", "adapters clients may name (resident or not)", len(e.adapters())),
-                  ("adapterhub_tokens_per_second", f"tokens generated per second over the last {RATE_WINDOW:g} s",
-                   self.metrics.tokens_per_second())]
+        values = [
+            ("adapterhub_queue_depth", "requests waiting to join the batch", e.queue_depth()),
+            ("adapterhub_running_rows", "rows (sequences) in the running batch", e.running_rows()),
+            ("adapterhub_adapter_slots_used", "adapter slots holding an adapter", len(bb.names)),
+            ("adapterhub_adapter_slots", "adapter slots in all", bb.max_adapters),
+            ("adapterhub_adapters", "adapters clients may name (resident or not)", len(e.adapters())),
+            (
+                "adapterhub_tokens_per_second",
+                f"tokens generated per second over the last {RATE_WINDOW:g} s",
+                self.metrics.tokens_per_second(),
+            ),
+        ]
         for name, doc, value in values:
             yield GaugeMetricFamily(name, doc, value=value)
-        yield CounterMetricFamily("adapterhub_adapter_evictions", "adapters evicted to make room",
-                                  value=bb.evictions)
+        yield CounterMetricFamily("adapterhub_adapter_evictions", "adapters evicted to make room", value=bb.evictions)

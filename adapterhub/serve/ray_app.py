@@ -8,13 +8,15 @@
 An adapter's version ("name@k") is Ray's multiplexed model id, so Ray sends a request to a replica
 that already holds that adapter when one does, and otherwise to one that loads it: the replica's
 multiplexed loader is `Engine.add_adapter` (local directories, Hub ids), and Ray's per-replica model
-limit is the replica's slot count (`--max-adapters`), so Ray's LRU unloads (`Engine.remove_adapter`,
-which waits for the adapter's requests in flight) before the Backbone would need to evict.
+limit is the replica's slot count (`--max-adapters`), so Ray's LRU unloads (`Engine.remove_adapter`
+without waiting: the slot is freed when the adapter's last request in flight ends) before the
+Backbone would need to evict.
 
 The ingress keeps the adapter registry (one ingress replica). POST /v1/adapters loads the adapter on
 one replica to check it (422 if it cannot), then registers a new version: requests already running
 keep the old version's weights; replicas let the old version go through Ray's LRU. DELETE stops new
-requests at once and returns when the requests it forwarded for that adapter have finished.
+requests at once and returns when the requests it forwarded for that adapter have finished (or, after
+`delete_timeout`, with how many still run).
 A replica that dies fails its requests in flight with 503 (retry); Ray starts a new one.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -29,8 +32,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from ray import serve
 
@@ -67,10 +70,8 @@ class _Loaded:
     def __del__(self):  # Ray calls it on unload (in a thread); Python again at collection: once is enough
         if self.loaded:
             self.loaded = False
-            try:
-                self.engine.remove_adapter(self.name, timeout=600)
-            except LookupError:
-                pass
+            with contextlib.suppress(LookupError):  # already removed
+                self.engine.remove_adapter(self.name, timeout=0)  # a finalizer never waits
 
 
 def replica_class(settings: EngineSettings):
@@ -93,7 +94,9 @@ def replica_class(settings: EngineSettings):
             except NoFreeSlot as error:
                 raise ApiError(503, str(error)) from None
             except (AdapterError, OSError) as error:
-                raise ApiError(422, f"adapter {model_id.rsplit('@', 1)[0]!r} was not loaded: {error}", "source") from None
+                raise ApiError(
+                    422, f"adapter {model_id.rsplit('@', 1)[0]!r} was not loaded: {error}", "source"
+                ) from None
             return _Loaded(self.engine, model_id)
 
         async def load(self, source: str, revision: str | None) -> dict:
@@ -104,8 +107,9 @@ def replica_class(settings: EngineSettings):
             info = self.engine.adapters().get(model_id)
             return {**adapter_json(model_id.rsplit("@", 1)[0], source, info), "replica": self.replica}
 
-        async def generate(self, body: CompletionRequest | ChatRequest, source: str | None,
-                           revision: str | None) -> AsyncIterator:
+        async def generate(
+            self, body: CompletionRequest | ChatRequest, source: str | None, revision: str | None
+        ) -> AsyncIterator:
             model_id = serve.get_multiplexed_model_id() or None
             for attempt in range(2):  # Ray's LRU may unload it between the load and the submission: once more
                 if model_id is not None:
@@ -123,8 +127,11 @@ def replica_class(settings: EngineSettings):
                 yield item
 
         def health(self) -> dict:
-            return {"replica": self.replica, "running_rows": self.engine.running_rows(),
-                    "queue_depth": self.engine.queue_depth()}
+            return {
+                "replica": self.replica,
+                "running_rows": self.engine.running_rows(),
+                "queue_depth": self.engine.queue_depth(),
+            }
 
     return EngineReplica
 
@@ -132,8 +139,9 @@ def replica_class(settings: EngineSettings):
 class RayBackend:
     """backend.py's interface over the replicas' deployment handle; lives in the ingress."""
 
-    def __init__(self, replicas, base_name: str, adapters: dict[str, str]):
+    def __init__(self, replicas, base_name: str, adapters: dict[str, str], delete_timeout: float = 60.0):
         self.replicas, self.base_name, self.metrics = replicas, base_name, Metrics()
+        self.delete_timeout = delete_timeout
         self._versions = itertools.count(1)
         self._registry = {name: _Version(source, None, f"{name}@0") for name, source in adapters.items()}
         self._in_flight: Counter[str] = Counter()  # adapter name -> requests forwarded and not finished
@@ -144,8 +152,11 @@ class RayBackend:
         if adapter is not None:
             version = self._registry.get(adapter)
             if version is None:
-                raise ApiError(404, f"no adapter named {adapter!r}; available: "
-                                    f"{[self.base_name, *sorted(self._registry)]}", "model")
+                raise ApiError(
+                    404,
+                    f"no adapter named {adapter!r}; available: {[self.base_name, *sorted(self._registry)]}",
+                    "model",
+                )
         handle = self.replicas.options(stream=True, multiplexed_model_id=version.model_id if version else "")
         self._in_flight[adapter] += 1
         try:
@@ -155,15 +166,20 @@ class RayBackend:
             error = _unwrap(error)
             if isinstance(error, ApiError):
                 raise error from None
-            raise ApiError(503, f"the replica serving {body.model!r} failed ({type(error).__name__}); Ray is "
-                                "replacing it: retry the request") from None
+            raise ApiError(
+                503,
+                f"the replica serving {body.model!r} failed ({type(error).__name__}); Ray is "
+                "replacing it: retry the request",
+            ) from None
         finally:
             self._in_flight[adapter] -= 1
             self._idle.set()
 
     async def adapters(self) -> list[dict]:
-        return [{"id": name, "object": "adapter", "source": v.source, "revision": v.revision}
-                for name, v in sorted(self._registry.items())]
+        return [
+            {"id": name, "object": "adapter", "source": v.source, "revision": v.revision}
+            for name, v in sorted(self._registry.items())
+        ]
 
     async def add_adapter(self, name: str, source: str, revision: str | None) -> dict:
         version = _Version(source, revision, f"{name}@{next(self._versions)}")
@@ -173,16 +189,23 @@ class RayBackend:
             error = _unwrap(error)
             if isinstance(error, ApiError):
                 raise error from None
-            raise ApiError(503, f"loading {name!r} failed on a replica ({type(error).__name__}: {error}); retry") from None
+            raise ApiError(
+                503, f"loading {name!r} failed on a replica ({type(error).__name__}: {error}); retry"
+            ) from None
         self._registry[name] = version
         return info
 
-    async def remove_adapter(self, name: str) -> None:
+    async def remove_adapter(self, name: str) -> int:
+        """Forgets `name`; waits up to `delete_timeout` for the requests forwarded for it, and returns how
+        many still run."""
         if self._registry.pop(name, None) is None:
             raise ApiError(404, f"no adapter named {name!r}; available: {sorted(self._registry)}", "name")
-        while self._in_flight[name]:
+        deadline = asyncio.get_running_loop().time() + self.delete_timeout
+        while self._in_flight[name] and (left := deadline - asyncio.get_running_loop().time()) > 0:
             self._idle.clear()
-            await self._idle.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), left)
+        return self._in_flight[name]
 
     async def health(self) -> dict:
         return {"status": "ok", "adapters": len(self._registry)}
@@ -205,17 +228,32 @@ class Ingress:
         return create_app(self.backend, keys=self.keys, sources=self.sources)
 
 
-def application(settings: EngineSettings, adapters: dict[str, str], keys: Keys | None, sources: Sources, *,
-                replicas: int = 1, replica_cpus: float = 1.0, replica_gpus: float = 0.0):
+def application(
+    settings: EngineSettings,
+    adapters: dict[str, str],
+    keys: Keys | None,
+    sources: Sources,
+    *,
+    replicas: int = 1,
+    replica_cpus: float = 1.0,
+    replica_gpus: float = 0.0,
+):
     """The Ray Serve application: `serve.run(application(...))`, or `serve build`-style configs
     pointing at `adapterhub.serve.ray_app:from_config` (docs/scale-out.md)."""
-    replica = serve.deployment(replica_class(settings), name="EngineReplica", num_replicas=replicas,
-                               max_ongoing_requests=4 * settings.max_batch,
-                               ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus,
-                                                  "runtime_env": {"env_vars": {
-                                                      "ADAPTERHUB_REPLICA_THREADS": str(max(1, int(replica_cpus)))}}})
-    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=10_000)
+    replica = serve.deployment(
+        replica_class(settings),
+        name="EngineReplica",
+        num_replicas=replicas,
+        max_ongoing_requests=4 * settings.max_batch,
+        ray_actor_options={
+            "num_cpus": replica_cpus,
+            "num_gpus": replica_gpus,
+            "runtime_env": {"env_vars": {"ADAPTERHUB_REPLICA_THREADS": str(max(1, int(replica_cpus)))}},
+        },
+    )
+    ingress = serve.deployment(
+        Ingress, name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000
+    )
     return ingress.bind(replica.bind(settings), settings.base_name, adapters, keys, sources)
 
 
@@ -228,13 +266,20 @@ def from_config(args: dict):
     fields = {k: args[k] for k in EngineSettings.__dataclass_fields__ if k in args}
     keys = Keys.from_option(args["api_key"]) if args.get("api_key") else None
     sources = Sources(Path(args["adapter_dir"]) if args.get("adapter_dir") else None, bool(args.get("allow_hub")))
-    return application(EngineSettings(**fields), dict(args.get("adapters") or {}), keys, sources,
-                       replicas=int(args.get("replicas", 1)), replica_cpus=float(args.get("replica_cpus", 1.0)),
-                       replica_gpus=float(args.get("replica_gpus", 0.0)))
+    return application(
+        EngineSettings(**fields),
+        dict(args.get("adapters") or {}),
+        keys,
+        sources,
+        replicas=int(args.get("replicas", 1)),
+        replica_cpus=float(args.get("replica_cpus", 1.0)),
+        replica_gpus=float(args.get("replica_gpus", 0.0)),
+    )
 
 
-def serve_cli(settings: EngineSettings, adapters: dict[str, str], keys: Keys | None, sources: Sources,
-              args: argparse.Namespace) -> int:
+def serve_cli(
+    settings: EngineSettings, adapters: dict[str, str], keys: Keys | None, sources: Sources, args: argparse.Namespace
+) -> int:
     """`adapterhub serve --ray`: the application on a local cluster (or `--address`), until SIGTERM."""
     import ray
 
@@ -244,8 +289,15 @@ def serve_cli(settings: EngineSettings, adapters: dict[str, str], keys: Keys | N
         ray.init(num_cpus=max(os.cpu_count() or 1, int(args.replicas * args.replica_cpus)), include_dashboard=False)
     port = args.port or free_port(args.host)
     serve.start(http_options={"host": args.host, "port": port})
-    app = application(settings, adapters, keys, sources, replicas=args.replicas, replica_cpus=args.replica_cpus,
-                      replica_gpus=args.replica_gpus)
+    app = application(
+        settings,
+        adapters,
+        keys,
+        sources,
+        replicas=args.replicas,
+        replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus,
+    )
     handle = serve.run(app, name=APP_NAME, route_prefix="/")
     replicas = serve.get_deployment_handle("EngineReplica", app_name=APP_NAME)
     for name, source in adapters.items():  # checked before serving, as without Ray
@@ -256,8 +308,9 @@ def serve_cli(settings: EngineSettings, adapters: dict[str, str], keys: Keys | N
             serve.shutdown()
             return 2
     del handle
-    ready(f"http://{args.host}:{port}/v1", settings.base_name, list(adapters),
-          f"; Ray Serve, {args.replicas} replica(s)")
+    ready(
+        f"http://{args.host}:{port}/v1", settings.base_name, list(adapters), f"; Ray Serve, {args.replicas} replica(s)"
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -20,36 +20,69 @@ from .startup import EngineSettings, ready
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("serve", help="the OpenAI-compatible multi-tenant server (extra: serve)")
-    parser.add_argument("--base", default="smollm2",
-                        help='"smollm2" (the embedded SmolLM2-135M-Instruct), a model directory or a Hub id')
-    parser.add_argument("--served-model-name", dest="served_model_name",
-                        help="the base model's name in the API (default: the base's directory or repo name)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=SOURCE",
-                        help="an adapter to load at start (a directory or Hub id); repeat for more")
-    parser.add_argument("--adapter-dir", dest="adapter_dir", type=Path,
-                        help="POST /v1/adapters may load directories under this one")
-    parser.add_argument("--allow-hub", dest="allow_hub", action="store_true",
-                        help="POST /v1/adapters may load Hugging Face Hub repo ids")
-    parser.add_argument("--max-adapters", dest="max_adapters", type=int, default=16,
-                        help="adapter slots (resident at once); the others wait in the host cache")
+    parser.add_argument(
+        "--base",
+        default="smollm2",
+        help='"smollm2" (the embedded SmolLM2-135M-Instruct), a model directory or a Hub id',
+    )
+    parser.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        help="the base model's name in the API (default: the base's directory or repo name)",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="an adapter to load at start (a directory or Hub id); repeat for more",
+    )
+    parser.add_argument(
+        "--adapter-dir", dest="adapter_dir", type=Path, help="POST /v1/adapters may load directories under this one"
+    )
+    parser.add_argument(
+        "--allow-hub",
+        dest="allow_hub",
+        action="store_true",
+        help="POST /v1/adapters may load Hugging Face Hub repo ids",
+    )
+    parser.add_argument(
+        "--max-adapters",
+        dest="max_adapters",
+        type=int,
+        default=16,
+        help="adapter slots (resident at once); the others wait in the host cache",
+    )
     parser.add_argument("--max-rank", dest="max_rank", type=int, default=16, help="the largest LoRA rank served")
     parser.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows decoded per step")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed when ready)")
-    parser.add_argument("--api-key", dest="api_key",
-                        help="a keys file (JSON or TOML: keys -> allowed models, see adapterhub/serve/tenancy.py) "
-                             "or one key allowed everything")
+    parser.add_argument(
+        "--api-key",
+        dest="api_key",
+        help="a keys file (JSON or TOML: keys -> allowed models, see adapterhub/serve/tenancy.py) "
+        "or one key allowed everything",
+    )
     parser.add_argument("--log-level", dest="log_level", default="warning")
-    parser.add_argument("--ray", action="store_true",
-                        help="run as a Ray Serve application (extra: ray): adapterhub/serve/ray_app.py")
+    parser.add_argument(
+        "--ray", action="store_true", help="run as a Ray Serve application (extra: ray): adapterhub/serve/ray_app.py"
+    )
     parser.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas, each a whole model")
-    parser.add_argument("--replica-cpus", dest="replica_cpus", type=float, default=1.0,
-                        help="with --ray: CPUs each replica reserves (its torch threads)")
-    parser.add_argument("--replica-gpus", dest="replica_gpus", type=float, default=0.0,
-                        help="with --ray: GPUs each replica reserves")
-    parser.add_argument("--address", help="with --ray: an existing cluster ('auto', ray://...); default: start one here")
+    parser.add_argument(
+        "--replica-cpus",
+        dest="replica_cpus",
+        type=float,
+        default=1.0,
+        help="with --ray: CPUs each replica reserves (its torch threads)",
+    )
+    parser.add_argument(
+        "--replica-gpus", dest="replica_gpus", type=float, default=0.0, help="with --ray: GPUs each replica reserves"
+    )
+    parser.add_argument(
+        "--address", help="with --ray: an existing cluster ('auto', ray://...); default: start one here"
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -58,8 +91,10 @@ def serve(args: argparse.Namespace) -> int:
 
         from .app import create_app
     except ModuleNotFoundError as missing:
-        print(f"adapterhub serve needs the extra 'serve' ({missing.name} is missing): "
-              "pip install 'adapterhub[serve]'", file=sys.stderr)
+        print(
+            f"adapterhub serve needs the extra 'serve' ({missing.name} is missing): pip install 'adapterhub[serve]'",
+            file=sys.stderr,
+        )
         return 2
     from ..errors import AdapterError
     from .backend import LocalBackend
@@ -78,8 +113,9 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"adapterhub serve: --api-key: {error}", file=sys.stderr)
         return 2
-    settings = EngineSettings(args.base, args.served_model_name, args.dtype, args.device, args.max_adapters,
-                              args.max_rank, args.max_batch)
+    settings = EngineSettings(
+        args.base, args.served_model_name, args.dtype, args.device, args.max_adapters, args.max_rank, args.max_batch
+    )
     sources = Sources(args.adapter_dir, args.allow_hub)
     if args.ray:
         from . import ray_app

@@ -25,8 +25,9 @@ class Sampling:
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
 
-def next_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
-                generators: list[torch.Generator | None]) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, temperatures: list[float], top_ps: list[float], generators: list[torch.Generator | None]
+) -> torch.Tensor:
     """(B,) next token per row from logits (B, vocab) fp32; a row's generator is used for it alone."""
     chosen = logits.argmax(-1)  # (B,)
     sampled = [i for i, t in enumerate(temperatures) if t > 0]
@@ -70,15 +71,15 @@ class TextStream:
         hits = [h for h in hits if h >= 0]
         if hits:
             self.stopped = True
-            return self._release(text[:min(hits)])
+            return self._release(text[: min(hits)])
         if token is None:
             return self._release(text)
         if text.endswith("\ufffd"):  # a character split across tokens
             return ""
         held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._release(text[:len(text) - held])
+        return self._release(text[: len(text) - held])
 
     def _release(self, text: str) -> str:
-        piece = text[len(self.released):]  # decoding is prefix-stable: released text never changes
+        piece = text[len(self.released) :]  # decoding is prefix-stable: released text never changes
         self.released += piece
         return piece

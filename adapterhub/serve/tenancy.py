@@ -66,7 +66,7 @@ class Keys:
         if names == ALL:
             return
         if model is None:
-            raise Denied(403, "this API key may not load or delete adapters (it needs \"*\" in the keys file)")
+            raise Denied(403, 'this API key may not load or delete adapters (it needs "*" in the keys file)')
         if model not in names:
             raise Denied(403, f"this API key may not use model {model!r}")
 
@@ -90,12 +90,17 @@ class Sources:
             if path.is_dir():
                 if path != root and root in path.parents:
                     return str(path)
-                raise AdapterError(f"source {source!r} is outside --adapter-dir {root}; adapters load from "
-                                   "directories under it")
+                raise AdapterError(
+                    f"source {source!r} is outside --adapter-dir {root}; adapters load from directories under it"
+                )
         if os.path.isabs(source) or source.startswith(".") or Path(source).exists():
-            raise AdapterError(f"source {source!r}: local adapters load from directories under --adapter-dir "
-                               f"({self.adapter_dir or 'not set'}), named relative to it")
+            raise AdapterError(
+                f"source {source!r}: local adapters load from directories under --adapter-dir "
+                f"({self.adapter_dir or 'not set'}), named relative to it"
+            )
         if not self.allow_hub:
-            raise AdapterError(f"source {source!r} is not a directory under --adapter-dir "
-                               f"({self.adapter_dir or 'not set'}), and Hub repo ids need --allow-hub")
+            raise AdapterError(
+                f"source {source!r} is not a directory under --adapter-dir "
+                f"({self.adapter_dir or 'not set'}), and Hub repo ids need --allow-hub"
+            )
         return source

@@ -13,13 +13,15 @@ def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     model's largest nn.ModuleList. Tied parameters appear once, in the first group that uses them."""
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
-        raise TrainingError(f"{type(model).__name__} has no nn.ModuleList of blocks, so it has no layer groups to "
-                            "unfreeze or give learning rates; use FullFineTuning or FeatureExtraction")
-    prefix, blocks = max(lists, key=lambda item: len(item[1]))
+        raise TrainingError(
+            f"{type(model).__name__} has no nn.ModuleList of blocks, so it has no layer groups to "
+            "unfreeze or give learning rates; use FullFineTuning or FeatureExtraction"
+        )
+    _, blocks = max(lists, key=lambda item: len(item[1]))
     block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
     before, middle, after = [], [[] for _ in blocks], []
     seen_block = False
-    for name, p in model.named_parameters(remove_duplicate=True):
+    for p in model.parameters(remove_duplicate=True):
         if id(p) in block_of:
             middle[block_of[id(p)]].append(p)
             seen_block = True

@@ -19,8 +19,9 @@ from .strategies import Strategy
 
 def optimizer_for(strategy: Strategy, lr: float | None = None, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """AdamW over the strategy's parameter groups (each with its own learning rate)."""
-    return torch.optim.AdamW(strategy.param_groups(lr if lr is not None else strategy.default_lr),
-                             weight_decay=weight_decay)
+    return torch.optim.AdamW(
+        strategy.param_groups(lr if lr is not None else strategy.default_lr), weight_decay=weight_decay
+    )
 
 
 class StrategyCallback(TrainerCallback):
@@ -30,4 +31,4 @@ class StrategyCallback(TrainerCallback):
         self.strategy = strategy
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.strategy.on_epoch(int(round(state.epoch or 0)))
+        self.strategy.on_epoch(round(state.epoch or 0))

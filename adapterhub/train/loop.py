@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -67,8 +67,16 @@ class _Phase:
     epochs: int
 
 
-def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, tokenizer,
-        eval: Sequence[dict] | None = None, options: FitOptions | None = None, **settings) -> FitResult:
+def fit(
+    model: torch.nn.Module,
+    strategy: Strategy,
+    train: Sequence[dict],
+    *,
+    tokenizer,
+    eval: Sequence[dict] | None = None,
+    options: FitOptions | None = None,
+    **settings,
+) -> FitResult:
     """Trains `model` with `strategy` on `train` (examples: see adapterhub/train/data.py), as
     `options` says, with any FitOptions field given as a keyword overriding it:
 
@@ -81,8 +89,10 @@ def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, to
     """
     unknown = sorted(set(settings) - set(FitOptions.__dataclass_fields__))
     if unknown:
-        raise TrainingError(f"fit: unknown option(s) {unknown}; the options are FitOptions' fields: "
-                            f"{sorted(FitOptions.__dataclass_fields__)}")
+        raise TrainingError(
+            f"fit: unknown option(s) {unknown}; the options are FitOptions' fields: "
+            f"{sorted(FitOptions.__dataclass_fields__)}"
+        )
     opts = replace(options or FitOptions(), **settings)
     if opts.epochs < 1 or opts.batch_size < 1:
         raise TrainingError(f"fit needs epochs >= 1 and batch_size >= 1, got {opts.epochs} and {opts.batch_size}")
@@ -91,11 +101,24 @@ def fit(model: torch.nn.Module, strategy: Strategy, train: Sequence[dict], *, to
     phases = []
     if isinstance(strategy, DomainAdaptation):
         texts = [{"text": t} for t in strategy.texts]
-        phases.append(_Phase("domain", CAUSAL_LM, prepare(texts, tokenizer, model, CAUSAL_LM, name="domain text",
-                                                          **limits), None, strategy.epochs))
-    phases.append(_Phase("task", task, prepare(train, tokenizer, model, task, **limits),
-                         prepare(eval, tokenizer, model, task, name="eval", **limits) if eval is not None else None,
-                         opts.epochs))
+        phases.append(
+            _Phase(
+                "domain",
+                CAUSAL_LM,
+                prepare(texts, tokenizer, model, CAUSAL_LM, name="domain text", **limits),
+                None,
+                strategy.epochs,
+            )
+        )
+    phases.append(
+        _Phase(
+            "task",
+            task,
+            prepare(train, tokenizer, model, task, **limits),
+            prepare(eval, tokenizer, model, task, name="eval", **limits) if eval is not None else None,
+            opts.epochs,
+        )
+    )
     strategy.check_adapters({e.adapter for phase in phases for e in (*phase.train, *(phase.eval or ()))})
     out = Path(opts.output_dir) if opts.output_dir is not None else None
     saved = load_state(out / CHECKPOINT) if out is not None and opts.resume else None
@@ -132,8 +155,9 @@ class _Run:
     def phase(self, index: int, phase: _Phase, lr: float) -> None:
         optimizer = torch.optim.AdamW(self.strategy.param_groups(lr), weight_decay=self.options.weight_decay)
         per_epoch = count_batches(phase.train, self.batch_size)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_decay(per_epoch * phase.epochs,
-                                                                                    self.options.warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _warmup_then_decay(per_epoch * phase.epochs, self.options.warmup)
+        )
         first_epoch, skip = 0, 0
         saved, self.saved = self.saved, None
         if saved is not None and saved["phase"] == index:
@@ -150,22 +174,33 @@ class _Run:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         order = torch.Generator().manual_seed(self.seed * 1_000_003 + index * 1_009 + epoch)  # data order
         total = count_batches(phase.train, self.batch_size)
-        bar = tqdm(total=total, initial=skip, desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
-                   disable=not self.options.progress, leave=False)
+        bar = tqdm(
+            total=total,
+            initial=skip,
+            desc=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
+            disable=not self.options.progress,
+            leave=False,
+        )
         started, seen = time.perf_counter(), 0
         first = len(self.losses) - skip  # this epoch's losses: self.losses[first:], also those before a resume
         model.train()
         for batch_index, (inputs, adapters) in enumerate(
-                batches(phase.train, self.batch_size, phase.task, self.pad_id, generator=order, skip=skip), skip):
+            batches(phase.train, self.batch_size, phase.task, self.pad_id, generator=order, skip=skip), skip
+        ):
             with strategy.routing(adapters):
                 loss = model(**inputs).loss
             step = len(self.losses) + 1
             if not torch.isfinite(loss):
-                kept = f"the last good checkpoint is kept in {self.state_dir / CHECKPOINT}" if self.state_dir else \
-                    "no checkpoint was kept (no output_dir, or checkpoints=False)"
-                raise TrainingError(f"the training loss became {loss.item()} at step {step} ({phase.name} epoch "
-                                    f"{epoch + 1}, batch {batch_index + 1}); training stopped and {kept}. Lower the "
-                                    f"learning rate (now {scheduler.get_last_lr()[0]:.3g}) or check the data")
+                kept = (
+                    f"the last good checkpoint is kept in {self.state_dir / CHECKPOINT}"
+                    if self.state_dir
+                    else "no checkpoint was kept (no output_dir, or checkpoints=False)"
+                )
+                raise TrainingError(
+                    f"the training loss became {loss.item()} at step {step} ({phase.name} epoch "
+                    f"{epoch + 1}, batch {batch_index + 1}); training stopped and {kept}. Lower the "
+                    f"learning rate (now {scheduler.get_last_lr()[0]:.3g}) or check the data"
+                )
             loss.backward()
             if self.options.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, self.options.max_grad_norm)
@@ -177,16 +212,28 @@ class _Run:
             bar.set_postfix(loss=f"{self.losses[-1]:.4f}", ex_per_s=f"{seen / (time.perf_counter() - started):.1f}")
             bar.update()
             for callback in self.options.callbacks:
-                callback({"phase": phase.name, "epoch": epoch, "step": step, "loss": self.losses[-1],
-                          "lr": scheduler.get_last_lr()[0]})
+                callback(
+                    {
+                        "phase": phase.name,
+                        "epoch": epoch,
+                        "step": step,
+                        "loss": self.losses[-1],
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                )
             every = self.options.checkpoint_every
             if self.state_dir and every and step % every == 0 and batch_index + 1 < total:
                 self.checkpoint(index, epoch, batch_index + 1, optimizer, scheduler)
         bar.close()
         seconds = time.perf_counter() - started
         losses = self.losses[first:]
-        entry = {"phase": phase.name, "epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1),
-                 "seconds": seconds, "examples_per_s": seen / seconds if seconds else 0.0}
+        entry = {
+            "phase": phase.name,
+            "epoch": epoch + 1,
+            "train_loss": sum(losses) / max(len(losses), 1),
+            "seconds": seconds,
+            "examples_per_s": seen / seconds if seconds else 0.0,
+        }
         if phase.eval is not None:
             entry.update(evaluate(model, strategy, phase.eval, phase.task, self.batch_size, self.pad_id))
         self.history.append(entry)
@@ -199,16 +246,29 @@ class _Run:
 
     def checkpoint(self, index: int, epoch: int, batch: int, optimizer, scheduler) -> None:
         state = self.strategy.state()
-        save_state(self.state_dir / CHECKPOINT, {
-            "phase": index, "epoch": epoch, "batch": batch, "strategy": state,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-            "history": self.history, "best": self.best, "losses": self.losses,
-            "kind": type(self.strategy).__name__, "trainable": sorted(state)})
+        save_state(
+            self.state_dir / CHECKPOINT,
+            {
+                "phase": index,
+                "epoch": epoch,
+                "batch": batch,
+                "strategy": state,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rng_state(),
+                "history": self.history,
+                "best": self.best,
+                "losses": self.losses,
+                "kind": type(self.strategy).__name__,
+                "trainable": sorted(state),
+            },
+        )
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, strategy: Strategy, examples: list[Example], task: str, batch_size: int,
-             pad_id: int) -> dict:
+def evaluate(
+    model: torch.nn.Module, strategy: Strategy, examples: list[Example], task: str, batch_size: int, pad_id: int
+) -> dict:
     """{"eval_loss", "eval_accuracy"}: mean loss and accuracy over `examples` (classes for classifiers,
     next tokens of the labelled positions for language models)."""
     was_training = model.training
@@ -245,6 +305,7 @@ def _better(entry: dict, best: dict | None) -> bool:
         if "eval_accuracy" in e:
             return (e["eval_accuracy"], -e["eval_loss"])
         return (-e["train_loss"],)
+
     return best is None or key(entry) > key(best)
 
 
@@ -256,10 +317,13 @@ def _warmup_then_decay(total: int, warmup: float) -> Callable[[int], float]:
         if step < warm:
             return (step + 1) / warm
         return max(0.0, (total - step) / max(1, total - warm))
+
     return factor
 
 
 def _check_resumable(saved: dict, strategy: Strategy, out: Path) -> None:
     if saved.get("kind") != type(strategy).__name__ or saved.get("trainable") != sorted(strategy.state()):
-        raise TrainingError(f"{out / CHECKPOINT} holds a {saved.get('kind')} run with other trainable tensors than "
-                            f"this {type(strategy).__name__}; use another output_dir, or resume=False to start over")
+        raise TrainingError(
+            f"{out / CHECKPOINT} holds a {saved.get('kind')} run with other trainable tensors than "
+            f"this {type(strategy).__name__}; use another output_dir, or resume=False to start over"
+        )

@@ -1,17 +1,17 @@
 """`adapterhub train`: a fit described by a YAML/TOML file and/or flags (flags win).
 
-    model = "smollm2"                # the embedded default, a local directory or a Hub id
-    task = "classification"          # or "causal_lm"; classification needs num_labels
-    num_labels = 2
-    strategy = "adapter"             # feature_extraction | full | discriminative | progressive | adapter | domain
-    adapter_type = "lora"            # adapter / domain: any installed type
-    adapter_config = {r = 8, lora_alpha = 16}
-    data = "train.jsonl"             # one example per line (adapterhub/train/data.py)
-    eval_data = "eval.jsonl"
-    domain_data = "domain.txt"       # domain: unlabelled target-domain text, one per line
-    epochs = 3
-    batch_size = 8
-    output_dir = "runs/lora"         # result in output_dir/best; rerunning resumes
+model = "smollm2"                # the embedded default, a local directory or a Hub id
+task = "classification"          # or "causal_lm"; classification needs num_labels
+num_labels = 2
+strategy = "adapter"             # feature_extraction | full | discriminative | progressive | adapter | domain
+adapter_type = "lora"            # adapter / domain: any installed type
+adapter_config = {r = 8, lora_alpha = 16}
+data = "train.jsonl"             # one example per line (adapterhub/train/data.py)
+eval_data = "eval.jsonl"
+domain_data = "domain.txt"       # domain: unlabelled target-domain text, one per line
+epochs = 3
+batch_size = 8
+output_dir = "runs/lora"         # result in output_dir/best; rerunning resumes
 """
 
 from __future__ import annotations
@@ -22,13 +22,47 @@ from pathlib import Path
 
 from .errors import TrainingError
 from .loop import FitOptions, FitResult, fit
-from .strategies import (AdapterTuning, DiscriminativeLR, DomainAdaptation, FeatureExtraction, FullFineTuning,
-                         ProgressiveUnfreezing, Strategy)
+from .strategies import (
+    AdapterTuning,
+    DiscriminativeLR,
+    DomainAdaptation,
+    FeatureExtraction,
+    FullFineTuning,
+    ProgressiveUnfreezing,
+    Strategy,
+)
 
-FIT_OPTIONS = ("epochs", "batch_size", "lr", "seed", "warmup", "weight_decay", "max_length", "truncate", "chat",
-               "checkpoint_every")  # the FitOptions a settings file may give
-KEYS = frozenset({"model", "task", "num_labels", "strategy", "adapter_type", "adapter_config", "names", "data",
-                  "eval_data", "domain_data", "domain_epochs", "output_dir", "ratio", "decay", *FIT_OPTIONS})
+FIT_OPTIONS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "seed",
+    "warmup",
+    "weight_decay",
+    "max_length",
+    "truncate",
+    "chat",
+    "checkpoint_every",
+)  # the FitOptions a settings file may give
+KEYS = frozenset(
+    {
+        "model",
+        "task",
+        "num_labels",
+        "strategy",
+        "adapter_type",
+        "adapter_config",
+        "names",
+        "data",
+        "eval_data",
+        "domain_data",
+        "domain_epochs",
+        "output_dir",
+        "ratio",
+        "decay",
+        *FIT_OPTIONS,
+    }
+)
 
 
 def read_config(file: str | Path) -> dict:
@@ -96,16 +130,20 @@ def load_backbone(name: str, task: str, num_labels: int | None):
 
 def make_strategy(config: dict) -> Strategy:
     kind = config.get("strategy", "adapter")
-    adapter = dict(type=config.get("adapter_type", "lora"), config=config.get("adapter_config") or {},
-                   names=config.get("names") or ["adapter"])
+    adapter = dict(
+        type=config.get("adapter_type", "lora"),
+        config=config.get("adapter_config") or {},
+        names=config.get("names") or ["adapter"],
+    )
     makers = {
         "feature_extraction": lambda: FeatureExtraction(),
         "full": lambda: FullFineTuning(ratio=config.get("ratio", 30.0)),
         "discriminative": lambda: DiscriminativeLR(decay=config.get("decay", 2.6)),
         "progressive": lambda: ProgressiveUnfreezing(decay=config.get("decay", 2.6)),
         "adapter": lambda: AdapterTuning(**adapter),
-        "domain": lambda: DomainAdaptation(AdapterTuning(**adapter), _domain_texts(config),
-                                           epochs=config.get("domain_epochs", 1)),
+        "domain": lambda: DomainAdaptation(
+            AdapterTuning(**adapter), _domain_texts(config), epochs=config.get("domain_epochs", 1)
+        ),
     }
     if kind not in makers:
         raise TrainingError(f"strategy = {kind!r}: use one of {sorted(makers)}")
@@ -122,10 +160,18 @@ def run(config: dict) -> FitResult:
     """Loads the backbone and data that `config` names and fits it."""
     if not config.get("data"):
         raise TrainingError("no training data: set data (a .jsonl file of examples)")
-    model, tokenizer = load_backbone(config.get("model", "smollm2"), config.get("task", "causal_lm"),
-                                     config.get("num_labels"))
+    model, tokenizer = load_backbone(
+        config.get("model", "smollm2"), config.get("task", "causal_lm"), config.get("num_labels")
+    )
     eval_data = read_examples(config["eval_data"]) if config.get("eval_data") else None
-    options = FitOptions(output_dir=config.get("output_dir"),
-                         **{k: config[k] for k in FIT_OPTIONS if config.get(k) is not None})
-    return fit(model, make_strategy(config), read_examples(config["data"]), tokenizer=tokenizer, eval=eval_data,
-               options=options)
+    options = FitOptions(
+        output_dir=config.get("output_dir"), **{k: config[k] for k in FIT_OPTIONS if config.get(k) is not None}
+    )
+    return fit(
+        model,
+        make_strategy(config),
+        read_examples(config["data"]),
+        tokenizer=tokenizer,
+        eval=eval_data,
+        options=options,
+    )

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -46,8 +46,10 @@ class Strategy:
     def check_adapters(self, adapters: set[str | None]) -> None:
         """Raises TrainingError if examples name adapters (their "adapter" field) this strategy does not train."""
         if adapters - {None}:
-            raise TrainingError(f"examples name adapters {sorted(adapters - {None})}, but {type(self).__name__} "
-                                "trains no adapters; use AdapterTuning(names=...) or drop the \"adapter\" field")
+            raise TrainingError(
+                f"examples name adapters {sorted(adapters - {None})}, but {type(self).__name__} "
+                'trains no adapters; use AdapterTuning(names=...) or drop the "adapter" field'
+            )
 
     def routing(self, adapters: Sequence[str | None]) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -78,9 +80,11 @@ def task_head(model: nn.Module) -> tuple[str, nn.Module]:
         module = getattr(model, name, None)
         if isinstance(module, nn.Module):
             return name, module
-    raise TrainingError(f"{type(model).__name__} has no task head ({' or '.join(HEADS)}) to train; feature "
-                        "extraction trains a new head on a frozen backbone: load it with "
-                        "AutoModelForSequenceClassification(num_labels=...)")
+    raise TrainingError(
+        f"{type(model).__name__} has no task head ({' or '.join(HEADS)}) to train; feature "
+        "extraction trains a new head on a frozen backbone: load it with "
+        "AutoModelForSequenceClassification(num_labels=...)"
+    )
 
 
 class FeatureExtraction(Strategy):
@@ -103,10 +107,17 @@ class FeatureExtraction(Strategy):
         return [{"params": list(self.head.parameters()), "lr": lr, "name": self.head_name}]
 
     def save(self, directory: Path) -> None:
-        save_file({f"{self.head_name}.{k}": v.detach().contiguous() for k, v in self.head.state_dict().items()},
-                  directory / HEAD_FILE)
-        (directory / HEAD_CONFIG).write_text(json.dumps({"strategy": "feature_extraction", "head": self.head_name,
-                                                         "base_model": _model_name(self.model)}, indent=2) + "\n")
+        save_file(
+            {f"{self.head_name}.{k}": v.detach().contiguous() for k, v in self.head.state_dict().items()},
+            directory / HEAD_FILE,
+        )
+        (directory / HEAD_CONFIG).write_text(
+            json.dumps(
+                {"strategy": "feature_extraction", "head": self.head_name, "base_model": _model_name(self.model)},
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 class FullFineTuning(Strategy):
@@ -116,9 +127,11 @@ class FullFineTuning(Strategy):
     after pre-training at 1e-4). `fit` adds warm-up and linear decay. Saved with save_pretrained."""
 
     def __init__(self, scratch_lr: float = 1e-3, ratio: float = 30.0):
-        if not 1 <= ratio:
-            raise TrainingError(f"FullFineTuning(ratio={ratio}): the ratio divides the from-scratch learning rate; "
-                                "use a value in 10..100")
+        if not ratio >= 1:
+            raise TrainingError(
+                f"FullFineTuning(ratio={ratio}): the ratio divides the from-scratch learning rate; "
+                "use a value in 10..100"
+            )
         self.scratch_lr, self.ratio = scratch_lr, ratio
         self.default_lr = scratch_lr / ratio
 
@@ -141,8 +154,10 @@ class DiscriminativeLR(Strategy):
 
     def __init__(self, decay: float = 2.6):
         if decay < 1:
-            raise TrainingError(f"DiscriminativeLR(decay={decay}): the decay divides the rate per group towards "
-                                "the input; use a value >= 1 (2.6 in ULMFiT)")
+            raise TrainingError(
+                f"DiscriminativeLR(decay={decay}): the decay divides the rate per group towards "
+                "the input; use a value >= 1 (2.6 in ULMFiT)"
+            )
         self.decay = decay
 
     def attach(self, model: nn.Module) -> None:
@@ -152,8 +167,10 @@ class DiscriminativeLR(Strategy):
 
     def param_groups(self, lr: float) -> list[dict]:
         top = len(self.groups) - 1
-        return [{"params": params, "lr": lr / self.decay ** (top - k), "name": f"group {k}"}
-                for k, params in enumerate(self.groups)]
+        return [
+            {"params": params, "lr": lr / self.decay ** (top - k), "name": f"group {k}"}
+            for k, params in enumerate(self.groups)
+        ]
 
     def save(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
@@ -191,8 +208,15 @@ class AdapterTuning(Strategy):
 
     default_lr = 1e-3
 
-    def __init__(self, type: str = "lora", config: dict | None = None, names: Sequence[str] = ("adapter",), *,
-                 backbone: Backbone | None = None, max_rank: int | None = None):
+    def __init__(
+        self,
+        type: str = "lora",
+        config: dict | None = None,
+        names: Sequence[str] = ("adapter",),
+        *,
+        backbone: Backbone | None = None,
+        max_rank: int | None = None,
+    ):
         """`backbone`: train in this Backbone's slots (of `model`) instead of a new one sized for
         `names`; `max_rank`: its slot width, by default the width the config's adapter needs."""
         self.type, self.config, self.names = type, dict(config or {}), list(names)
@@ -227,16 +251,21 @@ class AdapterTuning(Strategy):
     def check_adapters(self, adapters: set[str | None]) -> None:
         unknown = sorted(adapters - {None} - set(self.names))
         if unknown:
-            raise TrainingError(f"examples name adapters {unknown}, which this AdapterTuning does not train "
-                                f"(names={self.names}); add them to names or fix the examples' \"adapter\" field")
+            raise TrainingError(
+                f"examples name adapters {unknown}, which this AdapterTuning does not train "
+                f'(names={self.names}); add them to names or fix the examples\' "adapter" field'
+            )
 
     def routing(self, adapters: Sequence[str | None]) -> contextlib.AbstractContextManager:
         rows = [a if a is not None else self.names[0] for a in adapters]  # unnamed rows: the first adapter
         return self.backbone.use(rows[0] if len(set(rows)) == 1 else rows)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"{name}/{key}": p.detach().clone() for name in self.names
-                for key, p in self.trainable.named_parameters(name).items()}
+        return {
+            f"{name}/{key}": p.detach().clone()
+            for name in self.names
+            for key, p in self.trainable.named_parameters(name).items()
+        }
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -266,8 +295,10 @@ class DomainAdaptation(Strategy):
 
     def attach(self, model: nn.Module) -> None:
         if not type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
-            raise TrainingError(f"DomainAdaptation continues language-model training, and {type(model).__name__} "
-                                "has no language-model head; load the backbone with AutoModelForCausalLM")
+            raise TrainingError(
+                f"DomainAdaptation continues language-model training, and {type(model).__name__} "
+                "has no language-model head; load the backbone with AutoModelForCausalLM"
+            )
         super().attach(model)
         self.inner.attach(model)
 

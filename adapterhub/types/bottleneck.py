@@ -37,11 +37,27 @@ from torch import nn
 from .. import ops
 from ..errors import AdapterError
 from ..formats import Adapter, check_config, check_shape, is_linear
+from ..formats.bottleneck import (
+    ACTIVATIONS,
+    LOCATIONS,
+    PARAMS,
+    PICKLE_FILE,
+    PRESETS,
+    RESIDUAL,
+    SCHEMA,
+    SETTINGS,
+    VERSION,
+    WEIGHTS_FILE,
+    activation,
+    is_attention,
+    read_bottleneck,
+    resolve_config,
+    settings,
+    split_tensor,
+    write_bottleneck,
+)
 from ..plugins.contract import AdapterType, ModuleSlots, Route
 from ..plugins.hookspecs import hookimpl
-from ..formats.bottleneck import (ACTIVATIONS, LOCATIONS, PARAMS, PICKLE_FILE, PRESETS, RESIDUAL, SCHEMA, SETTINGS,
-                                VERSION, WEIGHTS_FILE, activation, is_attention, read_bottleneck, resolve_config,
-                                settings, split_tensor, write_bottleneck)
 
 LAYER_CHILDREN = frozenset({"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"})
 BLOCK_CHILDREN = frozenset({"dense", "dropout", "LayerNorm"})
@@ -49,13 +65,17 @@ ATTENTION, OUTPUT = "attention", "output"  # route features: the batch has adapt
 
 
 def site_kind(module: nn.Module, path: str) -> str | None:
-    """"block" (a layer's post-norm `attention.output` or `output` block), "layer" (a pre-norm decoder
+    """ "block" (a layer's post-norm `attention.output` or `output` block), "layer" (a pre-norm decoder
     layer) or None: where adapters go. Other post-norm blocks (cross-attention, heads) take none."""
     children = {name for name, _ in module.named_children() if not name.startswith("adapterhub_")}
     if children == LAYER_CHILDREN:
         return "layer"
-    if (children == BLOCK_CHILDREN and isinstance(module.LayerNorm, nn.LayerNorm) and is_linear(module.dense)
-            and re.search(r"(^|\.)\d+\.(attention\.)?output$", path)):
+    if (
+        children == BLOCK_CHILDREN
+        and isinstance(module.LayerNorm, nn.LayerNorm)
+        and is_linear(module.dense)
+        and re.search(r"(^|\.)\d+\.(attention\.)?output$", path)
+    ):
         return "block"
     return None
 
@@ -75,8 +95,12 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.hidden = hidden
         kw = dict(device=like.device, dtype=like.dtype)
-        for name, shape in (("down", (slots, max_rank, hidden)), ("down_bias", (slots, max_rank)),
-                            ("up", (slots, hidden, max_rank)), ("up_bias", (slots, hidden))):
+        for name, shape in (
+            ("down", (slots, max_rank, hidden)),
+            ("down_bias", (slots, max_rank)),
+            ("up", (slots, hidden, max_rank)),
+            ("up_bias", (slots, hidden)),
+        ):
             self.register_buffer(name, torch.zeros(shape, **kw), persistent=False)
         self.register_buffer("scale", torch.zeros(slots, dtype=torch.float32, device=like.device), persistent=False)
         self.register_buffer("ranks", torch.zeros(slots, dtype=torch.int64, device=like.device), persistent=False)
@@ -98,12 +122,18 @@ class Bottleneck(nn.Module):
         r = int(self.ranks[slot])
         if r == 0:
             return None
-        return {PARAMS[0]: self.down[slot, :r].clone(), PARAMS[1]: self.down_bias[slot, :r].clone(),
-                PARAMS[2]: self.up[slot, :, :r].clone(), PARAMS[3]: self.up_bias[slot].clone(),
-                "scaling": self.scale[slot].double(), "mode": self.mode[slot].clone()}
+        return {
+            PARAMS[0]: self.down[slot, :r].clone(),
+            PARAMS[1]: self.down_bias[slot, :r].clone(),
+            PARAMS[2]: self.up[slot, :, :r].clone(),
+            PARAMS[3]: self.up_bias[slot].clone(),
+            "scaling": self.scale[slot].double(),
+            "mode": self.mode[slot].clone(),
+        }
 
-    def apply(self, h: torch.Tensor, inp: torch.Tensor, norm: nn.Module | None, original: torch.Tensor,
-              route: Route) -> torch.Tensor:
+    def apply(
+        self, h: torch.Tensor, inp: torch.Tensor, norm: nn.Module | None, original: torch.Tensor, route: Route
+    ) -> torch.Tensor:
         """`original` (n0, ..., H) with each adapted row replaced by the adapter's output around
         h (n0, ..., H) and inp; norm: the block's LayerNorm, or None in a pre-norm layer, whose
         caller adds inp (so rows get out - inp there)."""
@@ -113,8 +143,9 @@ class Bottleneck(nn.Module):
         mode = self.mode[slot]  # (rows, 4)
         total = h2 + inp2
         z = torch.where(mode[:, 0:1] == 1, total if norm is None else norm(total), h2)
-        residual = torch.where(mode[:, 2:3] == RESIDUAL[True], h2,
-                               torch.where(mode[:, 2:3] == RESIDUAL[False], z, total))
+        residual = torch.where(
+            mode[:, 2:3] == RESIDUAL[True], h2, torch.where(mode[:, 2:3] == RESIDUAL[False], z, total)
+        )
         scale = self.scale[slot].unsqueeze(1)  # (rows, 1)
         y = (residual + (scale * self.up_bias[slot]).to(residual.dtype)).contiguous()  # (rows, H)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (h, inp, *self.buffers())):
@@ -265,39 +296,56 @@ class BottleneckType(AdapterType):
 
     def features(self, adapter: Adapter) -> frozenset[str]:
         """The activation, and the locations (ATTENTION, OUTPUT) that have adapters."""
-        where = {ATTENTION if is_attention(path, name) else OUTPUT
-                 for path, parts in adapter.modules.items() for name in parts if name not in SETTINGS}
+        where = {
+            ATTENTION if is_attention(path, name) else OUTPUT
+            for path, parts in adapter.modules.items()
+            for name in parts
+            if name not in SETTINGS
+        }
         return frozenset({f"act:{adapter.config['config']['non_linearity']}", *where})
 
     def rank(self, adapter: Adapter) -> int:
-        return max((t.size(0) for parts in adapter.modules.values() for name, t in parts.items()
-                    if split_tensor(name)[1] == PARAMS[0]), default=0)
+        return max(
+            (
+                t.size(0)
+                for parts in adapter.modules.values()
+                for name, t in parts.items()
+                if split_tensor(name)[1] == PARAMS[0]
+            ),
+            default=0,
+        )
 
     def check(self, adapter: Adapter, model: nn.Module) -> None:
         for path, parts in adapter.modules.items():
             module = model.get_submodule(path)
             kind = site_kind(module, path)
             if kind is None:
-                raise AdapterError(f"{adapter.source}: the bottleneck adapter adapts {path!r}, a "
-                                   f"{type(module).__name__}; bottleneck adapters go on a layer's post-norm "
-                                   f"`attention.output` and `output` blocks (children {sorted(BLOCK_CHILDREN)}, as "
-                                   f"BERT's) or on pre-norm decoder layers (children {sorted(LAYER_CHILDREN)}, "
-                                   "as Llama's)")
+                raise AdapterError(
+                    f"{adapter.source}: the bottleneck adapter adapts {path!r}, a "
+                    f"{type(module).__name__}; bottleneck adapters go on a layer's post-norm "
+                    f"`attention.output` and `output` blocks (children {sorted(BLOCK_CHILDREN)}, as "
+                    f"BERT's) or on pre-norm decoder layers (children {sorted(LAYER_CHILDREN)}, "
+                    "as Llama's)"
+                )
             hidden = site_hidden(module)
-            for name, t in parts.items():
+            for name in parts:
                 location, param = split_tensor(name)
                 if name in SETTINGS:
                     continue
                 if (location != "") != (kind == "layer"):
-                    raise AdapterError(f"{adapter.source}: tensor {path}.{name}: a {kind} takes adapters "
-                                       f"{'at ' + str(list(LOCATIONS)) if kind == 'layer' else 'of its own'}; was the "
-                                       "adapter trained on another architecture?")
+                    raise AdapterError(
+                        f"{adapter.source}: tensor {path}.{name}: a {kind} takes adapters "
+                        f"{'at ' + str(list(LOCATIONS)) if kind == 'layer' else 'of its own'}; was the "
+                        "adapter trained on another architecture?"
+                    )
                 r = parts[f"{location}.{PARAMS[0]}" if location else PARAMS[0]].size(0)
                 check_shape(adapter, path, name, dict(zip(PARAMS, ((r, hidden), (r,), (hidden, r), (hidden,))))[param])
             if kind == "layer" and adapter.config["config"]["residual_before_ln"] == "post_add":
-                raise AdapterError(f"{adapter.source}: config.residual_before_ln='post_add' needs the block's own "
-                                   f"LayerNorm, and {path!r} ({type(module).__name__}) has none there; adapters "
-                                   "fails on it too: use True or False")
+                raise AdapterError(
+                    f"{adapter.source}: config.residual_before_ln='post_add' needs the block's own "
+                    f"LayerNorm, and {path!r} ({type(module).__name__}) has none there; adapters "
+                    "fails on it too: use True or False"
+                )
 
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> ModuleSlots:
         kind = site_kind(module, path)
@@ -305,8 +353,10 @@ class BottleneckType(AdapterType):
             return LayerSlots(module, slots, max_rank)
         if kind == "block":
             return BlockSlots(module, ATTENTION if is_attention(path, "") else OUTPUT, slots, max_rank)
-        raise AdapterError(f"bottleneck adapters go on post-norm output blocks or pre-norm decoder layers; {path!r} "
-                           f"is a {type(module).__name__}")
+        raise AdapterError(
+            f"bottleneck adapters go on post-norm output blocks or pre-norm decoder layers; {path!r} "
+            f"is a {type(module).__name__}"
+        )
 
     def init(self, model: nn.Module, config: dict) -> Adapter:
         """A fresh adapter at every site the config places (seq_bn unless `config["config"]` says
@@ -315,8 +365,10 @@ class BottleneckType(AdapterType):
         check_config(config, SCHEMA, "init config")
         inner = resolve_config(config["config"], PRESETS["seq_bn"], "init config")
         if inner["inv_adapter"]:
-            raise AdapterError(f"init config: config.inv_adapter={inner['inv_adapter']!r}: invertible adapters "
-                               "cannot be created; set it to null")
+            raise AdapterError(
+                f"init config: config.inv_adapter={inner['inv_adapter']!r}: invertible adapters "
+                "cannot be created; set it to null"
+            )
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for path, module in model.named_modules():
             kind = site_kind(module, path)
@@ -333,16 +385,22 @@ class BottleneckType(AdapterType):
                     weights = _init_weights(inner, r, hidden, like.dtype)
                     modules.setdefault(path, {}).update({prefix + p: t for p, t in zip(PARAMS, weights)})
         if not modules:
-            raise AdapterError(f"init: {type(model).__name__} has no post-norm output block or pre-norm decoder layer "
-                               "that the config places an adapter on (mh_adapter, output_adapter, leave_out)")
+            raise AdapterError(
+                f"init: {type(model).__name__} has no post-norm output block or pre-norm decoder layer "
+                "that the config places an adapter on (mh_adapter, output_adapter, leave_out)"
+            )
         for parts in modules.values():
             parts.update(settings(inner))
         model_config = getattr(model, "config", None)
-        file_config = {"config": inner, "hidden_size": site_hidden(model.get_submodule(next(iter(modules)))),
-                       "model_class": type(model).__name__,
-                       "model_name": getattr(model_config, "name_or_path", "") or "",
-                       "model_type": getattr(model_config, "model_type", None),
-                       "name": config.get("name", self.name), "version": VERSION}
+        file_config = {
+            "config": inner,
+            "hidden_size": site_hidden(model.get_submodule(next(iter(modules)))),
+            "model_class": type(model).__name__,
+            "model_name": getattr(model_config, "name_or_path", "") or "",
+            "model_type": getattr(model_config, "model_type", None),
+            "name": config.get("name", self.name),
+            "version": VERSION,
+        }
         return Adapter(type=self.name, config=file_config, modules=modules, source="init")
 
     def place(self, adapter: Adapter, model: nn.Module) -> Adapter:
@@ -354,8 +412,13 @@ class BottleneckType(AdapterType):
         for path, parts in adapter.modules.items():
             candidates = [path, f"{prefix}.{path}", path.removeprefix(f"{prefix}.")] if prefix else [path]
             moved[next((c for c in candidates if c in names), path)] = parts
-        return Adapter(type=adapter.type, config=adapter.config, modules=moved,
-                       modules_to_save=adapter.modules_to_save, source=adapter.source)
+        return Adapter(
+            type=adapter.type,
+            config=adapter.config,
+            modules=moved,
+            modules_to_save=adapter.modules_to_save,
+            source=adapter.source,
+        )
 
 
 def _layer_index(path: str) -> int:
@@ -370,8 +433,9 @@ def _reduction(config: dict, layer: int) -> float:
     if not isinstance(factor, dict):
         return factor
     if str(layer) not in factor and "default" not in factor:
-        raise AdapterError(f"init config: config.reduction_factor {factor} has no entry for layer {layer} and no "
-                           "\"default\"; add one")
+        raise AdapterError(
+            f'init config: config.reduction_factor {factor} has no entry for layer {layer} and no "default"; add one'
+        )
     return factor.get(str(layer), factor.get("default"))
 
 
@@ -405,8 +469,12 @@ def recognize_adapter(directory: Path, config: dict | None) -> str | None:
     if not isinstance(config, dict):
         return None
     inner = config.get("config")
-    bottleneck = inner in PRESETS if isinstance(inner, str) else (
-        isinstance(inner, dict) and inner.get("architecture") in (None, "bottleneck"))
+    bottleneck = (
+        inner in PRESETS
+        if isinstance(inner, str)
+        else (isinstance(inner, dict) and inner.get("architecture") in (None, "bottleneck"))
+    )
     saved = str(config.get("version", "")).startswith("adapters.") or any(
-        (Path(directory) / f).is_file() for f in (WEIGHTS_FILE, PICKLE_FILE))
+        (Path(directory) / f).is_file() for f in (WEIGHTS_FILE, PICKLE_FILE)
+    )
     return "bottleneck" if bottleneck and saved else None

@@ -12,18 +12,51 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..formats import (Adapter, check_config, check_shape, is_linear, linear_targets, matches, read_peft,
-                       target_schema, write_peft,                             linear_weight, require_linear)
 from ..errors import AdapterError
+from ..formats import (
+    Adapter,
+    check_config,
+    check_shape,
+    is_linear,
+    linear_targets,
+    linear_weight,
+    matches,
+    read_peft,
+    require_linear,
+    target_schema,
+    write_peft,
+)
 from ..plugins.contract import AdapterType, ModuleSlots, Route
 from ..plugins.hookspecs import hookimpl
 
 SUFFIX = ".ia3_l"
-KNOWN_KEYS = frozenset("""auto_mapping base_model_name_or_path exclude_modules fan_in_fan_out feedforward_modules
-    inference_mode init_ia3_weights modules_to_save peft_type peft_version revision target_modules task_type
-    layers_to_transform layers_pattern""".split())
-SCHEMA = {"type": "object", "properties": {**target_schema(), "feedforward_modules": target_schema()["target_modules"],
-                                           "init_ia3_weights": {"type": "boolean"}}}
+KNOWN_KEYS = frozenset(
+    [
+        "auto_mapping",
+        "base_model_name_or_path",
+        "exclude_modules",
+        "fan_in_fan_out",
+        "feedforward_modules",
+        "inference_mode",
+        "init_ia3_weights",
+        "modules_to_save",
+        "peft_type",
+        "peft_version",
+        "revision",
+        "target_modules",
+        "task_type",
+        "layers_to_transform",
+        "layers_pattern",
+    ]
+)
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        **target_schema(),
+        "feedforward_modules": target_schema()["target_modules"],
+        "init_ia3_weights": {"type": "boolean"},
+    },
+}
 
 
 class IA3Slots(ModuleSlots):
@@ -45,9 +78,9 @@ class IA3Slots(ModuleSlots):
         self.in_slots.discard(slot)
         self.out_slots.discard(slot)
         if tensors is not None:
-            l = tensors["ia3_l"]
-            feedforward = _is_feedforward(l)
-            (self.l_in if feedforward else self.l_out)[slot].copy_(l.flatten())
+            scales = tensors["ia3_l"]
+            feedforward = _is_feedforward(scales)
+            (self.l_in if feedforward else self.l_out)[slot].copy_(scales.flatten())
             (self.in_slots if feedforward else self.out_slots).add(slot)
 
     def read(self, slot: int) -> dict[str, torch.Tensor] | None:
@@ -83,32 +116,46 @@ class IA3Type(AdapterType):
     description = "IA3 (PEFT format): learned rescaling of layer inputs (feedforward) or outputs"
 
     def read(self, directory: Path, *, allow_pickle: bool = False) -> Adapter:
-        files = read_peft(directory, peft_types=self.aliases, suffixes=[SUFFIX], schema=SCHEMA, known_keys=KNOWN_KEYS,
-                          allow_pickle=allow_pickle)
+        files = read_peft(
+            directory,
+            peft_types=self.aliases,
+            suffixes=[SUFFIX],
+            schema=SCHEMA,
+            known_keys=KNOWN_KEYS,
+            allow_pickle=allow_pickle,
+        )
         config = files.config  # feedforward_modules need not be targets here: PEFT saves such configs itself
         modules = {}
         for path, parts in files.modules.items():
-            l = parts[SUFFIX]
+            scales = parts[SUFFIX]
             feedforward = matches(config.get("feedforward_modules"), path)
-            if l.ndim != 2 or (l.size(0) != 1 if feedforward else l.size(1) != 1):
-                raise AdapterError(f"{files.file}: {path}{SUFFIX} has shape {tuple(l.shape)}, expected "
-                                   f"{'(1, in)' if feedforward else '(out, 1)'} for a "
-                                   f"{'feedforward' if feedforward else 'non-feedforward'} module "
-                                   "(feedforward_modules in adapter_config.json); fix the config or save it again")
-            modules[path] = {"ia3_l": l}
-        return Adapter(type=self.name, config=config, modules=modules, modules_to_save=files.modules_to_save,
-                       source=str(directory))
+            if scales.ndim != 2 or (scales.size(0) != 1 if feedforward else scales.size(1) != 1):
+                raise AdapterError(
+                    f"{files.file}: {path}{SUFFIX} has shape {tuple(scales.shape)}, expected "
+                    f"{'(1, in)' if feedforward else '(out, 1)'} for a "
+                    f"{'feedforward' if feedforward else 'non-feedforward'} module "
+                    "(feedforward_modules in adapter_config.json); fix the config or save it again"
+                )
+            modules[path] = {"ia3_l": scales}
+        return Adapter(
+            type=self.name, config=config, modules=modules, modules_to_save=files.modules_to_save, source=str(directory)
+        )
 
     def write(self, adapter: Adapter, directory: Path) -> None:
-        config = {**adapter.config, "peft_type": "IA3", "target_modules": sorted(adapter.modules),
-                  "feedforward_modules": sorted(p for p, m in adapter.modules.items() if _is_feedforward(m["ia3_l"])),
-                  "modules_to_save": sorted(adapter.modules_to_save) or None,
-                  "exclude_modules": None}
-        write_peft(directory, config, {p: {SUFFIX: m["ia3_l"]} for p, m in adapter.modules.items()},
-                   adapter.modules_to_save)
+        config = {
+            **adapter.config,
+            "peft_type": "IA3",
+            "target_modules": sorted(adapter.modules),
+            "feedforward_modules": sorted(p for p, m in adapter.modules.items() if _is_feedforward(m["ia3_l"])),
+            "modules_to_save": sorted(adapter.modules_to_save) or None,
+            "exclude_modules": None,
+        }
+        write_peft(
+            directory, config, {p: {SUFFIX: m["ia3_l"]} for p, m in adapter.modules.items()}, adapter.modules_to_save
+        )
 
     def features(self, adapter: Adapter) -> frozenset[str]:
-        """"input" if it scales some module's input (feedforward), "output" if some module's output."""
+        """ "input" if it scales some module's input (feedforward), "output" if some module's output."""
         return frozenset("input" if _is_feedforward(m["ia3_l"]) else "output" for m in adapter.modules.values())
 
     def rank(self, adapter: Adapter) -> int:
@@ -140,17 +187,19 @@ class IA3Type(AdapterType):
         return Adapter(type=self.name, config=config, modules=modules, source="init")
 
 
-def _is_feedforward(l: torch.Tensor) -> bool:
+def _is_feedforward(scales: torch.Tensor) -> bool:
     """ia3_l (1, in) scales the input; (out, 1) the output. A (1, 1) vector is taken as an output scale."""
-    return l.size(0) == 1 and l.size(1) > 1
+    return scales.size(0) == 1 and scales.size(1) > 1
 
 
 def _check_feedforward(config: dict, file) -> None:
     """PEFT's rule: feedforward_modules must be a subset of target_modules (when both are lists)."""
     targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
     if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
-        raise AdapterError(f"{file}: feedforward_modules {sorted(set(feedforward) - set(targets))} are not in "
-                           "target_modules; every feedforward module must also be a target")
+        raise AdapterError(
+            f"{file}: feedforward_modules {sorted(set(feedforward) - set(targets))} are not in "
+            "target_modules; every feedforward module must also be a target"
+        )
 
 
 @hookimpl

@@ -1,7 +1,7 @@
 """LoRA (and DoRA, rsLoRA) in PEFT's format, computed with the gathered low-rank ops.
 
-    y[i] = base(x)[i] + scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T    s = slot of row i (-1: none)
-    DoRA slots: y[i] = g[s] * (base(x)[i] - bias + delta) + bias,       g = magnitude / ||W + scale B A||_row
+y[i] = base(x)[i] + scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T    s = slot of row i (-1: none)
+DoRA slots: y[i] = g[s] * (base(x)[i] - bias + delta) + bias,       g = magnitude / ||W + scale B A||_row
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..formats import (Adapter, check_config, check_shape, is_linear, linear_targets, linear_weight,                             require_linear)
 from ..errors import AdapterError
+from ..formats import Adapter, check_config, check_shape, is_linear, linear_targets, linear_weight, require_linear
 from ..formats.peft import rank_and_alpha
 from ..formats.peft_lora import PEFT_TYPES, SCHEMA, lora_scale, read_peft_lora, write_peft_lora
 from ..plugins.contract import AdapterType, Route
@@ -103,8 +103,10 @@ class LoraType(AdapterType):
 
     def trainable(self, adapter: Adapter) -> list[tuple[str, str]]:
         if adapter.config.get("use_dora"):
-            raise AdapterError(f"{adapter.source}: DoRA adapters cannot be trained here yet (their magnitude "
-                               "rescaling runs in place); train a LoRA adapter (use_dora false)")
+            raise AdapterError(
+                f"{adapter.source}: DoRA adapters cannot be trained here yet (their magnitude "
+                "rescaling runs in place); train a LoRA adapter (use_dora false)"
+            )
         return [(path, key) for path in adapter.modules for key in ("A", "B")]
 
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> LoraSlots:
@@ -124,12 +126,16 @@ class LoraType(AdapterType):
             r, alpha = rank_and_alpha(config, path)
             A = torch.empty(r, in_features, dtype=module.weight.dtype)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            modules[path] = {"A": A, "B": torch.zeros(out_features, r, dtype=module.weight.dtype),
-                             "scale": torch.tensor(lora_scale(alpha, r, bool(config.get("use_rslora"))),
-                                                   dtype=torch.float64)}
+            modules[path] = {
+                "A": A,
+                "B": torch.zeros(out_features, r, dtype=module.weight.dtype),
+                "scale": torch.tensor(lora_scale(alpha, r, bool(config.get("use_rslora"))), dtype=torch.float64),
+            }
         if not modules:
-            raise AdapterError(f"init: target_modules={config.get('target_modules')!r} selects no linear layer of "
-                               f"{type(model).__name__}")
+            raise AdapterError(
+                f"init: target_modules={config.get('target_modules')!r} selects no linear layer of "
+                f"{type(model).__name__}"
+            )
         return Adapter(type=self.name, config=config, modules=modules, source="init")
 
 

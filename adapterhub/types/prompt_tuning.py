@@ -25,16 +25,40 @@ from ..plugins.contract import AdapterType, ModuleSlots, Route
 from ..plugins.hookspecs import hookimpl
 
 KEY = "prompt_embeddings"
-KNOWN_KEYS = frozenset("""auto_mapping base_model_name_or_path inference_mode modules_to_save num_attention_heads
-    num_layers num_transformer_submodules num_virtual_tokens peft_type peft_version prompt_tuning_init
-    prompt_tuning_init_text revision task_type token_dim tokenizer_kwargs tokenizer_name_or_path""".split())
-SCHEMA = {"type": "object", "required": ["num_virtual_tokens"], "properties": {
-    "num_virtual_tokens": {"type": "integer", "minimum": 1},
-    "token_dim": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 1}]},
-    "num_transformer_submodules": {"anyOf": [{"type": "null"}, {"const": 1}],
-                                   "description": "2 (encoder-decoder models) is not supported"},
-    "modules_to_save": {"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string"}}]},
-}}
+KNOWN_KEYS = frozenset(
+    [
+        "auto_mapping",
+        "base_model_name_or_path",
+        "inference_mode",
+        "modules_to_save",
+        "num_attention_heads",
+        "num_layers",
+        "num_transformer_submodules",
+        "num_virtual_tokens",
+        "peft_type",
+        "peft_version",
+        "prompt_tuning_init",
+        "prompt_tuning_init_text",
+        "revision",
+        "task_type",
+        "token_dim",
+        "tokenizer_kwargs",
+        "tokenizer_name_or_path",
+    ]
+)
+SCHEMA = {
+    "type": "object",
+    "required": ["num_virtual_tokens"],
+    "properties": {
+        "num_virtual_tokens": {"type": "integer", "minimum": 1},
+        "token_dim": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 1}]},
+        "num_transformer_submodules": {
+            "anyOf": [{"type": "null"}, {"const": 1}],
+            "description": "2 (encoder-decoder models) is not supported",
+        },
+        "modules_to_save": {"anyOf": [{"type": "null"}, {"type": "array", "items": {"type": "string"}}]},
+    },
+}
 _FEATURE = "virtual_tokens="  # route feature "virtual_tokens=n": a row of the batch has an n-token prompt
 
 
@@ -49,8 +73,11 @@ class PromptSlots(ModuleSlots):
         # RoBERTa-family embeddings number positions from padding_idx + 1; BERT's and Llama's from 0.
         self.first_position = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", -1) + 1
         kw = dict(device=embedding.weight.device)
-        self.register_buffer("prompts", torch.zeros(slots, max_tokens, embedding.weight.size(1),
-                                                    dtype=embedding.weight.dtype, **kw), persistent=False)
+        self.register_buffer(
+            "prompts",
+            torch.zeros(slots, max_tokens, embedding.weight.size(1), dtype=embedding.weight.dtype, **kw),
+            persistent=False,
+        )
         self.register_buffer("lengths", torch.zeros(slots, dtype=torch.int64, **kw), persistent=False)
         self._prefix: tuple[Route, torch.Tensor, bool] | None = None  # (batch, (B, N) prefix mask, padded)
 
@@ -75,12 +102,15 @@ class PromptSlots(ModuleSlots):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 renamed it "cache"
         cached = 0 if cache is None else cache.get_seq_length()
         if cached and (self._prefix is None or self._prefix[0] is not route):
-            raise AdapterError("a prompt-tuning batch continued from a cache that another batch made; run all "
-                               "steps of one generation inside one Backbone.use block")
+            raise AdapterError(
+                "a prompt-tuning batch continued from a cache that another batch made; run all "
+                "steps of one generation inside one Backbone.use block"
+            )
         mask = kwargs.get("attention_mask")
         if mask is None:  # the caller's tokens only; the cache also holds the prompt block
-            mask = torch.ones(B, cached + T - (self._prefix[1].size(1) if cached else 0), dtype=torch.long,
-                              device=embeds.device)
+            mask = torch.ones(
+                B, cached + T - (self._prefix[1].size(1) if cached else 0), dtype=torch.long, device=embeds.device
+            )
         if cached:  # a later generation step: the prompt is in the cache already
             prefix = self._prefix[1]
             kwargs["inputs_embeds"] = embeds
@@ -117,8 +147,9 @@ class PromptSlots(ModuleSlots):
             kwargs.pop("position_ids", None)
         if kwargs.get("cache_position") is not None:  # generate() counts positions without the prompt
             shift = self._prefix[1].size(1) if cached else 0
-            kwargs["cache_position"] = torch.arange(L, device=mask.device) if not cached else \
-                kwargs["cache_position"] + shift
+            kwargs["cache_position"] = (
+                torch.arange(L, device=mask.device) if not cached else kwargs["cache_position"] + shift
+            )
         return args, kwargs
 
     @staticmethod
@@ -135,8 +166,10 @@ def _reads_last_position(model: nn.Module) -> bool:
     from transformers.models.auto import modeling_auto
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return bool(model.can_generate()) or (model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-                                          and model_type not in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return bool(model.can_generate()) or (
+        model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
 
 
 def _arrange(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
@@ -153,24 +186,44 @@ class PromptTuningType(AdapterType):
     description = "prompt tuning (PEFT format): learned virtual tokens, padded per row in mixed batches"
 
     def read(self, directory: Path, *, allow_pickle: bool = False) -> Adapter:
-        files = read_peft(directory, peft_types=self.aliases, suffixes=(), schema=SCHEMA, known_keys=KNOWN_KEYS,
-                          shared=[KEY], prefix=PROMPT_PREFIX, allow_pickle=allow_pickle)
+        files = read_peft(
+            directory,
+            peft_types=self.aliases,
+            suffixes=(),
+            schema=SCHEMA,
+            known_keys=KNOWN_KEYS,
+            shared=[KEY],
+            prefix=PROMPT_PREFIX,
+            allow_pickle=allow_pickle,
+        )
         config, file = files.config, files.file
         if KEY not in files.shared:
             raise AdapterError(f"{file}: no {KEY!r} (n_virtual, dim); save the adapter again with PEFT")
         prompt = files.shared[KEY]
         n, dim = config["num_virtual_tokens"], config.get("token_dim")
         if prompt.ndim != 2 or prompt.size(0) != n or (dim is not None and prompt.size(1) != dim):
-            raise AdapterError(f"{file}: {KEY} has shape {tuple(prompt.shape)}, but {CONFIG_FILE} gives "
-                               f"num_virtual_tokens={n}, token_dim={dim}; save the adapter again")
-        return Adapter(type=self.name, config=config, modules={"": {KEY: prompt}}, modules_to_save=files.modules_to_save,
-                       source=str(directory))
+            raise AdapterError(
+                f"{file}: {KEY} has shape {tuple(prompt.shape)}, but {CONFIG_FILE} gives "
+                f"num_virtual_tokens={n}, token_dim={dim}; save the adapter again"
+            )
+        return Adapter(
+            type=self.name,
+            config=config,
+            modules={"": {KEY: prompt}},
+            modules_to_save=files.modules_to_save,
+            source=str(directory),
+        )
 
     def write(self, adapter: Adapter, directory: Path) -> None:
         prompt = adapter.modules[""][KEY]
-        config = {**adapter.config, "peft_type": "PROMPT_TUNING", "num_virtual_tokens": prompt.size(0),
-                  "token_dim": prompt.size(1), "num_transformer_submodules": 1,
-                  "modules_to_save": sorted(adapter.modules_to_save) or None}
+        config = {
+            **adapter.config,
+            "peft_type": "PROMPT_TUNING",
+            "num_virtual_tokens": prompt.size(0),
+            "token_dim": prompt.size(1),
+            "num_transformer_submodules": 1,
+            "modules_to_save": sorted(adapter.modules_to_save) or None,
+        }
         write_peft(directory, config, {}, adapter.modules_to_save, extra={KEY: prompt}, prefix=PROMPT_PREFIX)
 
     def features(self, adapter: Adapter) -> frozenset[str]:
@@ -181,14 +234,18 @@ class PromptTuningType(AdapterType):
 
     def check(self, adapter: Adapter, model: nn.Module) -> None:
         if set(adapter.modules) != {""}:
-            raise AdapterError(f"{adapter.source}: a prompt-tuning adapter adapts the whole model (module ''), "
-                               f"not {sorted(adapter.modules)}")
+            raise AdapterError(
+                f"{adapter.source}: a prompt-tuning adapter adapts the whole model (module ''), "
+                f"not {sorted(adapter.modules)}"
+            )
         embedding = model.get_input_embeddings()
         dim = adapter.modules[""][KEY].size(1)
         if embedding is None or embedding.weight.size(1) != dim:
-            raise AdapterError(f"{adapter.source}: {KEY} has dim {dim}, but {type(model).__name__}'s input embeddings "
-                               f"have {None if embedding is None else embedding.weight.size(1)}; was the adapter "
-                               "trained on another base model?")
+            raise AdapterError(
+                f"{adapter.source}: {KEY} has dim {dim}, but {type(model).__name__}'s input embeddings "
+                f"have {None if embedding is None else embedding.weight.size(1)}; was the adapter "
+                "trained on another base model?"
+            )
 
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> PromptSlots:
         if path != "" or not hasattr(module, "get_input_embeddings"):

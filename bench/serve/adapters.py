@@ -32,8 +32,11 @@ def make_adapters(root: Path = CACHE) -> dict[str, Path]:
     """name -> directory of each adapter under `root`, written once (kept while their recipe is unchanged)."""
     dirs = {name: root / name for name in names()}
     stamp = root / "recipe.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == STAMP and all(
-            (d / "adapter_model.safetensors").exists() for d in dirs.values()):
+    if (
+        stamp.exists()
+        and json.loads(stamp.read_text()) == STAMP
+        and all((d / "adapter_model.safetensors").exists() for d in dirs.values())
+    ):
         return dirs
     from peft import LoraConfig, get_peft_model
 
@@ -44,12 +47,15 @@ def make_adapters(root: Path = CACHE) -> dict[str, Path]:
     get_peft_model(base, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS)).save_pretrained(template)
     shapes = {k: v.shape for k, v in load_file(template / "adapter_model.safetensors").items()}
     config = (template / "adapter_config.json").read_text()
-    for seed, (name, d) in enumerate(dirs.items()):
+    for seed, d in enumerate(dirs.values()):
         g = torch.Generator().manual_seed(seed)
         d.mkdir(parents=True, exist_ok=True)
         (d / "adapter_config.json").write_text(config)
-        save_file({k: torch.randn(s, generator=g) * SCALE for k, s in sorted(shapes.items())},
-                  d / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: torch.randn(s, generator=g) * SCALE for k, s in sorted(shapes.items())},
+            d / "adapter_model.safetensors",
+            metadata={"format": "pt"},
+        )
     stamp.write_text(json.dumps(STAMP))
     return dirs
 

@@ -47,8 +47,16 @@ RATE = float(os.environ.get("ADAPTERHUB_BENCH_SERVE_RATE", 4.5))  # requests/s o
 DURATION = float(os.environ.get("ADAPTERHUB_BENCH_SERVE_DURATION", 30))  # seconds of arrivals per run
 GRACE = {"ours": 120.0, "peft": 15.0}  # seconds a run waits after its last arrival
 SKIP = DURATION / 2  # seconds of ramp up (a full batch takes about 15 s here) left out of the steady tokens/s
-CONFIGS = [("ours", 1, "uniform"), ("ours", 8, "uniform"), ("ours", 8, "zipf"), ("ours", 64, "uniform"),
-           ("ours", 64, "zipf"), ("peft", 1, "uniform"), ("peft", 64, "uniform"), ("peft", 64, "zipf")]
+CONFIGS = [
+    ("ours", 1, "uniform"),
+    ("ours", 8, "uniform"),
+    ("ours", 8, "zipf"),
+    ("ours", 64, "uniform"),
+    ("ours", 64, "zipf"),
+    ("peft", 1, "uniform"),
+    ("peft", 64, "uniform"),
+    ("peft", 64, "zipf"),
+]
 RESULTS: dict = {}  # what results/serve_smollm2.json holds
 
 
@@ -79,11 +87,13 @@ class Suite:
             self.server.stop()
 
 
-def counted(server: Server, workload: loadgen.Workload, planned: list[loadgen.Planned], *, grace: float,
-            skip: float) -> tuple[loadgen.Summary, float]:
+def counted(
+    server: Server, workload: loadgen.Workload, planned: list[loadgen.Planned], *, grace: float, skip: float
+) -> tuple[loadgen.Summary, float]:
     """Runs the load; also returns the tokens/s the server generated from `skip` s to the end of the
     arrivals (its adapterhub_generated_tokens_total, which both servers count): steady state, while the
     load is on, without the ramp up at the start and the drain at the end."""
+
     async def scrape() -> float:
         await asyncio.sleep(skip)
         first, t0 = await asyncio.to_thread(server.generated_tokens), time.perf_counter()
@@ -100,9 +110,20 @@ def counted(server: Server, workload: loadgen.Workload, planned: list[loadgen.Pl
 @pytest.fixture(scope="module")
 def suite():
     s = Suite()
-    RESULTS.update(machine=machine(), adapters=COUNT, rank=RANK, rate=RATE, duration_s=DURATION, grace_s=GRACE,
-                   skip_s=SKIP, max_tokens=loadgen.MAX_TOKENS, prompt_tokens=list(loadgen.PROMPT_TOKENS),
-                   zipf_s=loadgen.ZIPF_S, startup_s={}, runs=[])
+    RESULTS.update(
+        machine=machine(),
+        adapters=COUNT,
+        rank=RANK,
+        rate=RATE,
+        duration_s=DURATION,
+        grace_s=GRACE,
+        skip_s=SKIP,
+        max_tokens=loadgen.MAX_TOKENS,
+        prompt_tokens=list(loadgen.PROMPT_TOKENS),
+        zipf_s=loadgen.ZIPF_S,
+        startup_s={},
+        runs=[],
+    )
     try:
         yield s
     finally:
@@ -111,18 +132,29 @@ def suite():
             report.save(RESULTS)
 
 
-@pytest.mark.parametrize("server,adapters,popularity", CONFIGS,
-                         ids=[f"{s}-{n}-{p}" for s, n, p in CONFIGS])
+@pytest.mark.parametrize("server,adapters,popularity", CONFIGS, ids=[f"{s}-{n}-{p}" for s, n, p in CONFIGS])
 def bench_serve(benchmark, suite, server, adapters, popularity):
     target = suite.use(server)
     workload = loadgen.Workload(rate=RATE, duration=DURATION, adapters=adapters, popularity=popularity)
     planned = loadgen.plan(workload, names(), suite.tokenizer)
     with OtherLoad(target) as other:
-        summary, steady = benchmark.pedantic(counted, args=(target, workload, planned),
-                                             kwargs={"grace": GRACE[server], "skip": SKIP}, rounds=1, iterations=1)
+        summary, steady = benchmark.pedantic(
+            counted,
+            args=(target, workload, planned),
+            kwargs={"grace": GRACE[server], "skip": SKIP},
+            rounds=1,
+            iterations=1,
+        )
     target.wait_idle()
-    run = {"server": server, "adapters": adapters, "popularity": popularity, "rate": RATE, **asdict(summary),
-           "steady_tokens_per_s": steady, "other_cpu_cores": other.value}
+    run = {
+        "server": server,
+        "adapters": adapters,
+        "popularity": popularity,
+        "rate": RATE,
+        **asdict(summary),
+        "steady_tokens_per_s": steady,
+        "other_cpu_cores": other.value,
+    }
     RESULTS["runs"].append(run)
     benchmark.extra_info.update(run)
     MEDIANS[TABLE][report.case(run)] = {"tokens_per_s": summary.tokens_per_s}

@@ -61,7 +61,7 @@ def plan(workload: Workload, names: list[str], tokenizer) -> list[Planned]:
     arrivals, texts = random.Random(workload.seed), random.Random(workload.seed + 1)
     picks = random.Random(workload.seed + 2)
     sentences = [json.loads(line)["text"] for line in TEXT.read_text().splitlines() if line.strip()]
-    chosen = names[:workload.adapters]
+    chosen = names[: workload.adapters]
     if workload.popularity == "uniform":
         weights = [1.0] * len(chosen)
     elif workload.popularity == "zipf":
@@ -145,8 +145,15 @@ async def run(base_url: str, workload: Workload, planned: list[Planned], *, grac
 
 
 async def _complete(client: httpx.AsyncClient, workload: Workload, p: Planned, outcome: Outcome) -> None:
-    body = {"model": p.adapter, "prompt": p.prompt, "max_tokens": workload.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": p.adapter,
+        "prompt": p.prompt,
+        "max_tokens": workload.max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     try:
         async with client.stream("POST", "/completions", json=body) as response:
             if response.status_code != 200:
@@ -176,14 +183,25 @@ def summarize(workload: Workload, outcomes: list[Outcome]) -> Summary:
     wall = max(o.done for o in done) - min(o.sent for o in outcomes) if done else math.nan
     # unfinished requests enter the percentiles at their age when the run ended (a lower bound)
     latency = [o.done - o.sent for o in done] + [o.age for o in unfinished]
-    ttft = ([o.first - o.sent for o in done if o.first is not None]
-            + [o.first - o.sent if o.first is not None else o.age for o in unfinished])
-    return Summary(sent=len(outcomes), completed=len(done), unfinished=len(unfinished), failed=len(failed),
-                   completion_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall if done else 0.0,
-                   offered_tokens_per_s=workload.rate * workload.max_tokens,
-                   latency_p50_s=percentile(latency, 50), latency_p99_s=percentile(latency, 99),
-                   ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99),
-                   lower_bound=bool(unfinished), errors=sorted({o.error for o in failed})[:5])
+    ttft = [o.first - o.sent for o in done if o.first is not None] + [
+        o.first - o.sent if o.first is not None else o.age for o in unfinished
+    ]
+    return Summary(
+        sent=len(outcomes),
+        completed=len(done),
+        unfinished=len(unfinished),
+        failed=len(failed),
+        completion_tokens=tokens,
+        wall_s=wall,
+        tokens_per_s=tokens / wall if done else 0.0,
+        offered_tokens_per_s=workload.rate * workload.max_tokens,
+        latency_p50_s=percentile(latency, 50),
+        latency_p99_s=percentile(latency, 99),
+        ttft_p50_s=percentile(ttft, 50),
+        ttft_p99_s=percentile(ttft, 99),
+        lower_bound=bool(unfinished),
+        errors=sorted({o.error for o in failed})[:5],
+    )
 
 
 def percentile(values: list[float], q: float) -> float:

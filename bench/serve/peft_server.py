@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from adapterhub.backbone import AdapterInfo
-from adapterhub.serve.engine import end_of_sequence, Failed, Finished, Request, Token
+from adapterhub.serve.engine import Failed, Finished, Request, Token, end_of_sequence
 from adapterhub.serve.errors import RequestError, UnknownAdapter
 from adapterhub.serve.metrics import Metrics
 from adapterhub.serve.sampling import Sampling, TextStream, next_tokens
@@ -66,10 +66,22 @@ class PeftEngine:
         for slot, name in enumerate(self._sources):
             config = self.model.peft_config[name]
             layers = [m for m in self.model.modules() if hasattr(m, "lora_A") and name in m.lora_A]
-            nbytes = sum(p.numel() * p.element_size() for m in layers
-                         for p in (*m.lora_A[name].parameters(), *m.lora_B[name].parameters()))
-            infos[name] = AdapterInfo(name=name, type="lora", source=self._sources[name], slot=slot, rank=config.r,
-                                      modules=len(layers), nbytes=nbytes, pinned=False, config=config.to_dict())
+            nbytes = sum(
+                p.numel() * p.element_size()
+                for m in layers
+                for p in (*m.lora_A[name].parameters(), *m.lora_B[name].parameters())
+            )
+            infos[name] = AdapterInfo(
+                name=name,
+                type="lora",
+                source=self._sources[name],
+                slot=slot,
+                rank=config.r,
+                modules=len(layers),
+                nbytes=nbytes,
+                pinned=False,
+                config=config.to_dict(),
+            )
         return infos
 
     def source_of(self, name: str) -> str:
@@ -83,17 +95,19 @@ class PeftEngine:
             if name in self._sources:
                 self.model.delete_adapter(name)
                 del self._sources[name]
-            self.model.load_adapter(source, adapter_name=name, low_cpu_mem_usage=True,
-                                    **({"revision": revision} if revision else {}))
+            self.model.load_adapter(
+                source, adapter_name=name, low_cpu_mem_usage=True, **({"revision": revision} if revision else {})
+            )
             self._sources[name] = source
         return self.adapters()[name]
 
-    def remove_adapter(self, name: str, timeout: float | None = None) -> None:
-        """PEFT's delete_adapter, between two requests."""
+    def remove_adapter(self, name: str, timeout: float | None = None) -> int:
+        """PEFT's delete_adapter, between two requests: none is left in flight."""
         with self._model_lock:
             self.source_of(name)
             del self._sources[name]
             self.model.delete_adapter(name)
+        return 0
 
     def queue_depth(self) -> int:
         return len(self._queue)
@@ -107,8 +121,9 @@ class PeftEngine:
         if not prompt:
             raise RequestError("the prompt is empty")
         if len(prompt) + sampling.max_tokens > self.context:
-            raise RequestError(f"prompt of {len(prompt)} tokens + max_tokens {sampling.max_tokens} > context "
-                               f"{self.context}")
+            raise RequestError(
+                f"prompt of {len(prompt)} tokens + max_tokens {sampling.max_tokens} > context {self.context}"
+            )
         if sampling.n != 1:
             raise RequestError("the PEFT baseline generates one choice per request (n=1)")
         request = Request(adapter, adapter, list(prompt), sampling, on_event, unfinished=1)
@@ -145,18 +160,19 @@ class PeftEngine:
             routing = contextlib.nullcontext()
         generator = None
         if sampling.temperature > 0:
-            generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else
-                                                      torch.seed())
+            generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         stream = TextStream(self.tokenizer, sampling.stop)
         self.metrics.queue_seconds.observe(time.perf_counter() - request.submitted)
         self.metrics.prompt_tokens.inc(len(request.prompt))
         with routing, torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([request.prompt]), cache=DynamicCache(), use_cache=True,
-                             logits_to_keep=1)
+            out = self.model(
+                input_ids=torch.tensor([request.prompt]), cache=DynamicCache(), use_cache=True, logits_to_keep=1
+            )
             count = 0
             while not request.cancelled:
-                token = int(next_tokens(out.logits[:, -1].float(), [sampling.temperature], [sampling.top_p],
-                                        [generator])[0])
+                token = int(
+                    next_tokens(out.logits[:, -1].float(), [sampling.temperature], [sampling.top_p], [generator])[0]
+                )
                 count += 1
                 self.metrics.tokens(1)
                 if token in self.eos and not sampling.ignore_eos:
@@ -200,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.serve.peft_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR")
-    parser.add_argument("--adapter-dir", dest="adapter_dir", type=Path,
-                        help="POST /v1/adapters may load directories under this one")
+    parser.add_argument(
+        "--adapter-dir", dest="adapter_dir", type=Path, help="POST /v1/adapters may load directories under this one"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", dest="log_level", default="warning")
@@ -216,9 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     sock.listen(2048)
-    print(f"{READY} http://{args.host}:{sock.getsockname()[1]}/v1 ({len(adapters)} adapters loaded in "
-          f"{time.perf_counter() - start:.1f} s; {torch.get_num_threads()} torch threads)",
-          flush=True)
+    print(
+        f"{READY} http://{args.host}:{sock.getsockname()[1]}/v1 ({len(adapters)} adapters loaded in "
+        f"{time.perf_counter() - start:.1f} s; {torch.get_num_threads()} torch threads)",
+        flush=True,
+    )
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
     return 0
 

@@ -17,14 +17,32 @@ READY = re.compile(r"ready on (http://\S+/v1)")
 
 def ours_command(adapters: dict[str, Path], max_batch: int = 64) -> list[str]:
     """`adapterhub serve` with every adapter loaded at start, one slot each (no eviction in the runs)."""
-    return [sys.executable, "-m", "adapterhub.cli", "serve", "--max-adapters", str(len(adapters)), "--max-rank", "16",
-            "--max-batch", str(max_batch), "--port", "0",
-            *[arg for name, d in adapters.items() for arg in ("--adapter", f"{name}={d}")]]
+    return [
+        sys.executable,
+        "-m",
+        "adapterhub.cli",
+        "serve",
+        "--max-adapters",
+        str(len(adapters)),
+        "--max-rank",
+        "16",
+        "--max-batch",
+        str(max_batch),
+        "--port",
+        "0",
+        *[arg for name, d in adapters.items() for arg in ("--adapter", f"{name}={d}")],
+    ]
 
 
 def peft_command(adapters: dict[str, Path]) -> list[str]:
-    return [sys.executable, "-m", "bench.serve.peft_server", "--port", "0",
-            *[arg for name, d in adapters.items() for arg in ("--adapter", f"{name}={d}")]]
+    return [
+        sys.executable,
+        "-m",
+        "bench.serve.peft_server",
+        "--port",
+        "0",
+        *[arg for name, d in adapters.items() for arg in ("--adapter", f"{name}={d}")],
+    ]
 
 
 class Server:
@@ -52,8 +70,10 @@ class Server:
                 break
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"the {self.name} server did not get ready in {timeout:.0f} s (exit code "
-                           f"{self.process.returncode}); its log {self.log} ends:\n{self.tail()}")
+        raise RuntimeError(
+            f"the {self.name} server did not get ready in {timeout:.0f} s (exit code "
+            f"{self.process.returncode}); its log {self.log} ends:\n{self.tail()}"
+        )
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

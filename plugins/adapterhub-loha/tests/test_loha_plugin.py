@@ -22,16 +22,28 @@ from adapterhub.plugins import registry
 ATOL = 1e-5
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Adapter "a": rank and alpha patterns; "b": a regex target and another rank. "a" needs max_rank >= 4*4.
-LOHA_A = dict(r=4, alpha=8, target_modules=TARGETS, rank_pattern={"v_proj": 2},
-              alpha_pattern={"o_proj": 3, "layers.1.mlp.down_proj": 5.5})
+LOHA_A = dict(
+    r=4,
+    alpha=8,
+    target_modules=TARGETS,
+    rank_pattern={"v_proj": 2},
+    alpha_pattern={"o_proj": 3, "layers.1.mlp.down_proj": 5.5},
+)
 LOHA_B = dict(r=3, alpha=5, target_modules=r".*\.(q_proj|up_proj)")
 IDS = torch.randint(0, 128, (5, 6), generator=torch.Generator().manual_seed(0))
 
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -55,10 +67,11 @@ def peft_logits(directory: Path, ids: torch.Tensor = IDS) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {"a": save_peft(root / "a", LoHaConfig(**LOHA_A), seed=1),
-            "b": save_peft(root / "b", LoHaConfig(**LOHA_B), seed=2),
-            "lora": save_peft(root / "lora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                              seed=3)}
+    return {
+        "a": save_peft(root / "a", LoHaConfig(**LOHA_A), seed=1),
+        "b": save_peft(root / "b", LoHaConfig(**LOHA_B), seed=2),
+        "lora": save_peft(root / "lora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), seed=3),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +106,7 @@ def test_mixed_batch_rows_equal_each_row_alone(dirs, refs):
     names = ["a", None, "b", "lora", None]
     mixed = routed(bb, names)
     for i, name in enumerate(names):
-        alone = routed(bb, name, IDS[i:i + 1])[0]
+        alone = routed(bb, name, IDS[i : i + 1])[0]
         assert (mixed[i] - alone).abs().max() < ATOL
         assert (mixed[i] - refs[name or "base"][i]).abs().max() < ATOL
     assert torch.equal(mixed[1], routed(bb, None)[1])  # the base row passes through exactly
@@ -108,7 +121,10 @@ def test_save_loads_in_peft_with_the_same_tensors_and_outputs(dirs, refs, tmp_pa
     assert original.keys() == saved.keys() and all(torch.equal(original[k], saved[k]) for k in original)
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved")
     ref = PeftModel.from_pretrained(tiny_llama(), dirs["a"])
-    scales = lambda m: {n: x.scaling["default"] for n, x in m.named_modules() if hasattr(x, "hada_w1_a")}
+
+    def scales(m):
+        return {n: x.scaling["default"] for n, x in m.named_modules() if hasattr(x, "hada_w1_a")}
+
     assert scales(reloaded) == scales(ref)  # rank and alpha patterns restored exactly
     with torch.no_grad():
         assert (reloaded.eval()(IDS).logits - refs["a"]).abs().max() < ATOL
@@ -157,13 +173,18 @@ def broken_copy(source: Path, target: Path, edit) -> Path:
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: {k: v for k, v in t.items() if k != f"{Q0}.hada_w2_b"}, r"not \['hada_w2_b'\]"),
-    (lambda t: {**t, f"{Q0}.hada_w2_a": torch.zeros(32, 5)}, r"hada_w2_a has shape \(32, 5\), expected \(32, 4\)"),
-    (lambda t: {**t, f"{Q0}.hada_w1_a": torch.zeros(40, 4), f"{Q0}.hada_w2_a": torch.zeros(40, 4)},
-     r"hada_w1_a has shape \(40, 4\), expected \(32, 4\) for this backbone"),
-    (lambda t: {**t, f"{Q0}.hada_t1": torch.zeros(4, 4, 3, 3)}, r"hada_t1.*use_effective_conv2d"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: {k: v for k, v in t.items() if k != f"{Q0}.hada_w2_b"}, r"not \['hada_w2_b'\]"),
+        (lambda t: {**t, f"{Q0}.hada_w2_a": torch.zeros(32, 5)}, r"hada_w2_a has shape \(32, 5\), expected \(32, 4\)"),
+        (
+            lambda t: {**t, f"{Q0}.hada_w1_a": torch.zeros(40, 4), f"{Q0}.hada_w2_a": torch.zeros(40, 4)},
+            r"hada_w1_a has shape \(40, 4\), expected \(32, 4\) for this backbone",
+        ),
+        (lambda t: {**t, f"{Q0}.hada_t1": torch.zeros(4, 4, 3, 3)}, r"hada_t1.*use_effective_conv2d"),
+    ],
+)
 def test_bad_tensors_are_refused(dirs, tmp_path, edit, message):
     bb = ah.Backbone(tiny_llama(), max_rank=16)
     with pytest.raises(ah.AdapterError, match=message):
@@ -192,8 +213,12 @@ class ConvNet(nn.Module):
 
 @pytest.mark.parametrize("effective, message", [(True, "hada_t1.*use_effective_conv2d"), (False, "a Conv2d")])
 def test_conv_loha_is_refused(tmp_path, effective, message):
-    directory = save_peft(tmp_path / "conv", LoHaConfig(r=2, target_modules=["conv"],
-                                                        use_effective_conv2d=effective), seed=4, build=ConvNet)
+    directory = save_peft(
+        tmp_path / "conv",
+        LoHaConfig(r=2, target_modules=["conv"], use_effective_conv2d=effective),
+        seed=4,
+        build=ConvNet,
+    )
     bb = ah.Backbone(ConvNet(), preallocate=())
     with pytest.raises(ah.AdapterError, match=message):
         bb.load(directory)
@@ -208,10 +233,14 @@ def test_gpt2_conv1d_is_refused(tmp_path):
     """PEFT's LoHa has no Conv1D layer; files naming one (written here by hand) are refused, as is init."""
     g = torch.Generator().manual_seed(5)
     factors = {".hada_w1_a": (96, 2), ".hada_w1_b": (2, 32), ".hada_w2_a": (96, 2), ".hada_w2_b": (2, 32)}
-    write_peft(tmp_path, {"peft_type": "LOHA", "r": 2, "alpha": 2, "target_modules": ["c_attn"]},
-               {"transformer.h.0.attn.c_attn": {k: torch.randn(s, generator=g) for k, s in factors.items()}}, {})
+    write_peft(
+        tmp_path,
+        {"peft_type": "LOHA", "r": 2, "alpha": 2, "target_modules": ["c_attn"]},
+        {"transformer.h.0.attn.c_attn": {k: torch.randn(s, generator=g) for k, s in factors.items()}},
+        {},
+    )
     bb = ah.Backbone(tiny_gpt2(), preallocate=())
-    with pytest.raises(ah.AdapterError, match="'transformer.h.0.attn.c_attn', a Conv1D.*nn.Linear modules only"):
+    with pytest.raises(ah.AdapterError, match=r"'transformer\.h\.0\.attn\.c_attn', a Conv1D.*nn\.Linear modules only"):
         bb.load(tmp_path)
     with pytest.raises(ah.AdapterError, match="a Conv1D"):
         registry().get("loha").init(tiny_gpt2(), {"r": 2})

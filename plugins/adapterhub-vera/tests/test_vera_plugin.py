@@ -13,8 +13,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import adapterhub as ah
 from adapterhub.plugins import registry
@@ -27,8 +33,7 @@ IDS = torch.randint(0, 128, (6, 7), generator=torch.Generator().manual_seed(0))
 CONFIGS = {
     "a": dict(r=8, target_modules=TARGETS),
     "b": dict(r=4, target_modules=["v_proj", "down_proj"], layers_to_transform=[1], projection_prng_key=7),
-    "noproj": dict(r=8, target_modules=["q_proj", "v_proj", "gate_proj"], projection_prng_key=3,
-                   save_projection=False),
+    "noproj": dict(r=8, target_modules=["q_proj", "v_proj", "gate_proj"], projection_prng_key=3, save_projection=False),
 }
 # PEFT warns about save_projection=False and GPT-2's fan_in_fan_out, as expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*(vera_A|fan_in_fan_out|PRNG|is_gradient_checkpointing).*")
@@ -37,8 +42,15 @@ max_diff: dict[str, float] = {}  # what each comparison with PEFT found, printed
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -49,8 +61,15 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 
 def tiny_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    config = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -171,8 +190,9 @@ def test_evicted_adapter_comes_back_from_the_host_cache(dirs):
 
 
 def test_gpt2_conv1d_equals_peft(tmp_path):
-    directory = save_peft(tmp_path / "gpt2", VeraConfig(r=8, target_modules=["c_attn", "c_fc", "c_proj"]), 3,
-                          build=tiny_gpt2)
+    directory = save_peft(
+        tmp_path / "gpt2", VeraConfig(r=8, target_modules=["c_attn", "c_fc", "c_proj"]), 3, build=tiny_gpt2
+    )
     bb = ah.Backbone(tiny_gpt2(), max_adapters=2, max_rank=8)
     bb.load(directory, name="g")
     with torch.no_grad(), bb.use(["g", None]):
@@ -200,8 +220,9 @@ def test_init_is_peft_init(tmp_path):
     peft = get_peft_model(tiny_llama(), VeraConfig(**config))
     assert torch.equal(next(iter(adapter.modules.values()))["vera_A"], peft.base_model.vera_A["default"])
     assert torch.equal(next(iter(adapter.modules.values()))["vera_B"], peft.base_model.vera_B["default"])
-    layers = {name.removeprefix("base_model.model."): m for name, m in peft.named_modules()
-              if hasattr(m, "vera_lambda_b")}
+    layers = {
+        name.removeprefix("base_model.model."): m for name, m in peft.named_modules() if hasattr(m, "vera_lambda_b")
+    }
     assert sorted(layers) == sorted(adapter.modules)
     for path, layer in layers.items():
         assert torch.equal(adapter.modules[path]["vera_lambda_b"], layer.vera_lambda_b["default"].detach())
@@ -229,8 +250,10 @@ BROKEN = {
     "r disagrees": (dict(config=lambda c: c.update(r=6)), "gives r=6"),
     "lambda missing": (dict(tensors=lambda t: t.pop(f"{LAYER0_Q}.vera_lambda_d")), "not \\['vera_lambda_d'\\]"),
     "nan": (dict(tensors=lambda t: t[f"{LAYER0_Q}.vera_lambda_b"].fill_(float("nan"))), "NaN/inf"),
-    "narrow projection": (dict(tensors=lambda t: t.update({"base_model.vera_A": narrow(t["base_model.vera_A"])})),
-                          "need at least \\(8, 64\\)"),
+    "narrow projection": (
+        dict(tensors=lambda t: t.update({"base_model.vera_A": narrow(t["base_model.vera_A"])})),
+        "need at least \\(8, 64\\)",
+    ),
     "bias": (dict(config=lambda c: c.update(bias="all")), "bias='all' trains the backbone's own biases"),
     "unknown key": (dict(tensors=lambda t: t.update(stray=torch.zeros(1))), "unexpected key\\(s\\) stray; expected"),
     "not targeted": (dict(config=lambda c: c.update(target_modules=["k_proj"])), "do not select it"),

@@ -12,7 +12,7 @@ from .loha_type import LohaType
 from .slots import LohaSlots, hadamard_low_rank
 
 __version__ = "0.1.0"
-__all__ = ["LohaSlots", "LohaType", "hadamard_low_rank", "__version__"]
+__all__ = ["LohaSlots", "LohaType", "__version__", "hadamard_low_rank"]
 
 
 @hookimpl

@@ -10,9 +10,10 @@ import math
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from adapterhub import Adapter, AdapterError, AdapterType
 from adapterhub.formats import check_config, check_shape, linear_targets, rank_and_alpha
-from torch import nn
 
 from .format import ALPHA_KEY, PEFT_TYPES, SCHEMA, read_peft_loha, write_peft_loha
 from .slots import FACTORS, LohaSlots
@@ -54,8 +55,12 @@ class LohaType(AdapterType):
         for path, module in linear_targets(model, config):
             out_features, in_features = _require_nn_linear("init", path, module)
             r, alpha = rank_and_alpha(config, path, ALPHA_KEY)
-            shapes = {"hada_w1_a": (out_features, r), "hada_w1_b": (r, in_features),
-                      "hada_w2_a": (out_features, r), "hada_w2_b": (r, in_features)}
+            shapes = {
+                "hada_w1_a": (out_features, r),
+                "hada_w1_b": (r, in_features),
+                "hada_w2_a": (out_features, r),
+                "hada_w2_b": (r, in_features),
+            }
             tensors = {name: torch.empty(shape, dtype=module.weight.dtype) for name, shape in shapes.items()}
             for name, t in tensors.items():
                 if name == "hada_w2_b" and config.get("init_weights", True):
@@ -64,8 +69,10 @@ class LohaType(AdapterType):
                     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
             modules[path] = {**tensors, "scale": torch.tensor(alpha / r, dtype=torch.float64)}
         if not modules:
-            raise AdapterError(f"init: target_modules={config.get('target_modules')!r} selects no linear layer of "
-                               f"{type(model).__name__}")
+            raise AdapterError(
+                f"init: target_modules={config.get('target_modules')!r} selects no linear layer of "
+                f"{type(model).__name__}"
+            )
         return Adapter(type=self.name, config=config, modules=modules, source="init")
 
 
@@ -75,5 +82,6 @@ def _require_nn_linear(source: str, path: str, module: nn.Module) -> tuple[int, 
         raise AdapterError(
             f"{source}: the loha adapter adapts {path!r}, a {type(module).__name__}; adapterhub-loha runs LoHa on "
             "nn.Linear modules only (PEFT's LoHa has no Conv1D layer, and its Conv1d/Conv2d layers are not "
-            "supported here): choose nn.Linear target_modules, or merge the adapter with PEFT's merge_and_unload()")
+            "supported here): choose nn.Linear target_modules, or merge the adapter with PEFT's merge_and_unload()"
+        )
     return tuple(module.weight.shape)

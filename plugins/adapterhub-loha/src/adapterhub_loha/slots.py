@@ -20,8 +20,9 @@ from adapterhub import LowRankSlots
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
 
-def hadamard_low_rank(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
-                      w2b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hadamard_low_rank(
+    w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A' (r1*r2, in), B' (out, r1*r2)) with B' @ A' = (w1a @ w1b) * (w2a @ w2b), exactly in real arithmetic."""
     r1, r2 = w1b.size(0), w2b.size(0)
     A = (w1b[:, None, :] * w2b[None, :, :]).reshape(r1 * r2, w1b.size(1))  # (r1*r2, in)
@@ -37,8 +38,12 @@ class LohaSlots(LowRankSlots):
         super().__init__(base, slots, max_rank)
         r = math.isqrt(max_rank)  # the largest factor rank whose r*r fits a slot
         kw = dict(device=self.A.device, dtype=self.A.dtype)
-        shapes = {"hada_w1_a": (self.out_features, r), "hada_w1_b": (r, self.in_features),
-                  "hada_w2_a": (self.out_features, r), "hada_w2_b": (r, self.in_features)}
+        shapes = {
+            "hada_w1_a": (self.out_features, r),
+            "hada_w1_b": (r, self.in_features),
+            "hada_w2_a": (self.out_features, r),
+            "hada_w2_b": (r, self.in_features),
+        }
         for name, shape in shapes.items():
             self.register_buffer(name, torch.zeros(slots, *shape, **kw), persistent=False)
         self.exact_scale = [0.0] * slots  # alpha / r in fp64: the fp32 `scale` buffer would round it
@@ -62,6 +67,8 @@ class LohaSlots(LowRankSlots):
         if r2 == 0:
             return None
         r = math.isqrt(r2)  # write stored r*r
-        tensors = {name: (self._buffers[name][slot][:, :r] if name.endswith("_a") else self._buffers[name][slot][:r])
-                   .clone() for name in FACTORS}
+        tensors = {
+            name: (self._buffers[name][slot][:, :r] if name.endswith("_a") else self._buffers[name][slot][:r]).clone()
+            for name in FACTORS
+        }
         return {**tensors, "scale": torch.tensor(self.exact_scale[slot], dtype=torch.float64)}

@@ -13,7 +13,7 @@ from .slots import VeraSlots
 from .vera_type import VeraType
 
 __version__ = "0.1.0"
-__all__ = ["VeraSlots", "VeraType", "make_projections", "__version__"]
+__all__ = ["VeraSlots", "VeraType", "__version__", "make_projections"]
 
 
 @hookimpl

@@ -8,8 +8,9 @@ of rank r (scale 1) in the same batch as every other low-rank adapter:
 from __future__ import annotations
 
 import torch
-from adapterhub import LowRankSlots
 from torch import nn
+
+from adapterhub import LowRankSlots
 
 SHARED = ("vera_A", "vera_B")
 
@@ -30,8 +31,8 @@ class VeraSlots(LowRankSlots):
             return
         # The products in at least fp32 on the slots' device; write_low_rank casts them to the model's dtype.
         kw = dict(device=self.A.device, dtype=torch.promote_types(tensors["vera_A"].dtype, torch.float32))
-        A = tensors["vera_A"][:, :self.in_features].to(**kw)  # (r, in)
-        B = tensors["vera_B"][:self.out_features].to(**kw)  # (out, r)
+        A = tensors["vera_A"][:, : self.in_features].to(**kw)  # (r, in)
+        B = tensors["vera_B"][: self.out_features].to(**kw)  # (out, r)
         lambda_d = tensors["vera_lambda_d"].to(**kw)  # (r,)
         lambda_b = tensors["vera_lambda_b"].to(**kw)  # (out,)
         self.write_low_rank(slot, lambda_d[:, None] * A, lambda_b[:, None] * B, 1.0)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from adapterhub import Adapter, AdapterError, AdapterType
 from adapterhub.formats import check_config, check_shape, is_linear, linear_targets, linear_weight, require_linear
-from torch import nn
 
 from .format import DEFAULT_R, PEFT_TYPES, SCHEMA, read_peft_vera, shared_projections, write_peft_vera
 from .projections import make_projections
@@ -53,7 +54,8 @@ class VeraType(AdapterType):
             raise AdapterError(
                 f"{adapter.source}: vera_A has shape {tuple(vera_A.shape)} and vera_B {tuple(vera_B.shape)}, but the "
                 f"adapted modules of this backbone need at least ({r}, {max_in}) and ({max_out}, {r}); was the "
-                "adapter trained on another base model?")
+                "adapter trained on another base model?"
+            )
 
     def trainable(self, adapter: Adapter) -> list[tuple[str, str]]:
         """The per-module lambdas; the shared projections stay frozen, as in PEFT."""
@@ -69,19 +71,28 @@ class VeraType(AdapterType):
         lambda_d = d_initial, so the adapter starts as identity; init_weights=False: lambda_b = 1 and
         lambda_d ~ N(0, 1), as PEFT does. Pass target_modules: None means every linear layer of the
         repeated blocks here, while PEFT picks a per-architecture default."""
-        config = {"peft_type": "VERA", "r": DEFAULT_R, "projection_prng_key": 0, "d_initial": 0.1,
-                  "save_projection": True, **config}
+        config = {
+            "peft_type": "VERA",
+            "r": DEFAULT_R,
+            "projection_prng_key": 0,
+            "d_initial": 0.1,
+            "save_projection": True,
+            **config,
+        }
         check_config(config, SCHEMA, "init config")
         if config.get("bias", "none") != "none":
             raise AdapterError(f"init: bias={config['bias']!r} is not supported; use bias='none'")
         targets = {path: module for path, module in linear_targets(model, config)}
         if not targets:
-            raise AdapterError(f"init: target_modules={config.get('target_modules')!r} selects no linear layer of "
-                               f"{type(model).__name__}")
+            raise AdapterError(
+                f"init: target_modules={config.get('target_modules')!r} selects no linear layer of "
+                f"{type(model).__name__}"
+            )
         dims = {path: tuple(linear_weight(module).shape) for path, module in targets.items()}  # (out, in)
         r = config["r"]
-        vera_A, vera_B = make_projections(r, max(i for _, i in dims.values()), max(o for o, _ in dims.values()),
-                                          config["projection_prng_key"])
+        vera_A, vera_B = make_projections(
+            r, max(i for _, i in dims.values()), max(o for o, _ in dims.values()), config["projection_prng_key"]
+        )
         modules = {}
         for path, module in targets.items():
             kw = dict(dtype=module.weight.dtype)
