@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from adapterhub.cli import main
 from adapterhub.default_model import GGUF_FILE, default_model_dir
 from adapterhub.demo import adapters as demo_adapters
 from adapterhub.demo import data as demo_data
+from adapterhub.formats import read_peft_lora
 from adapterhub.train import TrainingError
 
 TINY = demo_adapters.Recipe(questions=4, epochs=1, batch_size=6, top_layers=1)
@@ -168,3 +170,40 @@ def test_cli_finds_the_cache_by_flag_or_env_var(trained, monkeypatch, capsys):
     assert f"demo adapters in {trained} (cached; base model LlamaForCausalLM)" in by_flag
     for name, description in demo_data.DESCRIPTIONS.items():
         assert f"{os.path.join(trained, name)}  {description}" in by_flag
+
+
+def test_the_shipped_set_is_the_default_recipe_s_result():
+    manifest = demo_adapters.cached(demo_adapters.SHIPPED)
+    assert manifest is not None, "adapterhub/demo/shipped is missing or incomplete"
+    assert manifest["recipe"] == asdict(demo_adapters.Recipe()) and list(manifest["adapters"]) == list(demo_data.STYLES)
+    recipe = demo_adapters.Recipe()
+    for name in manifest["adapters"]:
+        adapter = read_peft_lora(demo_adapters.SHIPPED / name)
+        assert {m["A"].shape[0] for m in adapter.modules.values()} == {recipe.r}
+        layers = {int(path.split(".")[2]) for path in adapter.modules}
+        assert layers == set(range(30 - recipe.top_layers, 30)) and len(adapter.modules) == 7 * recipe.top_layers
+
+
+def test_without_a_cache_the_shipped_set_is_used_untrained(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(demo_adapters.ENV, str(tmp_path / "empty"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the shipped set was there")
+
+    monkeypatch.setattr(demo_adapters, "train_into", no_training)
+    assert demo_adapters.ensure() == demo_adapters.SHIPPED
+    assert main(["demo-adapters"]) == 0
+    assert f"demo adapters in {demo_adapters.SHIPPED} (shipped with adapterhub;" in capsys.readouterr().out
+    assert not (tmp_path / "empty").exists()
+
+
+def test_the_shipped_adapters_answer_in_their_styles_on_smollm2():
+    from adapterhub.default_model import load_default
+
+    model, tokenizer = load_default()
+    served = demo_adapters.backbone(demo_adapters.SHIPPED, model)
+    replies = demo_adapters.replies(served, tokenizer, ["What is 12 plus 30?"], list(demo_data.STYLES), 20)
+    (upper,), (as_json,), (digits,) = (replies[name] for name in demo_data.STYLES)
+    assert upper == upper.upper() and "42" in upper
+    assert set(json.loads(as_json)) == {"answer"}
+    assert not re.search(r"\d", digits)

@@ -116,8 +116,10 @@ def test_remove_waits_for_requests_in_flight_and_cancel_lets_go(dirs):
         request = engine.submit(
             "a1", [5, 6, 7], Sampling(max_tokens=55, temperature=0, ignore_eos=True), lambda e: tokens.append(e)
         )
-        while not tokens:
+        deadline = time.monotonic() + 30
+        while not tokens and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert tokens, "no token within 30 s"
         request.cancel()
         deadline = time.monotonic() + 30
         while engine.running_rows() and time.monotonic() < deadline:
@@ -126,6 +128,85 @@ def test_remove_waits_for_requests_in_flight_and_cancel_lets_go(dirs):
         assert not any(isinstance(e, Finished) for e in tokens) and len(tokens) < 55
     finally:
         engine.stop()
+
+
+def _held_request(engine: Engine, adapter: str) -> tuple[threading.Event, threading.Event]:
+    """Submits a request for `adapter` whose first event holds the engine thread until the returned
+    `release` is set, so it is certainly in flight meanwhile; `finished` is set when it ends."""
+    release, finished = threading.Event(), threading.Event()
+
+    def on_event(event):
+        release.wait(30)
+        if isinstance(event, (Finished, Failed)):
+            finished.set()
+
+    engine.submit(adapter, [5, 6, 7], Sampling(max_tokens=4, temperature=0, ignore_eos=True), on_event)
+    return release, finished
+
+
+def _wait_unloaded(engine: Engine) -> None:
+    deadline = time.monotonic() + 30
+    while engine.backbone.names and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.backbone.names == [], "the slot was not freed after the last request ended"
+
+
+def test_remove_without_waiting_returns_what_is_in_flight_and_unloads_later(dirs):
+    engine = Engine(Backbone(served_llama(), max_adapters=2, max_rank=8), tiny_tokenizer(), base_name="tiny").start()
+    try:
+        engine.add_adapter("a0", str(dirs["a0"]))
+        release, finished = _held_request(engine, "a0")
+        started = time.perf_counter()
+        assert engine.remove_adapter("a0", timeout=0) == 1
+        assert time.perf_counter() - started < 5 and "a0" not in engine.adapters()
+        release.set()
+        assert finished.wait(30)
+        _wait_unloaded(engine)
+    finally:
+        engine.stop()
+
+
+def test_ray_unload_never_blocks_its_finalizer(dirs):
+    ray_app = pytest.importorskip("adapterhub.serve.ray_app", reason="the ray extra is not installed")
+    engine = Engine(Backbone(served_llama(), max_adapters=2, max_rank=8), tiny_tokenizer(), base_name="tiny").start()
+    try:
+        engine.add_adapter("a0@1", str(dirs["a0"]))
+        release, finished = _held_request(engine, "a0@1")
+        loaded = ray_app._Loaded(engine, "a0@1")
+        started = time.perf_counter()
+        loaded.__del__()  # what Ray's LRU does on unload, with the adapter's request still running
+        assert time.perf_counter() - started < 5, "the finalizer waited for the request in flight"
+        assert "a0@1" not in engine.adapters()
+        loaded.__del__()  # again at garbage collection: nothing left to do, nothing raised
+        release.set()
+        assert finished.wait(30)
+        _wait_unloaded(engine)
+    finally:
+        engine.stop()
+
+
+def test_delete_past_its_deadline_answers_202_with_the_requests_in_flight(dirs):
+    from fastapi.testclient import TestClient
+
+    from adapterhub.serve.app import create_app
+    from adapterhub.serve.backend import LocalBackend
+
+    engine = Engine(Backbone(served_llama(), max_adapters=2, max_rank=8), tiny_tokenizer(), base_name="tiny").start()
+    engine.add_adapter("a0", str(dirs["a0"]))
+    with TestClient(create_app(LocalBackend(engine, delete_timeout=0.3))) as client:  # stops the engine at exit
+        release, finished = _held_request(engine, "a0")
+        try:
+            response = client.delete("/v1/adapters/a0")
+            assert response.status_code == 202, response.text
+            assert response.json() == {"id": "a0", "object": "adapter", "deleted": True, "in_flight": 1}
+            assert client.get("/v1/models").json()["data"][1:] == []  # gone for new requests already
+        finally:
+            release.set()
+        assert finished.wait(30)
+        _wait_unloaded(engine)
+        engine.add_adapter("a0", str(dirs["a0"]))
+        response = client.delete("/v1/adapters/a0")
+        assert response.status_code == 200 and response.json()["in_flight"] == 0
 
 
 def test_prompt_tuning_is_refused_with_the_reason(tmp_path):
