@@ -51,7 +51,7 @@ inline at::ScalarType intermediate_dtype(at::ScalarType s) { return s == at::kDo
 
 // index (rows,) int64 and ranks (slots,) int64: layout only; values are checked where they are read.
 inline void check_routing(const char* op, const at::Tensor& index, const c10::optional<at::Tensor>& ranks,
-                          int64_t rows, int64_t slots, int64_t max_rank, const at::Tensor& x) {
+                          int64_t rows, int64_t slots, const at::Tensor& x) {
   check_dim(op, "index", index, 1, "(rows,)");
   check_dtype(op, "index", index, at::kLong, "one slot id per row, -1 = no adapter");
   TORCH_CHECK_VALUE(index.size(0) == rows, op, ": index has ", index.size(0), " entries but the batch has ", rows,
@@ -66,7 +66,6 @@ inline void check_routing(const char* op, const at::Tensor& index, const c10::op
     check_same_device(op, "ranks", r, x);
     check_contiguous(op, "ranks", r);
   }
-  (void)max_rank;
 }
 
 // Host-side value checks (CPU tensors): index in [-1, slots), ranks in [0, max_rank].
@@ -95,7 +94,7 @@ inline void check_shrink_args(const char* op, const at::Tensor& x, const at::Ten
   check_same_device(op, "A", A, x);
   check_contiguous(op, "x", x);
   check_contiguous(op, "A", A);
-  check_routing(op, index, ranks, x.size(0), A.size(0), A.size(1), x);
+  check_routing(op, index, ranks, x.size(0), A.size(0), x);
 }
 
 // y (rows, out), t (rows, max_rank) fp32 (fp64 for fp64 y), B (slots, out, max_rank), scale (slots,) fp32.
@@ -121,7 +120,7 @@ inline void check_expand_args(const char* op, const at::Tensor& y, const at::Ten
   check_contiguous(op, "t", t);
   check_contiguous(op, "B", B);
   check_contiguous(op, "scale", scale);
-  check_routing(op, index, ranks, y.size(0), B.size(0), B.size(2), y);
+  check_routing(op, index, ranks, y.size(0), B.size(0), y);
 }
 
 // x (rows..., in), W (out, in), bias (out,), A (slots, max_rank, in), B (slots, out, max_rank).
@@ -157,7 +156,7 @@ inline void check_linear_args(const char* op, const at::Tensor& x, const at::Ten
     check_same_device(op, name, *tensor, x);
     check_contiguous(op, name, *tensor);
   }
-  check_routing(op, index, ranks, x.size(0), A.size(0), A.size(1), x);
+  check_routing(op, index, ranks, x.size(0), A.size(0), x);
 }
 
 // grad_y (rows, out) and x (rows, in) of lora_linear_backward, on top of check_linear_args.

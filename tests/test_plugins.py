@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tiny_models import tiny_llama
 
 import adapterhub as ah
 from adapterhub.plugins import Registry, registry
@@ -159,3 +160,47 @@ def test_hookimpl_with_specname_declares_types():
     reg = Registry(load_entry_points=False)
     reg.register(plugin, name="renamed")
     assert reg.names() == ["ia3"]
+
+
+class _Unchecked(ah.AdapterType):
+    """A type whose reader checks nothing: the Backbone checks its config_schema for it."""
+
+    name = "unchecked"
+    config_schema = {
+        "type": "object",
+        "required": ["target_modules"],
+        "properties": {"target_modules": {"type": "array", "items": {"type": "string"}}},
+    }
+
+    def read(self, directory, *, allow_pickle=False):
+        config = json.loads((directory / "adapter_config.json").read_text())
+        return ah.Adapter(type=self.name, config=config, modules={}, source=str(directory))
+
+    def write(self, adapter, directory):
+        raise NotImplementedError
+
+    def rank(self, adapter):
+        return 0
+
+    def check(self, adapter, model):
+        pass
+
+    def allocate(self, module, path, slots, max_rank):
+        raise NotImplementedError
+
+    def init(self, model, config):
+        return ah.Adapter(type=self.name, config=config, modules={}, source="init")
+
+
+def test_every_type_s_config_schema_is_checked_before_read_returns_and_before_init(tmp_path):
+    reg = Registry(load_entry_points=False)
+    reg.register(type("Plugin", (), {"adapter_types": ah.hookimpl(lambda self: [_Unchecked()])})())
+    bb = ah.Backbone(tiny_llama(), max_adapters=2, max_rank=8, preallocate=(), types=reg)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": 5}))
+    with pytest.raises(ah.AdapterError, match=rf"{tmp_path}: target_modules: 5 is not of type 'array'"):
+        bb.load(tmp_path, name="bad", type="unchecked")
+    with pytest.raises(ah.AdapterError, match=r"create\('x', 'unchecked'\) config: 'target_modules' is a required"):
+        bb.create("x", "unchecked", {})
+    with pytest.raises(ah.AdapterError, match=r"create\('y', 'lora'\) config: modules_to_save: 5 is not valid"):
+        ah.Backbone(tiny_llama(), max_adapters=2, max_rank=8).create("y", "lora", {"modules_to_save": 5})
+    assert bb.names == []

@@ -122,6 +122,17 @@ def test_same_seed_same_loss_curve():
     assert other != runs[0]
 
 
+def test_fit_takes_an_options_object_with_keyword_overrides():
+    options = train.FitOptions(epochs=1, batch_size=8, lr=1e-2, progress=False)
+    strategy = lambda: train.AdapterTuning("lora", {"r": 4})  # noqa: E731
+    one = train.fit(tiny_llama(), strategy(), _completion_data(), tokenizer=TOKENIZER, options=options)
+    assert len(one.losses) == 3 and len(one.history) == 1
+    two = train.fit(tiny_llama(), strategy(), _completion_data(), tokenizer=TOKENIZER, options=options, epochs=2)
+    assert len(two.losses) == 6 and two.losses[:3] == one.losses  # the same run, one epoch longer
+    with pytest.raises(train.TrainingError, match=r"unknown option\(s\) \['epoch'\].*FitOptions' fields"):
+        train.fit(tiny_llama(), strategy(), _completion_data(), tokenizer=TOKENIZER, epoch=2)
+
+
 KILLED_RUN = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {tests!r})

@@ -9,6 +9,7 @@ from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, PromptTuningConfi
 from tiny_models import LLAMA_TARGETS, ids, save_peft, tiny_bert_cls, tiny_gpt2, tiny_llama
 
 import adapterhub as ah
+from adapterhub.formats import read_peft_lora
 
 CASES = {
     "lora-llama": (tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)),
@@ -196,6 +197,39 @@ def test_trained_weights_stay_in_the_slot_and_save_for_peft(tmp_path):
     peft = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft(input_ids=x).logits, after, rtol=1e-5, atol=1e-6)
+
+
+def test_save_inside_training_writes_the_parameters_after_the_last_step(tmp_path):
+    """The slots catch up with the parameters at the next forward; save() must not wait for it."""
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=2, max_rank=8)
+    bb.create("a", "lora", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    x = ids(2, 9)
+    with bb.training("a") as trainable:
+        optimizer = torch.optim.SGD(trainable.parameters(), lr=0.5)
+        with bb.use("a"):
+            model(x, labels=x).loss.backward()
+        optimizer.step()  # no forward after it
+        bb.save("a", tmp_path / "inside")
+        current = trainable.adapter("a")
+    saved = read_peft_lora(tmp_path / "inside")
+    assert any(parts["B"].abs().sum() > 0 for parts in current.modules.values())  # B moved away from zero
+    for path, parts in current.modules.items():
+        assert torch.equal(saved.modules[path]["A"], parts["A"]) and torch.equal(saved.modules[path]["B"], parts["B"])
+
+
+def test_an_adapter_in_training_is_not_swapped_unloaded_or_trained_twice(tmp_path):
+    bb = ah.Backbone(tiny_llama(), max_adapters=2, max_rank=8)
+    bb.create("a", "lora", {"r": 4, "target_modules": ["q_proj"]})
+    with bb.training("a"):
+        with pytest.raises(ah.AdapterError, match="cannot unload 'a' while a training"):
+            bb.unload("a")
+        with pytest.raises(ah.AdapterError, match="cannot swap 'a' while a training"):
+            bb.swap("a", tmp_path)
+        with pytest.raises(ah.AdapterError, match="already being trained"), bb.training(["a"]):
+            pass
+    bb.unload("a")
+    assert bb.names == []
 
 
 def test_dora_refuses_training(tmp_path):

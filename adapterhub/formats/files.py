@@ -39,8 +39,8 @@ def check_config(
     breaks the JSON Schema `schema`, or holds a non-finite number; `fix` says what to do."""
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
     if error is not None:
-        where = ".".join(map(str, error.absolute_path)) or "the config"
-        raise AdapterError(f"{file}: {where}: {error.message}; {fix}")
+        where = "".join(f"{k}: " for k in [".".join(map(str, error.absolute_path))] if k)  # the key, if any
+        raise AdapterError(f"{file}: {where}{error.message}; {fix}")
     for key, value in config.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise AdapterError(f"{file}: {key} is {value}; it must be a finite number")

@@ -21,7 +21,7 @@ def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
     before, middle, after = [], [[] for _ in blocks], []
     seen_block = False
-    for p in model.parameters(remove_duplicate=True):
+    for p in model.parameters():  # tied parameters once
         if id(p) in block_of:
             middle[block_of[id(p)]].append(p)
             seen_block = True

@@ -177,13 +177,20 @@ def test_save_loads_back_in_peft(dirs, tmp_path, name):
     compare(f"llama {name} saved by adapterhub", peft_out(tmp_path / name), peft_out(dirs[name]))
 
 
-def test_evicted_adapter_comes_back_from_the_host_cache(dirs):
+def test_evicted_adapter_comes_back_from_the_host_cache(dirs, monkeypatch):
     """Eviction reads the slots (lambdas and the shared projections) into the host cache; reloading writes them back."""
     bb = ah.Backbone(tiny_llama(), max_adapters=1, max_rank=8)
     bb.load(dirs["noproj"], name="noproj")
     bb.load(dirs["b"], name="b")  # evicts "noproj"
+    assert bb.evictions == 1 and len(bb.host_cache) == 1
     bb.unload("b")
+
+    def read_again(self, directory, **kwargs):
+        raise AssertionError(f"{directory} was read again instead of taken from the host cache")
+
+    monkeypatch.setattr(type(registry().get("vera")), "read", read_again)
     bb.load(dirs["noproj"], name="noproj")
+    assert len(bb.host_cache) == 0  # taken out: it lives in a slot again
     with torch.no_grad(), bb.use("noproj"):
         got = bb.model(IDS).logits
     compare("llama noproj evicted and reloaded", got, peft_out(dirs["noproj"]))
