@@ -11,7 +11,7 @@ import pathlib
 import httpx
 import openai
 import pytest
-from serving import Offline, Server, keys_file, make_model_dir, metric
+from serving import Offline, Server, keys_file, make_model_dir, metric, served_llama
 
 ADMIN = {"Authorization": "Bearer sk-admin"}
 PROMPTS = ["hello there", "The quick brown fox", "abc", "zebra crossing"]
@@ -268,3 +268,6 @@ def test_metrics_and_health(setup, http):
 def test_cli_refuses_a_bad_start(tmp_path: pathlib.Path):
     with pytest.raises(RuntimeError, match="expected NAME=SOURCE"):
         Server(["--base", "unused", "--adapter", "justaname"], cwd=tmp_path, timeout=60)
+    served_llama().save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(RuntimeError, match=r"no tokenizer could be loaded from it.*tokenizer\.save_pretrained"):
+        Server(["--base", str(tmp_path / "no-tokenizer")], cwd=tmp_path, timeout=60)

@@ -23,7 +23,8 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--base",
         default="smollm2",
-        help='"smollm2" (the embedded SmolLM2-135M-Instruct), a model directory or a Hub id',
+        help='"smollm2" (the embedded SmolLM2-135M-Instruct), a model directory or a Hub id; it needs a tokenizer, '
+        "and a chat template for /v1/chat/completions",
     )
     parser.add_argument(
         "--served-model-name",
@@ -53,7 +54,13 @@ def add_parser(commands) -> None:
         default=16,
         help="adapter slots (resident at once); the others wait in the host cache",
     )
-    parser.add_argument("--max-rank", dest="max_rank", type=int, default=16, help="the largest LoRA rank served")
+    parser.add_argument(
+        "--max-rank",
+        dest="max_rank",
+        type=int,
+        default=16,
+        help="the widest adapter served: LoRA rank, bottleneck width, virtual tokens",
+    )
     parser.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows decoded per step")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +128,11 @@ def serve(args: argparse.Namespace) -> int:
         from . import ray_app
 
         return ray_app.serve_cli(settings, adapters, keys, sources, args)
-    engine = settings.build()
+    try:
+        engine = settings.build()
+    except ValueError as error:
+        print(f"adapterhub serve: {error}", file=sys.stderr)
+        return 2
     for adapter, source in adapters.items():
         try:
             engine.add_adapter(adapter, source)

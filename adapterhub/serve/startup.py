@@ -46,7 +46,14 @@ class EngineSettings:
 
             model, tokenizer = load_default(dtype)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(self.base)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.base)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"--base {self.base}: no tokenizer could be loaded from it ({str(error).splitlines()[0]}); the "
+                    "server tokenizes prompts itself: save the model's tokenizer beside it "
+                    "(tokenizer.save_pretrained), with a chat template for /v1/chat/completions"
+                ) from None
             model = AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype).eval()
         backbone = Backbone(model.to(self.device), max_adapters=self.max_adapters, max_rank=self.max_rank)
         return Engine(backbone, tokenizer, base_name=self.base_name, max_batch=self.max_batch)
