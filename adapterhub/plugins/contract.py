@@ -81,7 +81,8 @@ class AdapterType:
 
     `name` is what users pass as `type=` and what `Adapter.type` holds; `aliases` are the
     PEFT `peft_type` values (or other format tags) whose directories this type reads;
-    `config_schema` is a JSON Schema of the config file, checked before `read` returns.
+    `config_schema` is a JSON Schema of the config: the Backbone checks every adapter's config against it
+    after `read` (and `Backbone.add`), and the config given to `Backbone.create` before `init`.
     """
 
     name: ClassVar[str]
