@@ -199,8 +199,29 @@ def test_every_type_s_config_schema_is_checked_before_read_returns_and_before_in
     (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": 5}))
     with pytest.raises(ah.AdapterError, match=rf"{tmp_path}: target_modules: 5 is not of type 'array'"):
         bb.load(tmp_path, name="bad", type="unchecked")
-    with pytest.raises(ah.AdapterError, match=r"create\('x', 'unchecked'\) config: 'target_modules' is a required"):
-        bb.create("x", "unchecked", {})
+    with pytest.raises(ah.AdapterError, match=r"create\('x', 'unchecked'\) config: target_modules: 5 is not of"):
+        bb.create("x", "unchecked", {"target_modules": 5})
+    with pytest.raises(ah.AdapterError, match=r"init: 'target_modules' is a required property"):
+        bb.create("x", "unchecked", {})  # a key init does not fill in: refused once init has run
     with pytest.raises(ah.AdapterError, match=r"create\('y', 'lora'\) config: modules_to_save: 5 is not valid"):
         ah.Backbone(tiny_llama(), max_adapters=2, max_rank=8).create("y", "lora", {"modules_to_save": 5})
     assert bb.names == []
+
+
+def test_create_leaves_what_init_fills_in_to_init():
+    """A type's schema may require a key its init defaults (bottleneck: "config" = "seq_bn")."""
+    bb = ah.Backbone(tiny_llama(), max_adapters=2, max_rank=16, preallocate=())
+    bb.create("b", "bottleneck")
+    resolved = bb.info("b").config["config"]  # the seq_bn preset, resolved
+    assert resolved["output_adapter"] and not resolved["mh_adapter"] and resolved["non_linearity"] == "relu"
+
+
+def test_a_plugin_with_an_invalid_config_schema_is_refused_when_registered():
+    class BadSchema(_Unchecked):
+        name = "bad_schema"
+        config_schema = {"type": "no such type"}
+
+    reg = Registry(load_entry_points=False)
+    plugin = type("Plugin", (), {"adapter_types": ah.hookimpl(lambda self: [BadSchema()])})()
+    with pytest.raises(ah.AdapterError, match=r"bad_schema\.config_schema is not a valid JSON Schema"):
+        reg.register(plugin)

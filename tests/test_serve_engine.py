@@ -3,6 +3,7 @@ alone; adapters evicted for lack of slots come back; removal waits; cancelled ro
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -183,6 +184,32 @@ def test_ray_unload_never_blocks_its_finalizer(dirs):
         _wait_unloaded(engine)
     finally:
         engine.stop()
+
+
+def test_ray_delete_waits_for_forwarded_requests_at_most_its_timeout():
+    ray_app = pytest.importorskip("adapterhub.serve.ray_app", reason="the ray extra is not installed")
+
+    async def delete(finish_after: float | None) -> tuple[int, float]:
+        backend = ray_app.RayBackend(None, "tiny", {"a": "/adapters/a"}, delete_timeout=0.3)
+        backend._in_flight["a"] = 1  # a request forwarded to a replica, not finished
+
+        async def finish():
+            await asyncio.sleep(finish_after)
+            backend._in_flight["a"] -= 1
+            backend._idle.set()
+
+        task = asyncio.ensure_future(finish()) if finish_after is not None else None
+        started = time.perf_counter()
+        in_flight = await backend.remove_adapter("a")
+        assert await backend.adapters() == []  # gone for new requests at once
+        if task is not None:
+            await task
+        return in_flight, time.perf_counter() - started
+
+    in_flight, seconds = asyncio.run(delete(None))
+    assert in_flight == 1 and 0.25 < seconds < 5
+    in_flight, seconds = asyncio.run(delete(0.05))
+    assert in_flight == 0 and seconds < 0.25
 
 
 def test_delete_past_its_deadline_answers_202_with_the_requests_in_flight(dirs):

@@ -3,6 +3,8 @@ slot, and the training forward computes what inference computes."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, PromptTuningConfig, VeraConfig
@@ -173,7 +175,8 @@ def test_training_forward_equals_inference(case, tmp_path):
 
 
 def test_trained_weights_stay_in_the_slot_and_save_for_peft(tmp_path):
-    """After training, the slot serves the trained weights, and PEFT loads what `save` writes."""
+    """After training, the slot serves the trained weights, and PEFT loads what `save` writes; inside
+    the block, `save` writes the parameters of the last step, which the slots see at the next forward."""
     model = tiny_llama()
     bb = ah.Backbone(model, max_adapters=2, max_rank=8)
     bb.create("a", "lora", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
@@ -185,6 +188,8 @@ def test_trained_weights_stay_in_the_slot_and_save_for_peft(tmp_path):
                 model(x, labels=x).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+        bb.save("a", tmp_path / "inside")  # no forward since the last step: the slots lag one step behind
+        current = trainable.adapter("a")
         with torch.no_grad(), bb.use("a"):
             during = model(x).logits  # an evaluation forward inside the block sees the updates
     with torch.no_grad(), bb.use("a"):
@@ -193,41 +198,66 @@ def test_trained_weights_stay_in_the_slot_and_save_for_peft(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(after, model(x).logits)  # B moved away from zero
     assert bb.info("a").pinned is False
+    inside = read_peft_lora(tmp_path / "inside")  # save() inside the block wrote the stepped parameters
+    for path, parts in current.modules.items():
+        assert torch.equal(inside.modules[path]["A"], parts["A"]) and torch.equal(inside.modules[path]["B"], parts["B"])
     bb.save("a", tmp_path / "saved")
     peft = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft(input_ids=x).logits, after, rtol=1e-5, atol=1e-6)
 
 
-def test_save_inside_training_writes_the_parameters_after_the_last_step(tmp_path):
-    """The slots catch up with the parameters at the next forward; save() must not wait for it."""
+def test_a_load_during_a_training_forward_waits_instead_of_writing_into_the_clones(tmp_path):
+    """A recording forward swaps slot tensors for clones; a load from another thread then must not
+    write into them (its weights would vanish when the originals are put back)."""
+    directory = save_peft(tiny_llama, tmp_path / "b", 2, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model = tiny_llama()
     bb = ah.Backbone(model, max_adapters=2, max_rank=8)
-    bb.create("a", "lora", {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    bb.create("a", "lora", {"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    inside, proceed, loaded = threading.Event(), threading.Event(), threading.Event()
+
+    def pause(module, args, output):
+        if torch.is_grad_enabled():
+            inside.set()
+            proceed.wait(30)
+
+    loader = threading.Thread(target=lambda: (inside.wait(30), bb.load(directory, name="b"), loaded.set()))
+    loader.start()
+    hook = model.model.layers[1].register_forward_hook(pause)
     x = ids(2, 9)
-    with bb.training("a") as trainable:
-        optimizer = torch.optim.SGD(trainable.parameters(), lr=0.5)
-        with bb.use("a"):
-            model(x, labels=x).loss.backward()
-        optimizer.step()  # no forward after it
-        bb.save("a", tmp_path / "inside")
-        current = trainable.adapter("a")
-    saved = read_peft_lora(tmp_path / "inside")
-    assert any(parts["B"].abs().sum() > 0 for parts in current.modules.values())  # B moved away from zero
-    for path, parts in current.modules.items():
-        assert torch.equal(saved.modules[path]["A"], parts["A"]) and torch.equal(saved.modules[path]["B"], parts["B"])
+    with bb.training("a"), bb.use("a"):
+        forward = threading.Thread(target=lambda: model(x, labels=x).loss.backward())
+        forward.start()
+        assert inside.wait(30)
+        assert not loaded.wait(0.5), "the load wrote while the training forward held clones"
+        proceed.set()
+        forward.join(30)
+    hook.remove()
+    loader.join(30)
+    assert loaded.is_set()
+    alone = ah.Backbone(tiny_llama(), max_adapters=1, max_rank=8)
+    alone.load(directory, name="b")
+    with torch.no_grad(), bb.use("b"):
+        got = model(x).logits
+    with torch.no_grad(), alone.use("b"):
+        torch.testing.assert_close(got, alone.model(x).logits)
 
 
-def test_an_adapter_in_training_is_not_swapped_unloaded_or_trained_twice(tmp_path):
-    bb = ah.Backbone(tiny_llama(), max_adapters=2, max_rank=8)
+def test_an_adapter_in_training_stays_pinned_and_is_not_swapped_unloaded_or_trained_twice(tmp_path):
+    bb = ah.Backbone(tiny_llama(), max_adapters=1, max_rank=8)
     bb.create("a", "lora", {"r": 4, "target_modules": ["q_proj"]})
     with bb.training("a"):
-        with pytest.raises(ah.AdapterError, match="cannot unload 'a' while a training"):
-            bb.unload("a")
-        with pytest.raises(ah.AdapterError, match="cannot swap 'a' while a training"):
-            bb.swap("a", tmp_path)
-        with pytest.raises(ah.AdapterError, match="already being trained"), bb.training(["a"]):
-            pass
+        for call, message in (
+            (lambda: bb.unpin("a"), "stays pinned while a training"),
+            (lambda: bb.unload("a"), "cannot unload 'a' while a training"),
+            (lambda: bb.swap("a", tmp_path), "cannot swap 'a' while a training"),
+            (lambda: bb.training(["a"]).__enter__(), "already being trained"),
+        ):
+            with pytest.raises(ah.AdapterError, match=message):
+                call()
+        with pytest.raises(ah.NoFreeSlot):  # the only slot is pinned by training
+            bb.create("b", "lora", {"r": 4, "target_modules": ["q_proj"]})
+    assert bb.names == ["a"] and not bb.info("a").pinned
     bb.unload("a")
     assert bb.names == []
 

@@ -136,7 +136,17 @@ class Backbone:
     def unpin(self, name: str) -> None:
         with self._lock:
             self._record(name)
+            if name in self._training:
+                raise AdapterError(f"{name!r} stays pinned while a training() block trains it; leave the block first")
             self.table.pinned.discard(name)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock that guards the slot table and every slot write. A training() block holds it
+        through each forward that records gradients (its slot tensors are clones meanwhile), so
+        loads, swaps and unloads from other threads wait for that forward instead of writing into
+        the clones."""
+        return self._lock
 
     # ---- loading -------------------------------------------------------------------------
     def load(
@@ -187,6 +197,7 @@ class Backbone:
             adapter_type.config_schema,
             f"create({name!r}, {type!r}) config",
             fix="fix the config passed to create()",
+            partial=True,  # init fills in the defaults; the whole config is checked again when it is placed
         )
         adapter = adapter_type.init(self.model, config)
         for wanted in config.get("modules_to_save") or []:
@@ -232,13 +243,15 @@ class Backbone:
         finally:
             for hook in hooks:
                 hook.remove()
-            trainable.restore()
             with self._lock:
-                trainable.sync()
-                for name in names:
-                    del self._training[name]
-                    if name not in pinned:
-                        self.table.pinned.discard(name)
+                try:
+                    trainable.restore()
+                    trainable.sync()
+                finally:
+                    for name in names:
+                        del self._training[name]
+                        if name not in pinned:
+                            self.table.pinned.discard(name)
 
     def slot_modules(self, name: str) -> list[ModuleSlots]:
         """The slot tensors that hold resident `name`: its type's ModuleSlots on each module it adapts,

@@ -11,8 +11,9 @@ nn.Parameters. Before every forward that records gradients, the slot tensors tho
 are replaced by clones into which the parameters are written with the type's own `write`
 (differentiable copies), so the forward reads them through the same slot code as inference and
 gradients flow from each row's loss to exactly the adapter of that row's slot; the clones are put
-back after the forward. A forward without gradients (evaluation, generate()) first writes changed
-parameters into the real slots.
+back after the forward, and the Backbone's lock is held meanwhile, so that no load from another
+thread writes into the clones. A forward without gradients (evaluation, generate()) first writes
+changed parameters into the real slots.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Trainable:
                     own[f"{path}.{key}"] = state[key] = nn.Parameter(state[key])
         self._originals: list[tuple[nn.Module, str, torch.Tensor]] = []  # buffers replaced during a forward
         self._cloned: set[int] = set()  # ids of the slot modules whose buffers are cloned
+        self._holding = False  # the Backbone's lock, held from a recording forward's start to its end
         self._synced = self._version()
 
     def parameters(self, name: str | None = None) -> list[nn.Parameter]:
@@ -62,7 +64,13 @@ class Trainable:
     # ---- forward hooks (installed by Backbone.training) -------------------------------------
     def before_forward(self, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled():
-            self._write(differentiable=True)
+            self.backbone.lock.acquire()  # released by restore(): no load writes into the clones meanwhile
+            self._holding = True
+            try:
+                self._write(differentiable=True)
+            except BaseException:
+                self.restore()
+                raise
         elif self._version() != self._synced:
             self.sync()
 
@@ -76,11 +84,15 @@ class Trainable:
         self._synced = self._version()
 
     def restore(self) -> None:
-        """Puts back the slot tensors that a recording forward replaced with clones."""
+        """Puts back the slot tensors that a recording forward replaced with clones, and lets the
+        Backbone's lock go."""
         for owner, key, tensor in self._originals:
             owner._buffers[key] = tensor
         self._originals.clear()
         self._cloned.clear()
+        if self._holding:
+            self._holding = False
+            self.backbone.lock.release()
 
     # ---- internals ---------------------------------------------------------------------------
     def _version(self) -> int:

@@ -33,11 +33,19 @@ def read_json_object(file: Path, resave: str) -> dict:
 
 
 def check_config(
-    config: dict, schema: Mapping, file: str | os.PathLike, fix: str = "fix the config file (or save the adapter again)"
+    config: dict,
+    schema: Mapping,
+    file: str | os.PathLike,
+    fix: str = "fix the config file (or save the adapter again)",
+    partial: bool = False,
 ) -> None:
     """An AdapterError naming the first key of `config` (read from `file`, or what `file` names) that
-    breaks the JSON Schema `schema`, or holds a non-finite number; `fix` says what to do."""
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(config))
+    breaks the JSON Schema `schema`, or holds a non-finite number; `fix` says what to do. `partial`:
+    a config its type completes with defaults (AdapterType.init), so a missing top-level key is fine."""
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(config)
+    if partial:
+        errors = (e for e in errors if not (e.validator == "required" and not e.absolute_path))
+    error = jsonschema.exceptions.best_match(errors)
     if error is not None:
         where = "".join(f"{k}: " for k in [".".join(map(str, error.absolute_path))] if k)  # the key, if any
         raise AdapterError(f"{file}: {where}{error.message}; {fix}")

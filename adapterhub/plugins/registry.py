@@ -19,6 +19,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pluggy
 
 from ..errors import AdapterError
@@ -224,6 +225,12 @@ def _check_type(plugin: str, adapter_type: Any) -> None:
         raise AdapterError(f"plugin {plugin!r}: adapter type {name!r} does not implement {missing}")
     if not isinstance(adapter_type.aliases, tuple) or not all(isinstance(a, str) for a in adapter_type.aliases):
         raise AdapterError(f"plugin {plugin!r}: {name}.aliases must be a tuple of strings")
+    try:
+        jsonschema.Draft202012Validator.check_schema(adapter_type.config_schema)
+    except jsonschema.exceptions.SchemaError as error:
+        raise AdapterError(
+            f"plugin {plugin!r}: {name}.config_schema is not a valid JSON Schema ({error.message}); fix the plugin"
+        ) from None
 
 
 def _env_list(var: str) -> set[str] | None:

@@ -8,9 +8,10 @@
 An adapter's version ("name@k") is Ray's multiplexed model id, so Ray sends a request to a replica
 that already holds that adapter when one does, and otherwise to one that loads it: the replica's
 multiplexed loader is `Engine.add_adapter` (local directories, Hub ids), and Ray's per-replica model
-limit is the replica's slot count (`--max-adapters`), so Ray's LRU unloads (`Engine.remove_adapter`
+limit is the replica's slot count (`--max-adapters`), so Ray's LRU unloads (`Engine.remove_adapter`,
 without waiting: the slot is freed when the adapter's last request in flight ends) before the
-Backbone would need to evict.
+Backbone would need to evict. A load that finds every slot still held by such requests waits for
+one up to SLOT_WAIT, then answers 503 (retry).
 
 The ingress keeps the adapter registry (one ingress replica). POST /v1/adapters loads the adapter on
 one replica to check it (422 if it cannot), then registers a new version: requests already running
@@ -46,6 +47,7 @@ from .startup import EngineSettings, free_port, ready
 from .tenancy import Keys, Sources
 
 APP_NAME = "adapterhub"
+SLOT_WAIT = 30.0  # seconds a replica's loader waits for a slot held by adapters finishing their requests
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,17 @@ def replica_class(settings: EngineSettings):
         @serve.multiplexed(max_num_models_per_replica=settings.max_adapters)
         async def _adapter(self, model_id: str) -> _Loaded:
             source, revision = self._sources[model_id]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + SLOT_WAIT
             try:
-                await asyncio.to_thread(self.engine.add_adapter, model_id, source, revision)
-            except NoFreeSlot as error:
-                raise ApiError(503, str(error)) from None
+                while True:
+                    try:
+                        await asyncio.to_thread(self.engine.add_adapter, model_id, source, revision)
+                        break
+                    except NoFreeSlot as error:  # an unloaded adapter still finishing its requests holds it
+                        if loop.time() > deadline:
+                            raise ApiError(503, str(error)) from None
+                        await asyncio.sleep(0.05)
             except (AdapterError, OSError) as error:
                 raise ApiError(
                     422, f"adapter {model_id.rsplit('@', 1)[0]!r} was not loaded: {error}", "source"

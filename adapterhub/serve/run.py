@@ -59,7 +59,7 @@ def add_parser(commands) -> None:
         dest="max_rank",
         type=int,
         default=16,
-        help="the widest adapter served: LoRA rank, bottleneck width, virtual tokens",
+        help="the widest adapter served, of any type: LoRA rank, LoHa's r*r, bottleneck width",
     )
     parser.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows decoded per step")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

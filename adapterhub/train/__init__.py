@@ -2,7 +2,7 @@
 
 from adapterhub import train
 result = train.fit(model, train.AdapterTuning("lora", {"r": 8}), examples, tokenizer=tok,
-                   eval=held_out, epochs=3, output_dir="runs/lora")
+                   eval=held_out, epochs=3, output_dir="runs/lora")   # or options=train.FitOptions(...)
 """
 
 from .data import CAUSAL_LM, CLASSIFICATION
