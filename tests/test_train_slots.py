@@ -225,8 +225,16 @@ def test_a_load_during_a_training_forward_waits_instead_of_writing_into_the_clon
     loader.start()
     hook = model.model.layers[1].register_forward_hook(pause)
     x = ids(2, 9)
+    failures = []
+
+    def train_step():
+        try:
+            model(x, labels=x).loss.backward()  # the backward runs after the load: it must not see its writes
+        except Exception as error:
+            failures.append(error)
+
     with bb.training("a"), bb.use("a"):
-        forward = threading.Thread(target=lambda: model(x, labels=x).loss.backward())
+        forward = threading.Thread(target=train_step)
         forward.start()
         assert inside.wait(30)
         assert not loaded.wait(0.5), "the load wrote while the training forward held clones"
@@ -234,13 +242,33 @@ def test_a_load_during_a_training_forward_waits_instead_of_writing_into_the_clon
         forward.join(30)
     hook.remove()
     loader.join(30)
-    assert loaded.is_set()
+    assert loaded.is_set() and failures == []
     alone = ah.Backbone(tiny_llama(), max_adapters=1, max_rank=8)
     alone.load(directory, name="b")
     with torch.no_grad(), bb.use("b"):
         got = model(x).logits
     with torch.no_grad(), alone.use("b"):
         torch.testing.assert_close(got, alone.model(x).logits)
+
+
+def test_a_load_between_a_training_forward_and_its_backward_waits_for_the_backward(tmp_path):
+    """Autograd keeps the slot tensors the forward read (every module's, adapted or not); a load
+    writing them before the backward would make it fail."""
+    directory = save_peft(tiny_llama, tmp_path / "b", 2, LoraConfig(r=4, target_modules=["q_proj", "k_proj"]))
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=2, max_rank=8)
+    bb.create("a", "lora", {"r": 4, "target_modules": ["q_proj"]})
+    x, loaded = ids(2, 9), threading.Event()
+    with bb.training("a"):
+        with bb.use("a"):
+            loss = model(x, labels=x).loss
+        loader = threading.Thread(target=lambda: (bb.load(directory, name="b"), loaded.set()))
+        loader.start()
+        assert not loaded.wait(0.5), "the load did not wait for the step's backward"
+        loss.backward()
+        assert loaded.wait(30)
+    loader.join(30)
+    assert sorted(bb.names) == ["a", "b"]
 
 
 def test_an_adapter_in_training_stays_pinned_and_is_not_swapped_unloaded_or_trained_twice(tmp_path):

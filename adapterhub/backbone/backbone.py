@@ -21,7 +21,8 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,8 @@ class Backbone:
         self.evictions = 0  # adapters evicted to make room, since construction
         self._records: dict[str, _Record] = {}
         self._lock = threading.RLock()  # slot table, records, slot modules
+        self._steps: Counter[int] = Counter()  # thread -> its training steps in flight (training_step)
+        self._steps_ended = threading.Condition(self._lock)
         self._use_lock = threading.Lock()  # one routed batch at a time
         self._use_owner: int | None = None  # the thread inside use()
         self._modules = dict(model.named_modules())  # before our slot modules are attached
@@ -140,13 +143,25 @@ class Backbone:
                 raise AdapterError(f"{name!r} stays pinned while a training() block trains it; leave the block first")
             self.table.pinned.discard(name)
 
-    @property
-    def lock(self) -> threading.RLock:
-        """The lock that guards the slot table and every slot write. A training() block holds it
-        through each forward that records gradients (its slot tensors are clones meanwhile), so
-        loads, swaps and unloads from other threads wait for that forward instead of writing into
-        the clones."""
-        return self._lock
+    def training_step(self) -> Callable[[], None]:
+        """Marks a training step in flight: a forward that records gradients, then its backward. Until
+        it ends, loads and swaps from other threads wait before writing any slot, since the step's
+        slot tensors are clones and autograd keeps the slot tensors it read for the backward.
+        Returns the function that ends the step: idempotent, callable from any thread."""
+        owner = threading.get_ident()
+        with self._lock:
+            self._steps[owner] += 1
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            with self._steps_ended:
+                if not ended:
+                    ended = True
+                    self._steps[owner] -= 1
+                    self._steps_ended.notify_all()
+
+        return end
 
     # ---- loading -------------------------------------------------------------------------
     def load(
@@ -246,6 +261,7 @@ class Backbone:
             with self._lock:
                 try:
                     trainable.restore()
+                    trainable.end_step()
                     trainable.sync()
                 finally:
                     for name in names:
@@ -275,6 +291,7 @@ class Backbone:
 
     def _put(self, name: str, source: str, key: tuple, adapter: Adapter, pin: bool = False) -> None:
         with self._placing(key, adapter):
+            self._wait_for_training_steps()
             self._check_new_name(name)
             slot = self._free_slot(name)
             self._write(slot, adapter)
@@ -299,6 +316,7 @@ class Backbone:
             self._check_not_training(name, "swap")
         key, adapter = self._fetch(source, type, revision, subfolder, token, cache_dir, allow_pickle)
         with self._placing(key, adapter):
+            self._wait_for_training_steps()
             self._check_not_training(name, "swap")  # it may have been unloaded or evicted while the files were read
             pinned = name in self.table.pinned
             old = self.table.slot_of[name]
@@ -383,6 +401,12 @@ class Backbone:
         if name not in self._records:
             raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {sorted(self._records)}")
         return self._records[name]
+
+    def _wait_for_training_steps(self) -> None:
+        """Under the lock (which the wait lets go): until no other thread has a training step in flight.
+        A thread's own step does not hold back its own loads."""
+        me = threading.get_ident()
+        self._steps_ended.wait_for(lambda: not any(n for owner, n in self._steps.items() if owner != me))
 
     def _check_not_training(self, name: str, what: str) -> None:
         self._record(name)

@@ -11,13 +11,15 @@ nn.Parameters. Before every forward that records gradients, the slot tensors tho
 are replaced by clones into which the parameters are written with the type's own `write`
 (differentiable copies), so the forward reads them through the same slot code as inference and
 gradients flow from each row's loss to exactly the adapter of that row's slot; the clones are put
-back after the forward, and the Backbone's lock is held meanwhile, so that no load from another
-thread writes into the clones. A forward without gradients (evaluation, generate()) first writes
-changed parameters into the real slots.
+back after the forward. From the forward until its backward has computed the parameters'
+gradients, the step is in flight (`Backbone.training_step`): loads and swaps from other threads wait,
+so they neither write into the clones nor change slot tensors the backward still reads. A forward
+without gradients (evaluation, generate()) first writes changed parameters into the real slots.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,7 +48,8 @@ class Trainable:
                     own[f"{path}.{key}"] = state[key] = nn.Parameter(state[key])
         self._originals: list[tuple[nn.Module, str, torch.Tensor]] = []  # buffers replaced during a forward
         self._cloned: set[int] = set()  # ids of the slot modules whose buffers are cloned
-        self._holding = False  # the Backbone's lock, held from a recording forward's start to its end
+        self._end_step: Callable[[], None] | None = None  # ends the training step in flight
+        self._backward_hook = None  # fires when the step's backward has reached every parameter
         self._synced = self._version()
 
     def parameters(self, name: str | None = None) -> list[nn.Parameter]:
@@ -64,13 +67,19 @@ class Trainable:
     # ---- forward hooks (installed by Backbone.training) -------------------------------------
     def before_forward(self, module: nn.Module, args: tuple) -> None:
         if torch.is_grad_enabled():
-            self.backbone.lock.acquire()  # released by restore(): no load writes into the clones meanwhile
-            self._holding = True
+            self.end_step()  # a previous step whose backward never ran
+            self._end_step = self.backbone.training_step()
             try:
                 self._write(differentiable=True)
             except BaseException:
                 self.restore()
+                self.end_step()
                 raise
+            wanted = [p for p in self.parameters() if p.requires_grad]
+            if wanted:
+                self._backward_hook = torch.autograd.graph.register_multi_grad_hook(
+                    wanted, lambda grads: self.end_step(), mode="all"
+                )
         elif self._version() != self._synced:
             self.sync()
 
@@ -84,15 +93,21 @@ class Trainable:
         self._synced = self._version()
 
     def restore(self) -> None:
-        """Puts back the slot tensors that a recording forward replaced with clones, and lets the
-        Backbone's lock go."""
+        """Puts back the slot tensors that a recording forward replaced with clones."""
         for owner, key, tensor in self._originals:
             owner._buffers[key] = tensor
         self._originals.clear()
         self._cloned.clear()
-        if self._holding:
-            self._holding = False
-            self.backbone.lock.release()
+
+    def end_step(self) -> None:
+        """Ends the training step in flight, if any: its backward ran, or never will (the next step
+        began, or the training block ended)."""
+        hook, end = self._backward_hook, self._end_step
+        self._backward_hook = self._end_step = None
+        if hook is not None:
+            hook.remove()
+        if end is not None:
+            end()
 
     # ---- internals ---------------------------------------------------------------------------
     def _version(self) -> int:
@@ -106,12 +121,14 @@ class Trainable:
             self.backbone.rewrite(name, adapter)
 
     def _clone_buffers(self, slots: nn.Module) -> None:
-        """Replaces every floating-point buffer of `slots` (and its children) by a clone, once per forward."""
+        """Replaces every buffer of `slots` (and its children) by a clone, once per forward: the trainable
+        ones receive the parameters, and all of them, integer ones too (ranks), are what autograd saves
+        for the backward, which may run after the originals have been written again by a load."""
         if id(slots) in self._cloned:
             return
         self._cloned.add(id(slots))
         for owner in slots.modules():
             for key, tensor in list(owner._buffers.items()):
-                if tensor is not None and tensor.is_floating_point():
+                if tensor is not None:
                     self._originals.append((owner, key, tensor))
                     owner._buffers[key] = tensor.clone()
