@@ -78,17 +78,15 @@ def demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     cache = Path(args.cache_dir) if args.cache_dir else None
-    fresh = args.force or demo_adapters.cached(cache or demo_adapters.default_dir()) is None
+    was_cached = demo_adapters.cached(cache or demo_adapters.default_dir()) is not None
     directory = demo_adapters.ensure(cache, force=args.force)
-    fresh = fresh and directory != demo_adapters.SHIPPED
     manifest = demo_adapters.cached(directory)
-    how = (
-        f"trained in {time.perf_counter() - started:.1f} s"
-        if fresh
-        else "shipped with adapterhub"
-        if directory == demo_adapters.SHIPPED
-        else "cached"
-    )
+    if directory == demo_adapters.SHIPPED:
+        how = "shipped with adapterhub"
+    elif args.force or not was_cached:
+        how = f"trained in {time.perf_counter() - started:.1f} s"
+    else:
+        how = "cached"
     print(f"demo adapters in {directory} ({how}; base model {manifest['base_model']})")
     for name, description in manifest["adapters"].items():
         print(f"  {name:<8} {directory / name}  {description}")

@@ -113,6 +113,8 @@ def ensure(
         base_model = f"{GGUF_FILE} (adapterhub.default_model.load_default)"
     else:
         base_model = getattr(model.config, "name_or_path", "") or type(model).__name__
+    if progress:
+        print(f"training the demo adapters into {path} (about 2 minutes on 2 CPU cores for SmolLM2)...", flush=True)
     with atomic_directory(path) as tmp:
         train_into(tmp, model, tokenizer, recipe, progress, base_model)
     return path

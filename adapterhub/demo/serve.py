@@ -73,9 +73,6 @@ def show(results: list, seconds: float) -> None:
 
 
 def main() -> int:
-    cache = demo_adapters.default_dir()
-    if demo_adapters.cached(cache) is None and demo_adapters.cached(demo_adapters.SHIPPED) is None:
-        print(f"training the demo adapters once into {cache} (about 2-3 minutes on 2 CPU cores)...", flush=True)
     # the cache if `adapterhub demo-adapters --force` filled it, else the shipped set
     directory = demo_adapters.ensure()
     server, url = start_server(directory, free_port("127.0.0.1", int(os.environ.get("DEMO_PORT", "8000"))))

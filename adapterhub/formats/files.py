@@ -47,7 +47,8 @@ def check_config(
         errors = (e for e in errors if not (e.validator == "required" and not e.absolute_path))
     error = jsonschema.exceptions.best_match(errors)
     if error is not None:
-        where = "".join(f"{k}: " for k in [".".join(map(str, error.absolute_path))] if k)  # the key, if any
+        key = ".".join(map(str, error.absolute_path))
+        where = f"{key}: " if key else ""
         raise AdapterError(f"{file}: {where}{error.message}; {fix}")
     for key, value in config.items():
         if isinstance(value, float) and not math.isfinite(value):
