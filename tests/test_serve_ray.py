@@ -72,6 +72,10 @@ def _complete(http, model: str, max_tokens: int = 20):
 def test_requests_stick_to_the_replica_holding_their_adapter(setup, http):
     offline = setup[1]
     for name in ("a0", "a1", "a2"):
+        # A first request may load the adapter on a replica; Ray's router learns where it is from the
+        # replica's next report (every 0.1 s, then a long-poll round to the ingress), so wait for that.
+        assert _complete(http, name).status_code == 200
+        time.sleep(1.0)
         replicas = set()
         for _ in range(4):
             response = _complete(http, name)
