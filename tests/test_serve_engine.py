@@ -10,47 +10,11 @@ import time
 import pytest
 import torch
 from serving import Offline, make_model_dir, served_llama
-from tiny_models import save_peft, tiny_gpt2, tiny_llama, tiny_tokenizer
+from tiny_models import save_peft, tiny_llama, tiny_tokenizer
 
 from adapterhub import AdapterError, Backbone
-from adapterhub.serve.batch import RunningBatch, prefill
 from adapterhub.serve.engine import Engine, Failed, Finished, Token
 from adapterhub.serve.sampling import Sampling, TextStream, next_tokens
-
-
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
-def test_rows_join_and_leave_mid_generation(build):
-    model = build()
-    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29], [40]]
-
-    def alone(p: list[int], k: int) -> list[int]:
-        out = model.generate(torch.tensor([p]), max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
-        return out[0, len(p) :].tolist()
-
-    batch, tokens, live = RunningBatch(), {}, []
-
-    def join(indices):
-        cache, mask, logits = prefill(model, [prompts[i] for i in indices], 0)
-        batch.join(cache, mask)
-        for i, t in zip(indices, logits.argmax(-1).tolist()):
-            tokens[i] = [t]
-        live.extend(indices)
-
-    with torch.no_grad():
-        join([0, 1])
-        for step in range(12):
-            if step == 3:
-                join([2])  # longer than the running rows: they get padded
-            if step == 5:
-                batch.keep([0, 2])  # row 1 leaves
-                live.remove(1)
-            if step == 7:
-                join([3])
-            logits = batch.decode(model, torch.tensor([tokens[i][-1] for i in live]))
-            for i, t in zip(live, logits.argmax(-1).tolist()):
-                tokens[i].append(t)
-    for i, got in tokens.items():
-        assert got == alone(prompts[i], len(got)), i
 
 
 @pytest.fixture(scope="module")

@@ -357,12 +357,17 @@ class Backbone:
 
     # ---- routing -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def use(self, names: str | Sequence[str | None] | None, *, repeat: int = 1) -> Iterator[None]:
+    def use(
+        self, names: str | Sequence[str | None] | None, *, repeat: int = 1, lengths: Sequence[int] | None = None
+    ) -> Iterator[None]:
         """Routes every forward of the model inside the block.
 
         `names`: one name (or None = base) for all rows of any batch, or one per row of the batch;
         the rows may use adapters of different types.
         `repeat`: rows per name, for generate() with num_beams x num_return_sequences > 1.
+        `lengths`: a packed batch (the server's ragged steps): the forward gets one sequence
+        (1, sum(lengths)) in which the next lengths[i] tokens are names[i]'s, each routed to its own
+        adapter; for adapter types that run packed (`AdapterType.packed`: not prompt tuning).
         One block runs at a time (blocks in other threads wait; blocks do not nest), and while
         it runs it routes this model's forwards from every thread. Loads, swaps and unloads from
         other threads go on meanwhile.
@@ -371,6 +376,13 @@ class Backbone:
         per_row = [names] if broadcast else list(names)
         if not per_row or repeat < 1:
             raise AdapterError(f"Backbone.use needs at least one name and repeat >= 1, got {names!r}, repeat={repeat}")
+        if lengths is not None:
+            lengths = [int(n) for n in lengths]
+            if broadcast or len(lengths) != len(per_row) or repeat != 1 or min(lengths) < 0:
+                raise AdapterError(
+                    f"Backbone.use(names, lengths=...) needs a list of names and one token count >= 0 per "
+                    f"name (and no repeat); got {len(per_row)} name(s), {len(lengths)} length(s), repeat={repeat}"
+                )
         if self._use_owner == threading.get_ident():
             raise AdapterError("Backbone.use blocks do not nest: leave the current block first")
         with self._use_lock:
@@ -379,11 +391,13 @@ class Backbone:
                 with self._lock:
                     slots = [self._slot_for_use(n) for n in per_row]
                     types = [None if n is None else self._records[n].type for n in per_row]
+                    if lengths is not None:
+                        self._check_packed(per_row, types)
                     features = [frozenset() if n is None else self._records[n].features for n in per_row]
                     used = sorted({s for s in slots if s >= 0})
                     self.table.acquire(used)
                 try:
-                    self.routing.set(routes_for(slots, types, features, broadcast, repeat, self._device()))
+                    self.routing.set(routes_for(slots, types, features, broadcast, repeat, self._device(), lengths))
                     yield
                 finally:
                     self.routing.clear()
@@ -412,6 +426,14 @@ class Backbone:
         self._record(name)
         if name in self._training:
             raise AdapterError(f"cannot {what} {name!r} while a training() block trains it; leave the block first")
+
+    def _check_packed(self, names: list[str | None], types: list[str | None]) -> None:
+        for name, type_name in zip(names, types):
+            if type_name is not None and not self.types.get(type_name).packed:
+                raise AdapterError(
+                    f"{name!r} is a {type_name} adapter, which cannot run in a packed batch "
+                    "(Backbone.use(lengths=...)); route it per row instead"
+                )
 
     def _slot_for_use(self, name: str | None) -> int:
         if name is None:

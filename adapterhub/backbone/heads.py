@@ -41,7 +41,14 @@ class HeadSlots(ModuleSlots):
 
     def after(self, module: nn.Module, args: tuple, output: torch.Tensor, route: Route) -> torch.Tensor:
         x = args[0]  # (n0, ..., in)
-        index = route.rows(x.size(0), x.size(0), x.device)  # (n0,)
+        if route.packed:  # one row per token: (T, in)
+            x, output = x.reshape(-1, x.size(-1)), output.reshape(-1, output.size(-1))
+            return self._rows(x, output, route.rows(1, x.size(0), x.device)).view(*args[0].shape[:-1], -1)
+        return self._rows(x, output, route.rows(x.size(0), x.size(0), x.device))
+
+    def _rows(self, x: torch.Tensor, output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """output (n0, ..., out) with row i replaced by its slot's copy of the head applied to x[i], where
+        it has one; index (n0,)."""
         slot = index.clamp(min=0)
         mine = self.present[slot] & (index >= 0)  # (n0,)
         shape = (-1,) + (1,) * (output.dim() - 2)

@@ -57,16 +57,21 @@ def routes_for(
     broadcast: bool,
     repeat: int,
     device: torch.device,
+    lengths: list[int] | None = None,
 ) -> dict[str, Route]:
     """The route of each type present and ALL_ROWS, for rows using `slots` (-1 = base) of adapter
-    `types` that need `features`."""
+    `types` that need `features`; with `lengths`, row i is lengths[i] tokens of one packed sequence."""
+    counts = None if lengths is None else torch.tensor(lengths, dtype=torch.long)
 
     def route(of_type: str | None) -> Route:
         values = [s if of_type is None or t == of_type else -1 for s, t in zip(slots, types)]
-        index = torch.tensor(values, dtype=torch.long, device=device)
-        index = index.repeat_interleave(repeat) if repeat > 1 and not broadcast else index
+        index = torch.tensor(values, dtype=torch.long)
+        if counts is not None:
+            index = index.repeat_interleave(counts)  # (T,) one slot per token
+        elif repeat > 1 and not broadcast:
+            index = index.repeat_interleave(repeat)
         needed = frozenset().union(*(f for f, t in zip(features, types) if of_type is None or t == of_type))
-        return Route(index, needed, broadcast)
+        return Route(index.to(device), needed, broadcast, packed=counts is not None)
 
     everything = route(None)
     present = sorted({t for t in types if t is not None})

@@ -18,17 +18,23 @@ from ..formats.adapter import Adapter
 
 
 class Route:
-    """The rows of the batch in flight that use one adapter type: their slot, -1 for every other row."""
+    """The rows of the batch in flight that use one adapter type: their slot, -1 for every other row.
 
-    def __init__(self, index: torch.Tensor, features: frozenset[str], broadcast: bool):
-        self.index = index  # (n,) int64: the slot of each row of this type, -1 elsewhere
+    A packed route (`Backbone.use(names, lengths=...)`) routes a ragged batch flattened into one
+    sequence, x (1, T, features): its index holds one slot per token, so `rows` is per position.
+    """
+
+    def __init__(self, index: torch.Tensor, features: frozenset[str], broadcast: bool, packed: bool = False):
+        self.index = index  # (n,) int64: the slot of each row (packed: of each token) of this type, -1 elsewhere
         self.features = features  # union of AdapterType.features over the batch's adapters of this type
         self.broadcast = broadcast  # index holds one slot for every row of any batch
+        self.packed = packed
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def rows(self, n0: int, rows: int, device: torch.device) -> torch.Tensor:
         """(rows,) slot per row for x (n0, ..., features) flattened to (rows, features), on x's device
-        (a model may span devices): every position of batch row i gets row i's slot."""
+        (a model may span devices): every position of batch row i gets row i's slot (packed: every
+        position its token's slot)."""
         if torch.compiler.is_compiling():
             return self._expand(n0, rows).to(device)
         key = (n0, rows, device)
@@ -38,6 +44,14 @@ class Route:
 
     def _expand(self, n0: int, rows: int) -> torch.Tensor:
         index = self.index
+        if self.packed:
+            if index.size(0) != rows or n0 != 1:
+                raise ValueError(
+                    f"Backbone.use(lengths=...) routes a packed batch of {index.size(0)} tokens, but this "
+                    f"forward holds {n0} row(s) of {rows // max(n0, 1)} positions; pass the tokens as one "
+                    "sequence (1, sum(lengths))"
+                )
+            return index
         if self.broadcast:
             index = index.expand(n0).contiguous()
         elif index.size(0) != n0:
@@ -87,6 +101,7 @@ class AdapterType:
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
+    packed: ClassVar[bool] = True  # its slots work per token of a packed batch (Route.packed); the server needs it
     config_schema: ClassVar[dict] = {"type": "object"}
     description: ClassVar[str] = ""
 

@@ -1,6 +1,12 @@
-"""The serving engine: one thread drives the Backbone, every decode step one forward over all rows
-in flight, whatever adapters they name (iteration-level batching: a request joins at the next step
+"""The serving engine: one thread drives the Backbone, every step one forward over all rows in
+flight, whatever adapters they name (iteration-level batching: a request joins at the next step
 boundary and leaves the step it finishes).
+
+A step is one packed sequence (`Backbone.use(names, lengths=...)`): one token of every row past its
+prompt, then prompt chunks of newer rows until `max_step_tokens` is spent (chunked prefill: a long
+prompt never stalls the others). K/V live in a paged cache (kv_cache.py): rows join, leave, share a
+prompt prefix of the same adapter version and are preempted (recomputed later) without moving
+anyone else's K/V.
 
 Adapters have a public name (what clients send as `model`) and a resident name in the Backbone
 ("name#version"). A request is bound to the resident name when it is submitted, so replacing an
@@ -17,6 +23,7 @@ Loads run on worker threads and write into free slots while the engine keeps dec
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import random
@@ -31,9 +38,10 @@ import torch
 
 from ..backbone import AdapterInfo, Backbone
 from ..errors import AdapterError, NoFreeSlot
-from .batch import RunningBatch, prefill
 from .errors import RequestError, UnknownAdapter
+from .kv_cache import KVCache, KVState, default_budget
 from .metrics import Metrics
+from .paged import use_paged_attention
 from .sampling import Sampling, TextStream, next_tokens
 
 log = logging.getLogger("adapterhub.serve")
@@ -64,6 +72,7 @@ class Finished:
     choice: int
     reason: str  # "stop" (end of sequence or a stop string) or "length"
     tokens: int  # completion tokens of this choice
+    token_ids: tuple[int, ...] = ()  # those tokens
 
 
 @dataclass(frozen=True)
@@ -97,8 +106,8 @@ class _Row:
     choice: int
     stream: TextStream
     generator: torch.Generator | None
-    last: int = 0
-    count: int = 0
+    kv: KVState
+    count: int = 0  # tokens generated
     done: bool = False
 
 
@@ -117,18 +126,29 @@ class Engine:
         *,
         base_name: str,
         max_batch: int = 64,
-        max_prefill_tokens: int = 4096,
+        max_step_tokens: int = 512,
+        kv_cache_bytes: int | None = None,
+        prefix_cache: bool = True,
         fair_wait: float = 1.0,
         metrics: Metrics | None = None,
     ):
+        """`max_batch`: rows in flight; `max_step_tokens`: tokens per forward (every running row's
+        next token first, prompt chunks in the rest); `kv_cache_bytes`: the KV pool (default: room
+        for max_batch rows of the full context, at most a quarter of free memory)."""
+        if max_step_tokens < max_batch:
+            raise ValueError(f"max_step_tokens ({max_step_tokens}) must be at least max_batch ({max_batch})")
         self.backbone, self.model, self.tokenizer = backbone, backbone.model, tokenizer
-        self.base_name, self.max_batch, self.max_prefill_tokens = base_name, max_batch, max_prefill_tokens
+        self.base_name, self.max_batch, self.max_step_tokens = base_name, max_batch, max_step_tokens
         self.fair_wait = fair_wait  # seconds a request may wait for a slot before nobody overtakes it
         self.metrics = metrics or Metrics()
         self.metrics.watch(self)
         config = self.model.config
         self.vocab = self.model.get_output_embeddings().weight.size(0)
         self.context = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
+        use_paged_attention(self.model)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else default_budget(self.model, max_batch * self.context)
+        self.kv = KVCache(self.model, budget, prefix_cache=prefix_cache)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.eos = end_of_sequence(self.model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self._lock = threading.Condition()  # guards everything below; notified when there is work
@@ -140,8 +160,8 @@ class Engine:
         self._retired: set[str] = set()  # replaced or deleted: unloaded when no request uses them
         self._loading: dict[str, Future] = {}
         self._versions = itertools.count(1)
-        self._rows: list[_Row] = []  # engine thread only, in the running batch's row order
-        self._batch = RunningBatch()
+        self._generation: Counter[str] = Counter()  # resident name -> loads of it (prefix-cache key part)
+        self._rows: list[_Row] = []  # engine thread only, in admission order
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="adapterhub-load")
         self._stopping = False
         self._device = next(self.model.parameters()).device
@@ -227,6 +247,11 @@ class Engine:
             )
         if sampling.n > self.max_batch:
             raise RequestError(f"n={sampling.n} is more than the server's batch of {self.max_batch} rows")
+        if len(prompt) + sampling.max_tokens > self.kv.tokens:
+            raise RequestError(
+                f"the prompt has {len(prompt)} tokens and max_tokens is {sampling.max_tokens}: more than the "
+                f"server's KV cache of {self.kv.tokens} tokens holds; shorten the prompt or lower max_tokens"
+            )
         with self._lock:
             resident = None if adapter is None else self._entry(adapter).resident
             request = Request(adapter, resident, list(prompt), sampling, on_event, unfinished=sampling.n)
@@ -247,26 +272,22 @@ class Engine:
                     self._lock.wait(timeout=1.0)  # woken by submit, a finished load or request
                     continue
             try:
-                if admitted:
-                    self._prefill(admitted)
-                if self._rows:
-                    self._decode()
+                self._join(admitted)
+                self._step()
             except Exception as error:  # out of memory, a kernel error: fail what is in flight, keep serving
                 log.exception("a batch failed; its requests get an error")
                 self._fail_running(f"the batch failed: {type(error).__name__}: {error}")
 
     def _admit(self) -> list[Request]:
-        """Takes queued requests whose adapters are resident (pinning them) while rows and prefill
-        budget last, and starts loads for the others."""
-        taken, rows, tokens = [], len(self._rows), 0
+        """Takes queued requests whose adapters are resident (pinning them) while rows last, and
+        starts loads for the others."""
+        taken, rows = [], len(self._rows)
         for request in list(self._queue):
             if request.cancelled:
                 self._queue.remove(request)
                 self._release(request)
                 continue
-            if rows + request.sampling.n > self.max_batch or (
-                taken and tokens + len(request.prompt) > self.max_prefill_tokens
-            ):
+            if rows + request.sampling.n > self.max_batch:
                 break
             if request.resident is not None and not self._pin(request.resident):
                 self._start_load(request.resident)
@@ -276,7 +297,6 @@ class Engine:
             self._queue.remove(request)
             taken.append(request)
             rows += request.sampling.n
-            tokens += len(request.prompt)
         return taken
 
     def _pin(self, resident: str) -> bool:
@@ -287,43 +307,120 @@ class Engine:
         except AdapterError:  # evicted: it loads again first
             return False
 
-    def _prefill(self, requests: list[Request]) -> None:
-        with self.backbone.use([r.resident for r in requests]), torch.inference_mode():
-            cache, mask, logits = prefill(self.model, [r.prompt for r in requests], self.pad_id)
-        repeat = [i for i, r in enumerate(requests) for _ in range(r.sampling.n)]
-        if len(repeat) > len(requests):  # n > 1: each choice gets its own copy of its prompt's cache
-            joining = RunningBatch()
-            joining.join(cache, mask)
-            joining.keep(repeat)
-            cache, mask = joining.cache, joining.mask
-        self._batch.join(cache, mask)
-        rows = [self._new_row(r, choice) for r in requests for choice in range(r.sampling.n)]
-        self._rows.extend(rows)
+    def _join(self, requests: list[Request]) -> None:
+        """Admitted requests become rows (one per request; its other choices fork from it once its
+        prompt is in the cache), reusing cached prefix blocks of their adapter version."""
         now = time.perf_counter()
-        for r in requests:
-            self.metrics.prompt_tokens.inc(len(r.prompt))
-            self.metrics.queue_seconds.observe(now - r.submitted)
-        self._advance(rows, logits[torch.tensor(repeat)])
+        for request in requests:
+            with self._lock:
+                key = "" if request.resident is None else f"{request.resident}@{self._generation[request.resident]}"
+            row = self._new_row(request, 0, KVState(key, list(request.prompt)))
+            reused = self.kv.reuse_prefix(row.kv)
+            self.metrics.prompt_tokens.inc(len(request.prompt))
+            self.metrics.prefix_tokens.inc(reused)
+            self.metrics.queue_seconds.observe(now - request.submitted)
+            self._rows.append(row)
 
-    def _new_row(self, request: Request, choice: int) -> _Row:
+    def _new_row(self, request: Request, choice: int, kv: KVState) -> _Row:
         seed = request.sampling.seed
         generator = None
         if request.sampling.temperature > 0:
             generator = torch.Generator().manual_seed(random.getrandbits(63) if seed is None else seed + choice)
-        return _Row(request, choice, TextStream(self.tokenizer, request.sampling.stop), generator)
+        return _Row(request, choice, TextStream(self.tokenizer, request.sampling.stop), generator, kv)
 
-    def _decode(self) -> None:
-        live = [i for i, row in enumerate(self._rows) if not row.request.cancelled]
-        if len(live) < len(self._rows):
-            self._drop([row for row in self._rows if row.request.cancelled])
-            self._keep(live)
-            if not self._rows:
-                return
-        tokens = torch.tensor([row.last for row in self._rows], device=self._device)
-        with self.backbone.use([row.request.resident for row in self._rows]), torch.inference_mode():
-            logits = self._batch.decode(self.model, tokens)
-        self.metrics.batch_rows.observe(len(self._rows))
-        self._advance(self._rows, logits)
+    def _plan(self) -> list[tuple[_Row, int]]:
+        """The step's tokens per row: one for every row past its prompt, then prefill chunks in
+        admission order until the step's token budget is spent. A row that needs a block when none
+        is left preempts the youngest rows (their K/V is recomputed later)."""
+        self._drop_cancelled()
+        decoding = [row for row in self._rows if row.kv.remaining() == 1]
+        plan, preempted = [], set()
+        for row in decoding:
+            if id(row) in preempted:
+                continue
+            while not self.kv.grow(row.kv, 1):
+                victim = next((r for r in reversed(self._rows) if r.kv.blocks and id(r) not in preempted), row)
+                self._preempt(victim)
+                preempted.add(id(victim))
+                if victim is row:
+                    break
+            if id(row) not in preempted:
+                plan.append((row, 1))
+        budget = self.max_step_tokens - len(plan)
+        for row in self._rows:
+            remaining = row.kv.remaining()
+            if budget <= 0 or remaining <= 1 or id(row) in preempted:
+                continue
+            if not row.kv.blocks:  # new, or preempted: its prefix may be cached
+                self.kv.reuse_prefix(row.kv)
+                remaining = row.kv.remaining()
+            count = min(remaining, budget, self.kv.room(row.kv))
+            if count > 0 and self.kv.grow(row.kv, count):
+                plan.append((row, count))
+                budget -= count
+        return plan
+
+    def _preempt(self, row: _Row) -> None:
+        self.kv.free(row.kv)
+        self.metrics.preemptions.inc()
+
+    def _step(self) -> None:
+        """One forward over the planned tokens of every row (a packed sequence), then sampling for
+        the rows whose tokens are all in the cache."""
+        plan = self._plan()
+        if not plan:
+            return
+        ids, positions, keep, sampled = [], [], [], []
+        for row, count in plan:
+            start = row.kv.computed
+            ids += row.kv.tokens[start : start + count]
+            positions += range(start, start + count)
+            if start + count == len(row.kv.tokens):
+                keep.append(len(ids) - 1)
+                sampled.append(row)
+        step = self.kv.step([(row.kv, count) for row, count in plan])
+        names = [row.request.resident for row, _ in plan]
+        lengths = [count for _, count in plan]
+        with self.backbone.use(names, lengths=lengths), torch.inference_mode(), step.active():
+            logits = self._forward(ids, positions, keep)
+        for row, count in plan:
+            row.kv.computed += count
+            self.kv.publish(row.kv)
+        self.metrics.batch_rows.observe(len(plan))
+        self.metrics.step_tokens.observe(len(ids))
+        if sampled:
+            self._advance(*self._fork(sampled, logits))
+
+    def _forward(self, ids: list[int], positions: list[int], keep: list[int]) -> torch.Tensor:
+        """Logits (len(keep), vocab) fp32 at the positions `keep` of the packed sequence `ids`."""
+        device = self._device
+        index = torch.tensor(keep, dtype=torch.long, device=device)
+        out = self.model(
+            input_ids=torch.tensor([ids], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            use_cache=False,
+            **({"logits_to_keep": index} if self._keeps_logits else {}),
+        )
+        logits = out.logits[0]
+        return (logits if self._keeps_logits else logits[index]).float()
+
+    def _fork(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[_Row], torch.Tensor]:
+        """Rows whose request asks for n > 1 choices and that just finished their prompt get their
+        siblings (sharing the prompt's blocks), which sample from the same logits."""
+        targets, index = [], []
+        for i, row in enumerate(rows):
+            targets.append(row)
+            index.append(i)
+            n = row.request.sampling.n
+            if row.count == 0 and row.choice == 0 and n > 1:
+                siblings = [self._new_row(row.request, c, self.kv.fork(row.kv)) for c in range(1, n)]
+                at = self._rows.index(row) + 1
+                self._rows[at:at] = siblings
+                targets += siblings
+                index += [i] * len(siblings)
+        if len(targets) == len(rows):
+            return rows, logits
+        return targets, logits[torch.tensor(index, device=logits.device)]
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Samples one token per row (logits (len(rows), vocab)), sends the text, finishes rows."""
@@ -335,7 +432,8 @@ class Engine:
         ).tolist()
         self.metrics.tokens(len(rows))
         for row, token in zip(rows, tokens):
-            row.last, row.count = token, row.count + 1
+            row.count += 1
+            row.kv.tokens.append(token)
             sampling = row.request.sampling
             if token in self.eos and not sampling.ignore_eos:
                 self._finish(row, "stop", row.stream.add(None))
@@ -347,34 +445,40 @@ class Engine:
                 self._finish(row, "length", piece + row.stream.add(None))
             elif piece:
                 row.request.on_event(Token(row.choice, piece))
-        finished = [i for i, row in enumerate(self._rows) if row.done]
-        if finished:
-            self._keep([i for i, row in enumerate(self._rows) if not row.done])
+        if any(row.done for row in rows):
+            for row in rows:
+                if row.done:
+                    self.kv.free(row.kv)
+            self._rows = [row for row in self._rows if not row.done]
 
     def _finish(self, row: _Row, reason: str, piece: str) -> None:
         row.done = True
         if piece:
             row.request.on_event(Token(row.choice, piece))
-        row.request.on_event(Finished(row.choice, reason, row.count))
+        row.request.on_event(Finished(row.choice, reason, row.count, tuple(row.kv.tokens[-row.count :])))
         row.request.unfinished -= 1
         if not row.request.unfinished:
             self.metrics.request_seconds.observe(time.perf_counter() - row.request.submitted)
             with self._lock:
                 self._release(row.request)
 
-    def _keep(self, rows: list[int]) -> None:
-        self._batch.keep(rows)
-        self._rows = [self._rows[i] for i in rows]
-
-    def _drop(self, rows: list[_Row]) -> None:
-        """Rows of cancelled requests: each request lets go of its adapter once."""
+    def _drop_cancelled(self) -> None:
+        """Rows of cancelled requests leave (each request lets go of its adapter once)."""
+        gone = [row for row in self._rows if row.request.cancelled]
+        if not gone:
+            return
+        for row in gone:
+            self.kv.free(row.kv)
+        self._rows = [row for row in self._rows if not row.request.cancelled]
         with self._lock:
-            for request in {id(r.request): r.request for r in rows}.values():
+            for request in {id(r.request): r.request for r in gone}.values():
                 self._release(request)
 
     def _fail_running(self, message: str) -> None:
         requests = {id(r.request): r.request for r in self._rows}.values()
-        self._rows, self._batch = [], RunningBatch()
+        for row in self._rows:
+            self.kv.free(row.kv)
+        self._rows = []
         with self._lock:
             for request in requests:
                 request.on_event(Failed(500, message))
@@ -442,6 +546,8 @@ class Engine:
         """Loads into a free slot (the Backbone evicts an unpinned adapter if none is free), pinned:
         a concurrent load cannot evict it before its requests are admitted."""
         start = time.perf_counter()
+        with self._lock:  # prefix blocks cached under an earlier load of this name are never reused
+            self._generation[resident] += 1
         try:
             self.backbone.load(source, name=resident, revision=revision, pin=True)
         except Exception:

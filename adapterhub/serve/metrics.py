@@ -34,6 +34,18 @@ class Metrics:
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
         )
+        self.step_tokens = Histogram(
+            "adapterhub_step_tokens",
+            "tokens in each step's forward (decode tokens and prompt chunks)",
+            registry=r,
+            buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096),
+        )
+        self.prefix_tokens = Counter(
+            "adapterhub_prefix_cache_tokens", "prompt tokens whose K/V came from the prefix cache", registry=r
+        )
+        self.preemptions = Counter(
+            "adapterhub_preemptions", "rows that gave back their KV blocks to be recomputed later", registry=r
+        )
         self.queue_seconds = Histogram(
             "adapterhub_queue_seconds", "time from submission to prefill", registry=r, buckets=LATENCY_BUCKETS
         )
@@ -85,6 +97,9 @@ class _EngineCollector:
             ("adapterhub_adapter_slots_used", "adapter slots holding an adapter", len(bb.names)),
             ("adapterhub_adapter_slots", "adapter slots in all", bb.max_adapters),
             ("adapterhub_adapters", "adapters clients may name (resident or not)", len(e.adapters())),
+            ("adapterhub_kv_blocks", f"KV cache blocks of {e.kv.pool.block_size} tokens in all", e.kv.blocks.count),
+            ("adapterhub_kv_blocks_used", "KV cache blocks held by rows in flight", e.kv.blocks.used()),
+            ("adapterhub_kv_blocks_cached", "KV cache blocks holding a published prefix", e.kv.blocks.cached()),
             (
                 "adapterhub_tokens_per_second",
                 f"tokens generated per second over the last {RATE_WINDOW:g} s",
@@ -94,3 +109,6 @@ class _EngineCollector:
         for name, doc, value in values:
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("adapterhub_adapter_evictions", "adapters evicted to make room", value=bb.evictions)
+        blocks = e.kv.blocks
+        yield CounterMetricFamily("adapterhub_prefix_cache_lookups", "prefix blocks looked up", value=blocks.lookups)
+        yield CounterMetricFamily("adapterhub_prefix_cache_hits", "prefix blocks found cached", value=blocks.hits)

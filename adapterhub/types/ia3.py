@@ -103,7 +103,11 @@ class IA3Slots(ModuleSlots):
 
     @staticmethod
     def _scales(table: torch.Tensor, route: Route, like: torch.Tensor) -> torch.Tensor:
-        """(n0, 1.., features): each batch row's scale vector, ones for rows without one."""
+        """(n0, 1.., features): each batch row's scale vector, ones for rows without one (a packed
+        route: like's shape, each token's own)."""
+        if route.packed:
+            index = route.rows(like.size(0), like.numel() // like.size(-1), like.device)  # (T,)
+            return table[torch.where(index < 0, table.size(0) - 1, index)].view(like.shape)
         index = route.rows(like.size(0), like.size(0), like.device)  # (n0,)
         rows = torch.where(index < 0, table.size(0) - 1, index)
         return table[rows].view(like.size(0), *([1] * (like.dim() - 2)), -1)

@@ -1,0 +1,236 @@
+"""The engine's paged KV cache and packed steps: every request's greedy tokens equal the model's own
+generation alone, whatever joins, leaves, chunked prefill, preemption and prefix hits happen around it
+(Llama with GQA, GPT-2); the prefix cache is shared only within one adapter version; packed routing
+gives each token its own adapter."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig
+from serving import Offline, make_model_dir, served_llama
+from tiny_models import LLAMA_TARGETS, save_peft, tiny_gpt2, tiny_llama, tiny_tokenizer
+
+from adapterhub import AdapterError, Backbone
+from adapterhub.plugins import get_type
+from adapterhub.serve.engine import Engine, Failed, Finished
+from adapterhub.serve.errors import RequestError
+from adapterhub.serve.kv_cache import BLOCK_SIZE, KVCache
+from adapterhub.serve.paged import Chunk, KVPool, Step, use_paged_attention
+from adapterhub.serve.sampling import Sampling
+
+GREEDY = Sampling(max_tokens=14, temperature=0, ignore_eos=True)
+
+
+def _run(engine: Engine, jobs: list[tuple[str | None, list[int]]], sampling: Sampling = GREEDY) -> list[list[int]]:
+    """Submits every job at once; the generated token ids of each."""
+    out: list[list[int]] = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def collect(k):
+        def on_event(event):
+            assert not isinstance(event, Failed), event
+            if isinstance(event, Finished):
+                out[k] = list(event.token_ids)
+                done.release()
+
+        return on_event
+
+    for k, (name, prompt) in enumerate(jobs):
+        engine.submit(name, prompt, sampling, collect(k))
+    for _ in jobs:
+        assert done.acquire(timeout=60)
+    return out
+
+
+def _alone(model, prompt: list[int], k: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _prompts(n: int, seed: int = 3) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (n,), generator=g).tolist()
+    return [torch.randint(3, 98, (k,), generator=g).tolist() for k in lengths]
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize(
+    "max_batch, max_step_tokens, blocks",
+    [(8, 512, 64), (3, 5, 64), (4, 8, 5)],  # all at once; chunked prefill; too few blocks: preemption
+)
+def test_each_request_equals_its_generation_alone(build, max_batch, max_step_tokens, blocks):
+    model = build()
+    reference = build()
+    bytes_per_block = KVPool.bytes_per_token(model) * BLOCK_SIZE
+    engine = Engine(
+        Backbone(model, max_adapters=1, max_rank=4),
+        tiny_tokenizer(),
+        base_name="tiny",
+        max_batch=max_batch,
+        max_step_tokens=max_step_tokens,
+        kv_cache_bytes=blocks * bytes_per_block,
+    ).start()
+    try:
+        prompts = _prompts(10)
+        got = _run(engine, [(None, p) for p in prompts])
+        assert got == [_alone(reference, p, GREEDY.max_tokens) for p in prompts]
+        if blocks == 5:
+            assert engine.metrics.preemptions._value.get() > 0
+        assert engine.kv.blocks.used() == 0  # every row gave its blocks back
+    finally:
+        engine.stop()
+
+
+def test_choices_fork_from_one_prompt_and_decode_their_own_way():
+    model, reference = tiny_llama(), tiny_llama()
+    engine = Engine(Backbone(model, max_adapters=1, max_rank=4), tiny_tokenizer(), base_name="tiny", max_batch=4)
+    engine.start()
+    try:
+        prompt = _prompts(1, seed=9)[0] + [5] * 20  # a partial last block, copied per choice
+        greedy = Sampling(max_tokens=10, temperature=0, ignore_eos=True, n=3)
+        texts = []
+        done = threading.Semaphore(0)
+
+        def on_event(event):
+            if isinstance(event, Finished):
+                texts.append(list(event.token_ids))
+                done.release()
+
+        engine.submit(None, prompt, greedy, on_event)
+        for _ in range(3):
+            assert done.acquire(timeout=60)
+        assert texts == [_alone(reference, prompt, 10)] * 3
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("paged"))
+
+
+def test_prefix_cache_is_shared_only_within_one_adapter_version(dirs):
+    offline = Offline(dirs)
+    engine = Engine(Backbone(served_llama(), max_adapters=4, max_rank=8), tiny_tokenizer(), base_name="tiny")
+    engine.start()
+    try:
+        for name in ("a0", "a1"):
+            engine.add_adapter(name, str(dirs[name]))
+        system = "You are a careful assistant. Answer: "  # 37 characters: two full blocks
+        sampling = Sampling(max_tokens=8, temperature=0, ignore_eos=True)
+        tokenizer = offline.tokenizer
+
+        def ask(name, suffix):
+            before = engine.kv.blocks.hits
+            (tokens,) = _run(engine, [(name, offline.ids(system + suffix))], sampling)
+            return tokenizer.decode(tokens), engine.kv.blocks.hits - before
+
+        assert ask("a0", "hi") == (offline.complete("a0", system + "hi", 8, ignore_eos=True), 0)
+        assert ask("a0", "yo") == (offline.complete("a0", system + "yo", 8, ignore_eos=True), 2)  # same version
+        assert ask("a1", "yo")[1] == 0  # another adapter
+        assert ask(None, "yo")[1] == 0  # the base model
+        assert ask(None, "hi")[1] == 2
+        engine.add_adapter("a0", str(dirs["a3"]))  # same name, new weights: a new version
+        assert ask("a0", "hi") == (offline.complete("a3", system + "hi", 8, ignore_eos=True), 0)
+        assert ask("a0", "yo")[1] == 2
+    finally:
+        engine.stop()
+
+
+def test_a_request_larger_than_the_cache_is_refused_and_one_that_fits_alone_runs():
+    model = tiny_llama()
+    per_block = KVPool.bytes_per_token(model) * BLOCK_SIZE
+    engine = Engine(
+        Backbone(model, max_adapters=1, max_rank=4),
+        tiny_tokenizer(),
+        base_name="t",
+        max_batch=4,
+        kv_cache_bytes=2 * per_block,
+    )
+    with pytest.raises(RequestError, match="KV cache of 32 tokens"):
+        engine.submit(None, [5] * 30, Sampling(max_tokens=3), lambda e: None)
+    engine.start()
+    try:
+        prompts = [[7] * 20, [8] * 20, [9] * 20]  # each fits alone, not together
+        assert _run(engine, [(None, p) for p in prompts], Sampling(max_tokens=12, temperature=0, ignore_eos=True)) == [
+            _alone(tiny_llama(), p, 12) for p in prompts
+        ]
+    finally:
+        engine.stop()
+
+
+def test_kv_bytes_per_token_are_the_floor():
+    model = tiny_llama()  # 2 layers, 2 KV heads of 8 dims, fp32
+    cache = KVCache(model, 10 * 16 * 256)
+    assert KVPool.bytes_per_token(model) == 2 * 2 * 2 * 8 * 4
+    assert sum(t.numel() * t.element_size() for t in cache.pool.keys + cache.pool.values) == 10 * 16 * 256
+
+
+def _loaded(tmp_path):
+    model = tiny_llama()
+    bb = Backbone(model, max_adapters=4, max_rank=8)
+    bb.load(save_peft(tiny_llama, tmp_path / "lora", 1, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)))
+    bb.load(
+        save_peft(
+            tiny_llama,
+            tmp_path / "ia3",
+            2,
+            IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        ),
+        name="ia3",
+    )
+    bottleneck, g = get_type("bottleneck"), torch.Generator().manual_seed(7)
+    adapter = bottleneck.init(model, {"config": "seq_bn"})
+    for parts in adapter.modules.values():
+        for key, tensor in parts.items():
+            if "adapter_" in key:
+                tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.3)
+    bottleneck.write(adapter, tmp_path / "seq_bn")
+    bb.load(tmp_path / "seq_bn", name="seq_bn")
+    return model, bb
+
+
+def test_packed_routing_gives_each_token_its_own_adapter(tmp_path):
+    model, bb = _loaded(tmp_path)
+    use_paged_attention(model)
+    names = ["lora", None, "ia3", "seq_bn", "lora"]
+    prompts = _prompts(len(names), seed=5)
+    pool = KVPool(model, 64, BLOCK_SIZE)
+    chunks, start = [], 0
+    for p in prompts:
+        blocks = list(range(start, start + -(-len(p) // BLOCK_SIZE)))
+        chunks.append(Chunk(blocks, 0, len(p)))
+        start += len(blocks)
+    step = Step(pool, chunks, torch.device("cpu"))
+    ids = torch.tensor([[t for p in prompts for t in p]])
+    positions = torch.tensor([[i for p in prompts for i in range(len(p))]])
+    with bb.use(names, lengths=[len(p) for p in prompts]), torch.no_grad(), step.active():
+        packed = model(input_ids=ids, position_ids=positions).logits[0]
+    offset = 0
+    for name, p in zip(names, prompts):
+        with bb.use(name), torch.no_grad():
+            alone = model(input_ids=torch.tensor([p])).logits[0]
+        torch.testing.assert_close(packed[offset : offset + len(p)], alone, rtol=1e-5, atol=1e-5, msg=name)
+        offset += len(p)
+
+
+def test_packed_routing_refuses_prompt_tuning_and_bad_lengths(tmp_path):
+    from peft import PromptTuningConfig
+
+    model = tiny_llama()
+    bb = Backbone(model, max_adapters=2, max_rank=8)
+    bb.load(
+        save_peft(tiny_llama, tmp_path / "pt", 1, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+        name="pt",
+    )
+    refused = "'pt' is a prompt_tuning adapter, which cannot run in a packed batch"
+    with pytest.raises(AdapterError, match=refused), bb.use(["pt", None], lengths=[3, 4]):
+        pass
+    with pytest.raises(AdapterError, match="one token count >= 0 per name"), bb.use([None, None], lengths=[3]):
+        pass
