@@ -5,6 +5,8 @@ gives each token its own adapter."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -234,3 +236,22 @@ def test_packed_routing_refuses_prompt_tuning_and_bad_lengths(tmp_path):
         pass
     with pytest.raises(AdapterError, match="one token count >= 0 per name"), bb.use([None, None], lengths=[3]):
         pass
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-batch", "16", "--max-step-tokens", "8"], "max_step_tokens (8) must be at least max_batch (16)"),
+        (["--kv-cache-bytes", "12 parsecs"], "expected a size such as 4GiB"),
+        (["--kv-cache-bytes", "100B"], "holds no block of 16 tokens"),
+    ],
+)
+def test_serve_refuses_bad_engine_settings(dirs, flags, message):
+    base = dirs["a0"].parent.parent / "base"
+    done = subprocess.run(
+        [sys.executable, "-m", "adapterhub.cli", "serve", "--base", str(base), "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -61,7 +61,27 @@ def add_parser(commands) -> None:
         default=16,
         help="the widest adapter served, of any type: LoRA rank, LoHa's r*r, bottleneck width",
     )
-    parser.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows decoded per step")
+    parser.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows in flight")
+    parser.add_argument(
+        "--max-step-tokens",
+        dest="max_step_tokens",
+        type=int,
+        default=512,
+        help="tokens per forward: one per running row first, prompt chunks in the rest (>= --max-batch)",
+    )
+    parser.add_argument(
+        "--kv-cache-bytes",
+        dest="kv_cache_bytes",
+        type=_size,
+        help="memory for the paged KV cache, e.g. 4GiB (default: room for --max-batch full contexts, "
+        "at most a quarter of free memory)",
+    )
+    parser.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="never reuse the K/V of a prompt prefix (reuse is only ever within one adapter version)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--host", default="127.0.0.1")
@@ -90,6 +110,22 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--address", help="with --ray: an existing cluster ('auto', ray://...); default: start one here"
     )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _size(text: str) -> int:
+    """Bytes from '4GiB', '512MB', '1000000'."""
+    number = text.strip().rstrip("bBiIkKmMgG")
+    unit = text.strip()[len(number) :].upper()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 4GiB, 512MB or 1000000") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the KV cache needs a positive size")
+    return int(value)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -121,7 +157,16 @@ def serve(args: argparse.Namespace) -> int:
         print(f"adapterhub serve: --api-key: {error}", file=sys.stderr)
         return 2
     settings = EngineSettings(
-        args.base, args.served_model_name, args.dtype, args.device, args.max_adapters, args.max_rank, args.max_batch
+        args.base,
+        args.served_model_name,
+        args.dtype,
+        args.device,
+        args.max_adapters,
+        args.max_rank,
+        args.max_batch,
+        args.max_step_tokens,
+        args.kv_cache_bytes,
+        args.prefix_cache,
     )
     sources = Sources(args.adapter_dir, args.allow_hub)
     if args.ray:
@@ -130,7 +175,7 @@ def serve(args: argparse.Namespace) -> int:
         return ray_app.serve_cli(settings, adapters, keys, sources, args)
     try:
         engine = settings.build()
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # a bad setting, a model the engine cannot serve
         print(f"adapterhub serve: {error}", file=sys.stderr)
         return 2
     for adapter, source in adapters.items():

@@ -27,6 +27,9 @@ class EngineSettings:
     max_adapters: int = 16
     max_rank: int = 16
     max_batch: int = 64
+    max_step_tokens: int = 512
+    kv_cache_bytes: int | None = None  # None: room for max_batch full contexts, at most 1/4 of free memory
+    prefix_cache: bool = True
 
     @property
     def base_name(self) -> str:
@@ -56,7 +59,15 @@ class EngineSettings:
                 ) from None
             model = AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype).eval()
         backbone = Backbone(model.to(self.device), max_adapters=self.max_adapters, max_rank=self.max_rank)
-        return Engine(backbone, tokenizer, base_name=self.base_name, max_batch=self.max_batch)
+        return Engine(
+            backbone,
+            tokenizer,
+            base_name=self.base_name,
+            max_batch=self.max_batch,
+            max_step_tokens=self.max_step_tokens,
+            kv_cache_bytes=self.kv_cache_bytes,
+            prefix_cache=self.prefix_cache,
+        )
 
 
 def ready(url: str, base_name: str, adapters: list[str], extra: str = "") -> None:
