@@ -200,19 +200,6 @@ def test_delete_past_its_deadline_answers_202_with_the_requests_in_flight(dirs):
         assert response.status_code == 200 and response.json()["in_flight"] == 0
 
 
-def test_prompt_tuning_is_refused_with_the_reason(tmp_path):
-    from peft import PromptTuningConfig
-
-    source = save_peft(
-        tiny_llama, tmp_path / "prompt", 0, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-    )
-    backbone = Backbone(served_llama(), max_adapters=2, max_rank=8)
-    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny")
-    with pytest.raises(AdapterError, match="virtual tokens"):
-        engine.add_adapter("p", str(source))
-    assert backbone.names == [] and engine.adapters() == {}
-
-
 def test_text_stream_holds_back_possible_stops():
     tokenizer = tiny_tokenizer()
     ids = tokenizer("say STOP now", add_special_tokens=False)["input_ids"]

@@ -255,3 +255,47 @@ def test_serve_refuses_bad_engine_settings(dirs, flags, message):
         timeout=120,
     )
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_prompt_tuning_is_served_in_mixed_batches_as_offline(tmp_path):
+    """Prompt-tuning rows (their virtual tokens placed before the prompt, across chunk boundaries) share
+    packed steps with LoRA and base rows, and each equals Backbone.use + generate() offline."""
+    from peft import PromptTuningConfig
+
+    sources = {
+        "p4": save_peft(
+            tiny_llama, tmp_path / "p4", 1, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        ),
+        "p19": save_peft(
+            tiny_llama, tmp_path / "p19", 2, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=19)
+        ),
+        "lora": save_peft(
+            tiny_llama, tmp_path / "lora", 3, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
+        ),
+    }
+    offline = Backbone(tiny_llama(), max_adapters=3, max_rank=32)
+    for name, source in sources.items():
+        offline.load(source, name=name)
+    engine = Engine(
+        Backbone(tiny_llama(), max_adapters=3, max_rank=32),
+        tiny_tokenizer(),
+        base_name="t",
+        max_batch=4,
+        max_step_tokens=6,
+    )
+    for name, source in sources.items():
+        engine.add_adapter(name, str(source))
+    engine.start()
+    try:
+        jobs = [(name, p) for name, p in zip(["p4", "p19", None, "lora", "p19", "p4"], _prompts(6, seed=11))]
+        got = _run(engine, jobs)
+        for (name, prompt), tokens in zip(jobs, got):
+            with offline.use(name):
+                assert tokens == _alone(offline.model, prompt, GREEDY.max_tokens), name
+        before = engine.kv.blocks.hits
+        again = _run(engine, [jobs[1]])  # 19 virtual tokens + its prompt: a full block to reuse
+        assert again == [got[1]] and engine.kv.blocks.hits > before
+        with pytest.raises(RequestError, match="after 19 virtual tokens"):
+            engine.submit("p19", [5] * 40, Sampling(max_tokens=10), lambda e: None)
+    finally:
+        engine.stop()

@@ -278,6 +278,18 @@ class Backbone:
                 self._heads[path] for path in record.heads
             ]
 
+    def virtual_tokens(self, name: str) -> torch.Tensor | None:
+        """The (n, dim) input embeddings resident `name` puts before each row's tokens (prompt tuning),
+        or None: for a server that places them in a packed sequence itself (`ModuleSlots.virtual_tokens`).
+        A view of the slot: valid while `name` is pinned."""
+        with self._lock:
+            record, slot = self._record(name), self.table.slot_of[name]
+            for path in record.modules:
+                prefix = self._module_slots[(record.type, path)].virtual_tokens(slot)
+                if prefix is not None:
+                    return prefix
+        return None
+
     def rewrite(self, name: str, adapter: Adapter) -> None:
         """Writes new values of resident `name`'s tensors (`adapter`: the same modules and shapes, e.g.
         a trainer's parameters) into its slot through the ModuleSlots' own `write`: differentiable

@@ -85,6 +85,12 @@ class ModuleSlots(nn.Module):
         """New (args, kwargs) for the module's forward, or None to leave them."""
         return None
 
+    def virtual_tokens(self, slot: int) -> torch.Tensor | None:
+        """The (n, dim) input embeddings the adapter in `slot` puts before every row's tokens (prompt
+        tuning), or None. A type whose `packed` is False must give them: the server places them in a
+        packed sequence itself, positions 0..n-1, and routes the row as the base model."""
+        return None
+
     def after(self, module: nn.Module, args: tuple, output: Any, route: Route) -> Any:
         """The module's new output (may be `output` changed in place), or None to leave it."""
         return None
@@ -101,7 +107,8 @@ class AdapterType:
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
-    packed: ClassVar[bool] = True  # its slots work per token of a packed batch (Route.packed); the server needs it
+    packed: ClassVar[bool] = True  # its slots work per token of a packed batch (Route.packed); if not, its
+    #                                  ModuleSlots give virtual_tokens, which the server places itself
     config_schema: ClassVar[dict] = {"type": "object"}
     description: ClassVar[str] = ""
 

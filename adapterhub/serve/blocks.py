@@ -5,15 +5,16 @@ block table). A block is referenced by every sequence that reads it: sequences w
 prefix, and the choices of one request (n > 1), share its full blocks.
 
 A full block is published under a key that chains the adapter version the tokens ran under (the
-resident name "name#k", unique for every load of new weights; "" for the base model) with every
-token of the sequence up to the block's end:
+resident name and load, "name#k@load": new for every load of new weights; "" for the base model)
+with every token of the sequence up to the block's end:
 
-    key_0 = H(adapter, tokens[0:16]);   key_i = H(key_{i-1}, tokens[16 i : 16 (i + 1)])
+    key_0 = H(H(adapter), tokens[0:16]);   key_i = H(key_{i-1}, tokens[16 i : 16 (i + 1)])
 
-so a block is only ever reused by a request of the same adapter version and the same tokens before
-it: a replaced adapter (same public name, new weights, new resident name) can never read the old
-version's K/V. Published blocks that no sequence holds stay cached, least recently used first out,
-until a sequence needs a block and no free one is left.
+(prompt tuning's virtual tokens are negative placeholders there; the adapter version says which
+embeddings they stand for). So a block is only ever reused by a request of the same adapter version
+with the same tokens before it: a replaced adapter (same public name, new weights, new resident name)
+can never read the old version's K/V. Published blocks that no sequence holds stay cached, least
+recently used first out, until a sequence needs a block and no free one is left.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def block_keys(adapter: str, tokens: list[int], block_size: int, parent: bytes |
     keys, key = [], parent if parent is not None else hashlib.blake2b(adapter.encode(), digest_size=16).digest()
     for start in range(0, len(tokens) - block_size + 1, block_size):
         h = hashlib.blake2b(key, digest_size=16)
-        h.update(b"".join(t.to_bytes(4, "little") for t in tokens[start : start + block_size]))
+        h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in tokens[start : start + block_size]))
         key = h.digest()
         keys.append(key)
     return keys

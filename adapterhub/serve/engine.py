@@ -46,11 +46,6 @@ from .sampling import Sampling, TextStream, next_tokens
 
 log = logging.getLogger("adapterhub.serve")
 
-NOT_SERVED = {
-    "prompt_tuning": "prompt tuning adds virtual tokens to the sequence, which the server's "
-    "continuous batching does not support yet; serve it with Backbone.use and generate()"
-}
-
 
 def end_of_sequence(model, tokenizer) -> set[int]:
     """The token ids that end a generation: the model's generation config's, and the tokenizer's."""
@@ -91,6 +86,7 @@ class Request:
     prompt: list[int]
     sampling: Sampling
     on_event: Callable[[Event], None]
+    virtual: int = 0  # the adapter's virtual tokens, placed before the prompt
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     unfinished: int = 0  # choices still generating
@@ -116,6 +112,7 @@ class _Entry:
     source: str
     revision: str | None
     resident: str
+    virtual: int = 0  # virtual tokens put before each row's prompt (prompt tuning)
 
 
 class Engine:
@@ -201,13 +198,20 @@ class Engine:
             )
         resident = f"{name}#{next(self._versions)}"
         info = self._load(resident, source, revision)  # pinned until it is known
-        if info.type in NOT_SERVED:
-            self.backbone.unload(resident)
-            raise AdapterError(f"{source}: a {info.type} adapter; {NOT_SERVED[info.type]}")
+        virtual = 0
+        if not self.backbone.types.get(info.type).packed:  # prompt tuning: its virtual tokens lead each row
+            prefix = self.backbone.virtual_tokens(resident)
+            if prefix is None:
+                self.backbone.unload(resident)
+                raise AdapterError(
+                    f"{source}: a {info.type} adapter neither runs in packed batches nor gives virtual tokens "
+                    "(AdapterType.packed, ModuleSlots.virtual_tokens), so the server cannot batch it"
+                )
+            virtual = prefix.size(0)
         self.backbone.unpin(resident)
         with self._lock:
             old = self._adapters.get(name)
-            self._adapters[name] = self._residents[resident] = _Entry(source, revision, resident)
+            self._adapters[name] = self._residents[resident] = _Entry(source, revision, resident, virtual)
             if old is not None:
                 self._retire(old.resident)
         return info
@@ -239,27 +243,28 @@ class Engine:
             raise RequestError("the prompt is empty")
         if min(prompt) < 0 or max(prompt) >= self.vocab:
             raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab})")
-        if len(prompt) + sampling.max_tokens > self.context:
-            raise RequestError(
-                f"the prompt has {len(prompt)} tokens and max_tokens is {sampling.max_tokens}: "
-                f"together more than the model's context of {self.context} tokens; shorten the "
-                "prompt or lower max_tokens"
-            )
         if sampling.n > self.max_batch:
             raise RequestError(f"n={sampling.n} is more than the server's batch of {self.max_batch} rows")
-        if len(prompt) + sampling.max_tokens > self.kv.tokens:
-            raise RequestError(
-                f"the prompt has {len(prompt)} tokens and max_tokens is {sampling.max_tokens}: more than the "
-                f"server's KV cache of {self.kv.tokens} tokens holds; shorten the prompt or lower max_tokens"
-            )
         with self._lock:
-            resident = None if adapter is None else self._entry(adapter).resident
-            request = Request(adapter, resident, list(prompt), sampling, on_event, unfinished=sampling.n)
+            entry = None if adapter is None else self._entry(adapter)
+            resident, virtual = (None, 0) if entry is None else (entry.resident, entry.virtual)
+            self._check_length(len(prompt), virtual, sampling.max_tokens)
+            request = Request(adapter, resident, list(prompt), sampling, on_event, virtual, unfinished=sampling.n)
             if resident is not None:
                 self._users[resident] += 1
             self._queue.append(request)
             self._lock.notify_all()
         return request
+
+    def _check_length(self, prompt: int, virtual: int, max_tokens: int) -> None:
+        """A RequestError if the row would not fit the model's context or, alone, the KV cache."""
+        tokens = f"the prompt has {prompt} tokens" + (f" after {virtual} virtual tokens" if virtual else "")
+        for limit, what in ((self.context, "the model's context"), (self.kv.tokens, "the server's KV cache")):
+            if virtual + prompt + max_tokens > limit:
+                raise RequestError(
+                    f"{tokens} and max_tokens is {max_tokens}: together more than {what} of {limit} "
+                    "tokens; shorten the prompt or lower max_tokens"
+                )
 
     # ---- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
@@ -314,7 +319,8 @@ class Engine:
         for request in requests:
             with self._lock:
                 key = "" if request.resident is None else f"{request.resident}@{self._generation[request.resident]}"
-            row = self._new_row(request, 0, KVState(key, list(request.prompt)))
+            virtual = [-1 - i for i in range(request.virtual)]  # placeholders: embeddings come from the slot
+            row = self._new_row(request, 0, KVState(key, virtual + request.prompt))
             reused = self.kv.reuse_prefix(row.kv)
             self.metrics.prompt_tokens.inc(len(request.prompt))
             self.metrics.prefix_tokens.inc(reused)
@@ -379,10 +385,10 @@ class Engine:
                 keep.append(len(ids) - 1)
                 sampled.append(row)
         step = self.kv.step([(row.kv, count) for row, count in plan])
-        names = [row.request.resident for row, _ in plan]
+        names = [None if row.request.virtual else row.request.resident for row, _ in plan]
         lengths = [count for _, count in plan]
         with self.backbone.use(names, lengths=lengths), torch.inference_mode(), step.active():
-            logits = self._forward(ids, positions, keep)
+            logits = self._forward(ids, positions, keep, self._virtual_embeddings(plan))
         for row, count in plan:
             row.kv.computed += count
             self.kv.publish(row.kv)
@@ -391,12 +397,33 @@ class Engine:
         if sampled:
             self._advance(*self._fork(sampled, logits))
 
-    def _forward(self, ids: list[int], positions: list[int], keep: list[int]) -> torch.Tensor:
-        """Logits (len(keep), vocab) fp32 at the positions `keep` of the packed sequence `ids`."""
+    def _virtual_embeddings(self, plan: list[tuple[_Row, int]]) -> list[tuple[int, torch.Tensor]]:
+        """(place in the step, embedding) of every virtual token the step runs."""
+        out, offset = [], 0
+        for row, count in plan:
+            start = row.kv.computed
+            if start < row.request.virtual:
+                table = self.backbone.virtual_tokens(row.request.resident)  # (n, dim); pinned
+                out += [(offset + i, table[start + i]) for i in range(min(count, row.request.virtual - start))]
+            offset += count
+        return out
+
+    def _forward(
+        self, ids: list[int], positions: list[int], keep: list[int], virtual: list[tuple[int, torch.Tensor]] = ()
+    ) -> torch.Tensor:
+        """Logits (len(keep), vocab) fp32 at the positions `keep` of the packed sequence `ids`, whose
+        `virtual` places hold the given embeddings instead of a token's."""
         device = self._device
         index = torch.tensor(keep, dtype=torch.long, device=device)
+        tokens = torch.tensor([ids], device=device).clamp(min=0)  # (1, T)
+        inputs = {"input_ids": tokens}
+        if virtual:
+            embeds = self.model.get_input_embeddings()(tokens)  # (1, T, dim)
+            places = torch.tensor([p for p, _ in virtual], device=device)
+            embeds[0, places] = torch.stack([e for _, e in virtual]).to(embeds.dtype)
+            inputs = {"inputs_embeds": embeds}
         out = self.model(
-            input_ids=torch.tensor([ids], device=device),
+            **inputs,
             position_ids=torch.tensor([positions], device=device),
             use_cache=False,
             **({"logits_to_keep": index} if self._keeps_logits else {}),

@@ -91,6 +91,10 @@ class PromptSlots(ModuleSlots):
         n = int(self.lengths[slot])
         return {KEY: self.prompts[slot, :n].clone()} if n else None
 
+    def virtual_tokens(self, slot: int) -> torch.Tensor | None:
+        n = int(self.lengths[slot])
+        return self.prompts[slot, :n] if n else None
+
     def before(self, module: nn.Module, args: tuple, kwargs: dict, route: Route) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
         if args:
