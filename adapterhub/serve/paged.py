@@ -101,7 +101,11 @@ class Step:
         self.write = torch.tensor(write, device=device)  # (T,)
         self.decode = torch.tensor(decode, dtype=torch.long, device=device)  # (D,) their place in the step
         longest = max(lengths, default=0)
-        self.decode_read = torch.tensor([r + [0] * (longest - len(r)) for r in reads], dtype=torch.long, device=device)
+        self.decode_read = torch.tensor(  # (D * Lmax,) each decode row's slots, padded with slot 0
+            [s for r in reads for s in r + [0] * (longest - len(r))], dtype=torch.long, device=device
+        )
+        self.decode_shape = (len(reads), longest, *pool.keys[0].shape[1:]) if pool.keys else ()
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every layer
         self.decode_mask = (
             torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         )[:, None, None, :]  # (D, 1, 1, Lmax)
@@ -124,15 +128,19 @@ class Step:
         out = torch.empty_like(q)
         gqa = query.size(1) != key.size(1)
         if self.decode.numel():
-            k = keys[self.decode_read].permute(0, 2, 1, 3)  # (D, KV, Lmax, d)
-            v = values[self.decode_read].permute(0, 2, 1, 3)
+            if self._gathered is None:
+                self._gathered = (keys.new_empty(self.decode_shape), values.new_empty(self.decode_shape))
+            k, v = self._gathered  # (D, Lmax, KV, d): index_select into one buffer is ~3x faster than k[index]
+            torch.index_select(keys, 0, self.decode_read, out=k.view(-1, *k.shape[2:]))
+            torch.index_select(values, 0, self.decode_read, out=v.view(-1, *v.shape[2:]))
+            k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # (D, KV, Lmax, d)
             o = F.scaled_dot_product_attention(
                 q[self.decode].unsqueeze(2), k, v, attn_mask=self.decode_mask, scale=scaling, enable_gqa=gqa
             )  # (D, H, 1, d)
             out[self.decode] = o[:, :, 0]
         for offset, count, read, mask in self.prefill:
-            k = keys[read].transpose(0, 1)[None]  # (1, KV, c, d)
-            v = values[read].transpose(0, 1)[None]
+            k = keys.index_select(0, read).transpose(0, 1)[None]  # (1, KV, c, d)
+            v = values.index_select(0, read).transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(
                 query[:, :, offset : offset + count], k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
             )  # (1, H, n, d)
