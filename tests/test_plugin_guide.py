@@ -1,5 +1,6 @@
 """docs/writing-a-plugin.md is true: its package, copied out of the page and pip-installed into a
-temporary directory, is discovered, listed and loads adapters that batch with PEFT LoRA rows."""
+temporary directory, is discovered, listed and loads adapters that batch with PEFT LoRA rows, per row
+and packed (the server's steps)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ with torch.no_grad():
 torch.testing.assert_close(together[0], want, rtol=1e-5, atol=1e-5)
 torch.testing.assert_close(together[1], lora, rtol=1e-5, atol=1e-5)
 torch.testing.assert_close(together[2], base, rtol=1e-5, atol=1e-5)
+# The server's packed steps: the three rows as one sequence (each attending to itself only, through the
+# engine's paged attention), each token routed to its row's adapter.
+from adapterhub.serve.paged import Chunk, KVPool, Step, use_paged_attention
+T = batch.size(1)
+use_paged_attention(model)
+step = Step(KVPool(model, 3, 16), [Chunk([k], 0, T) for k in range(3)], torch.device("cpu"))
+with torch.no_grad(), bb.use(["shifted", "lora", None], lengths=[T] * 3), step.active():
+    packed = model(input_ids=batch.reshape(1, -1), position_ids=torch.arange(T).repeat(3)[None]).logits[0]
+torch.testing.assert_close(packed.view(3, T, -1), together, rtol=1e-5, atol=1e-5)
 assert bb.info("shifted").type == "bias"
 bb.save("shifted", out / "saved")
 assert torch.equal(bias.read(out / "saved").modules[path]["bias"], adapter.modules[path]["bias"])

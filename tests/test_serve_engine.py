@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 from serving import Offline, make_model_dir, served_llama
-from tiny_models import save_peft, tiny_llama, tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
-from adapterhub import AdapterError, Backbone
+from adapterhub import Backbone
 from adapterhub.serve.engine import Engine, Failed, Finished, Token
 from adapterhub.serve.sampling import Sampling, TextStream, next_tokens
 

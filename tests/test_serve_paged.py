@@ -299,3 +299,31 @@ def test_prompt_tuning_is_served_in_mixed_batches_as_offline(tmp_path):
             engine.submit("p19", [5] * 40, Sampling(max_tokens=10), lambda e: None)
     finally:
         engine.stop()
+
+
+def test_rows_that_all_wait_for_blocks_mid_prompt_are_unblocked_by_the_youngest():
+    """A scheduler state where every block is held by rows mid-prompt (none decoding): the plan must
+    not be empty (the engine would spin); the youngest row gives its blocks back."""
+    model = tiny_llama()
+    per_block = KVPool.bytes_per_token(model) * BLOCK_SIZE
+    engine = Engine(
+        Backbone(model, max_adapters=1, max_rank=4),
+        tiny_tokenizer(),
+        base_name="t",
+        max_batch=4,
+        max_step_tokens=8,
+        kv_cache_bytes=4 * per_block,
+    )
+    for prompt in ([7] * 40, [8] * 40):
+        engine.submit(None, prompt, Sampling(max_tokens=4), lambda e: None)
+    with engine._lock:
+        admitted = engine._admit()
+    engine._join(admitted)
+    old, young = engine._rows
+    for row in (old, young):  # each holds two full blocks of its prompt, none is left
+        assert engine.kv.grow(row.kv, 32)
+        row.kv.computed = 32
+    plan = engine._plan()
+    assert [(row is old, count) for row, count in plan] == [(True, 8)]
+    assert young.kv.blocks == [] and young.kv.computed == 0
+    assert engine.metrics.preemptions._value.get() == 1

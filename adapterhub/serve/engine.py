@@ -344,10 +344,12 @@ class Engine:
         for row in decoding:
             if id(row) in preempted:
                 continue
-            while not self.kv.grow(row.kv, 1):
-                victim = next((r for r in reversed(self._rows) if r.kv.blocks and id(r) not in preempted), row)
-                self._preempt(victim)
-                preempted.add(id(victim))
+            while not self.kv.grow(row.kv, 1):  # out of blocks: the youngest rows (not yet planned) give theirs
+                younger = self._rows[self._rows.index(row) + 1 :]
+                victim = next((r for r in reversed(younger) if r.kv.blocks and id(r) not in preempted), row)
+                if victim.kv.blocks:
+                    self._preempt(victim)
+                preempted.add(id(victim))  # a row without blocks (a one-token prompt) just waits
                 if victim is row:
                     break
             if id(row) not in preempted:
@@ -364,6 +366,10 @@ class Engine:
             if count > 0 and self.kv.grow(row.kv, count):
                 plan.append((row, count))
                 budget -= count
+        holders = [row for row in self._rows if row.kv.blocks]
+        if not plan and len(holders) > 1:  # rows mid-prompt hold every block: the youngest gives its back
+            self._preempt(holders[-1])
+            return self._plan()
         return plan
 
     def _preempt(self, row: _Row) -> None:
