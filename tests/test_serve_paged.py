@@ -19,9 +19,10 @@ from adapterhub import AdapterError, Backbone
 from adapterhub.plugins import get_type
 from adapterhub.serve.engine import Engine, Failed, Finished
 from adapterhub.serve.errors import RequestError
-from adapterhub.serve.kv_cache import BLOCK_SIZE, KVCache
+from adapterhub.serve.kv_cache import BLOCK_SIZE, KVCache, KVState
 from adapterhub.serve.paged import Chunk, KVPool, Step, use_paged_attention
 from adapterhub.serve.sampling import Sampling
+from adapterhub.serve.scheduler import plan_step
 
 GREEDY = Sampling(max_tokens=14, temperature=0, ignore_eos=True)
 
@@ -311,9 +312,9 @@ def test_prompt_tuning_is_served_in_mixed_batches_as_offline(tmp_path):
         engine.stop()
 
 
-def test_rows_that_all_wait_for_blocks_mid_prompt_are_unblocked_by_the_youngest():
-    """A scheduler state where every block is held by rows mid-prompt (none decoding): the plan must
-    not be empty (the engine would spin); the youngest row gives its blocks back."""
+def _stalled(prompts: list[list[int]], blocks: int, cached: list[int] | None = None):
+    """An engine (not started) whose admitted rows each computed two blocks of their prompt, with
+    `cached` published in the prefix cache first."""
     model = tiny_llama()
     per_block = KVPool.bytes_per_token(model) * BLOCK_SIZE
     engine = Engine(
@@ -321,19 +322,112 @@ def test_rows_that_all_wait_for_blocks_mid_prompt_are_unblocked_by_the_youngest(
         tiny_tokenizer(),
         base_name="t",
         max_batch=4,
-        max_step_tokens=8,
-        kv_cache_bytes=4 * per_block,
+        max_step_tokens=64,
+        kv_cache_bytes=blocks * per_block,
     )
-    for prompt in ([7] * 40, [8] * 40):
+    if cached:
+        warm = KVState("", cached + [40])
+        assert engine.kv.grow(warm, len(warm.tokens))
+        warm.computed = len(warm.tokens)
+        engine.kv.publish(warm)
+        engine.kv.free(warm)
+    for prompt in prompts:
         engine.submit(None, prompt, Sampling(max_tokens=4), lambda e: None)
     with engine._lock:
         admitted = engine._admit()
     engine._join(admitted)
+    return engine
+
+
+def test_rows_that_all_wait_for_blocks_mid_prompt_are_unblocked_by_the_youngest():
+    """Every block held by rows mid-prompt, none decoding: the plan must not be empty (the engine
+    would spin); the youngest row gives its blocks back."""
+    engine = _stalled([[7] * 40, [8] * 40], blocks=4)
     old, young = engine._rows
     for row in (old, young):  # each holds two full blocks of its prompt, none is left
         assert engine.kv.grow(row.kv, 32)
         row.kv.computed = 32
-    plan = engine._plan()
+    plan = plan_step(engine._rows, engine.kv, engine.max_step_tokens, engine._preempt)
     assert [(row is old, count) for row, count in plan] == [(True, 8)]
     assert young.kv.blocks == [] and young.kv.computed == 0
     assert engine.metrics.preemptions._value.get() == 1
+
+
+def test_a_stalled_step_whose_youngest_row_holds_only_shared_blocks_preempts_one_that_frees_some():
+    """The youngest row holds only a cached prefix block shared with older rows: preempting it frees
+    nothing and it would take the same block back (found by review: unbounded recursion); the row
+    that owns blocks gives them back instead."""
+    shared = list(range(3, 19))  # one full block, cached by an earlier request
+    engine = _stalled([shared + [50] * 24, shared + [60] * 24, shared + [70] * 6], blocks=3, cached=shared)
+    first, second, third = engine._rows
+    for row in (first, second):
+        engine.kv.reuse_prefix(row.kv)
+        assert engine.kv.grow(row.kv, 16)
+        row.kv.computed = 32
+    engine.kv.reuse_prefix(third.kv)  # shares the prefix block; every block is now held
+    assert engine.kv.blocks.available() == 0
+    plan = plan_step(engine._rows, engine.kv, engine.max_step_tokens, engine._preempt)
+    assert plan and engine.metrics.preemptions._value.get() <= 2
+    assert engine.kv.blocks.refs[first.kv.blocks[0]] >= 1  # the shared prefix stays held
+
+
+def test_an_adapter_on_the_output_layer_is_served_beside_others(tmp_path):
+    """LoRA on lm_head routes per token too: its steps compute the output layer at every position
+    (found by review: with logits_to_keep the layer saw fewer tokens than its route, failing the batch)."""
+    lora = get_type("lora")
+    adapter = lora.init(tiny_llama(), {"target_modules": ["q_proj", "lm_head"], "r": 4})
+    g = torch.Generator().manual_seed(3)
+    for parts in adapter.modules.values():
+        parts["B"].copy_(torch.randn(parts["B"].shape, generator=g))
+    lora.write(adapter, tmp_path / "head")
+    offline = Backbone(tiny_llama(), max_adapters=1, max_rank=8)
+    offline.load(tmp_path / "head", name="head")
+    engine = Engine(
+        Backbone(tiny_llama(), max_adapters=2, max_rank=8), tiny_tokenizer(), base_name="t", max_step_tokens=64
+    )
+    engine.add_adapter("head", str(tmp_path / "head"))
+    engine.start()
+    try:
+        jobs = [("head", p) if k % 2 else (None, p) for k, p in enumerate(_prompts(4, seed=13))]
+        for (name, prompt), tokens in zip(jobs, _run(engine, jobs)):
+            with offline.use(name):
+                assert tokens == _alone(offline.model, prompt, GREEDY.max_tokens), name
+    finally:
+        engine.stop()
+
+
+def test_n_choices_count_against_max_batch_before_they_fork():
+    """Three n=2 requests with max_batch 3: never more than 3 rows in flight (found by review: the
+    choices still to fork were not counted at admission)."""
+    model = tiny_llama()
+    engine = Engine(
+        Backbone(model, max_adapters=1, max_rank=4), tiny_tokenizer(), base_name="t", max_batch=3, max_step_tokens=4
+    )
+    peak = []
+    original = engine._step
+
+    def step():
+        original()
+        peak.append(len(engine._rows))
+
+    engine._step = step
+    engine.start()
+    try:
+        sampling = Sampling(max_tokens=20, temperature=0, ignore_eos=True, n=2)
+        got = _run(engine, [(None, [5 + k] * 20) for k in range(3)], sampling)  # prompts take several steps
+        assert len(got) == 3 and max(peak) <= 3
+    finally:
+        engine.stop()
+
+
+def test_models_the_paged_attention_cannot_serve_are_refused_at_start():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def gemma2(**overrides):
+        config = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+        return Gemma2ForCausalLM(Gemma2Config(num_key_value_heads=2, head_dim=8, **config, **overrides))
+
+    with pytest.raises(TypeError, match="sliding_attention"):
+        use_paged_attention(gemma2(attn_logit_softcapping=None))
+    with pytest.raises(TypeError, match="soft-cap"):  # every layer full attention, logits soft-capped
+        use_paged_attention(gemma2(layer_types=["full_attention"] * 2, attn_logit_softcapping=50.0))

@@ -278,6 +278,12 @@ class Backbone:
                 self._heads[path] for path in record.heads
             ]
 
+    def adapted_modules(self, name: str) -> tuple[str, ...]:
+        """The module paths resident `name` adapts, its modules_to_save heads included."""
+        with self._lock:
+            record = self._record(name)
+            return record.modules + record.heads
+
     def virtual_tokens(self, name: str) -> torch.Tensor | None:
         """The (n, dim) input embeddings resident `name` puts before each row's tokens (prompt tuning),
         or None: for a server that places them in a packed sequence itself (`ModuleSlots.virtual_tokens`).

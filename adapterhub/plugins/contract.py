@@ -107,8 +107,11 @@ class AdapterType:
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
-    packed: ClassVar[bool] = True  # its slots work per token of a packed batch (Route.packed); if not, its
-    #                                  ModuleSlots give virtual_tokens, which the server places itself
+    # True: its slots work per token of a packed batch (`Route.packed`: `route.rows` per position), as
+    # the server's steps need. Opt-in, so a type written before packed batches is refused by name there
+    # rather than failing whole batches. A type that changes the sequence itself (prompt tuning) stays
+    # False and gives `ModuleSlots.virtual_tokens`, which the server places itself.
+    packed: ClassVar[bool] = False
     config_schema: ClassVar[dict] = {"type": "object"}
     description: ClassVar[str] = ""
 

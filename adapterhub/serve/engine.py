@@ -43,6 +43,7 @@ from .kv_cache import KVCache, KVState, default_budget
 from .metrics import Metrics
 from .paged import use_paged_attention
 from .sampling import Sampling, TextStream, next_tokens
+from .scheduler import plan_step
 
 log = logging.getLogger("adapterhub.serve")
 
@@ -87,6 +88,7 @@ class Request:
     sampling: Sampling
     on_event: Callable[[Event], None]
     virtual: int = 0  # the adapter's virtual tokens, placed before the prompt
+    full_logits: bool = False  # its adapter adapts the output embedding (see _Entry)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     unfinished: int = 0  # choices still generating
@@ -113,6 +115,7 @@ class _Entry:
     revision: str | None
     resident: str
     virtual: int = 0  # virtual tokens put before each row's prompt (prompt tuning)
+    full_logits: bool = False  # it adapts the output embedding: the step computes logits at every position
 
 
 class Engine:
@@ -138,7 +141,6 @@ class Engine:
         self.base_name, self.max_batch, self.max_step_tokens = base_name, max_batch, max_step_tokens
         self.fair_wait = fair_wait  # seconds a request may wait for a slot before nobody overtakes it
         self.metrics = metrics or Metrics()
-        self.metrics.watch(self)
         config = self.model.config
         self.vocab = self.model.get_output_embeddings().weight.size(0)
         self.context = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
@@ -146,6 +148,8 @@ class Engine:
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_budget(self.model, max_batch * self.context)
         self.kv = KVCache(self.model, budget, prefix_cache=prefix_cache)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        output = self.model.get_output_embeddings()
+        self._output_path = next(path for path, module in self.model.named_modules() if module is output)
         self.eos = end_of_sequence(self.model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self._lock = threading.Condition()  # guards everything below; notified when there is work
@@ -163,6 +167,7 @@ class Engine:
         self._stopping = False
         self._device = next(self.model.parameters()).device
         self._thread = threading.Thread(target=self._loop, name="adapterhub-engine", daemon=True)
+        self.metrics.watch(self)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> Engine:
@@ -208,10 +213,12 @@ class Engine:
                     "(AdapterType.packed, ModuleSlots.virtual_tokens), so the server cannot batch it"
                 )
             virtual = prefix.size(0)
+        full_logits = self._output_path in self.backbone.adapted_modules(resident)
         self.backbone.unpin(resident)
         with self._lock:
             old = self._adapters.get(name)
-            self._adapters[name] = self._residents[resident] = _Entry(source, revision, resident, virtual)
+            entry = _Entry(source, revision, resident, virtual, full_logits)
+            self._adapters[name] = self._residents[resident] = entry
             if old is not None:
                 self._retire(old.resident)
         return info
@@ -249,7 +256,10 @@ class Engine:
             entry = None if adapter is None else self._entry(adapter)
             resident, virtual = (None, 0) if entry is None else (entry.resident, entry.virtual)
             self._check_length(len(prompt), virtual, sampling.max_tokens)
-            request = Request(adapter, resident, list(prompt), sampling, on_event, virtual, unfinished=sampling.n)
+            full_logits = entry is not None and entry.full_logits
+            request = Request(
+                adapter, resident, list(prompt), sampling, on_event, virtual, full_logits, unfinished=sampling.n
+            )
             if resident is not None:
                 self._users[resident] += 1
             self._queue.append(request)
@@ -281,12 +291,13 @@ class Engine:
                 self._step()
             except Exception as error:  # out of memory, a kernel error: fail what is in flight, keep serving
                 log.exception("a batch failed; its requests get an error")
-                self._fail_running(f"the batch failed: {type(error).__name__}: {error}")
+                self._fail_running(f"the batch failed: {type(error).__name__}: {error}", admitted)
 
     def _admit(self) -> list[Request]:
         """Takes queued requests whose adapters are resident (pinning them) while rows last, and
         starts loads for the others."""
-        taken, rows = [], len(self._rows)
+        unforked = sum(r.request.sampling.n - 1 for r in self._rows if r.choice == 0 and r.count == 0)
+        taken, rows = [], len(self._rows) + unforked  # rows in flight and the choices still to fork
         for request in list(self._queue):
             if request.cancelled:
                 self._queue.remove(request)
@@ -314,18 +325,15 @@ class Engine:
 
     def _join(self, requests: list[Request]) -> None:
         """Admitted requests become rows (one per request; its other choices fork from it once its
-        prompt is in the cache), reusing cached prefix blocks of their adapter version."""
+        prompt is in the cache)."""
         now = time.perf_counter()
         for request in requests:
             with self._lock:
                 key = "" if request.resident is None else f"{request.resident}@{self._generation[request.resident]}"
             virtual = [-1 - i for i in range(request.virtual)]  # placeholders: embeddings come from the slot
-            row = self._new_row(request, 0, KVState(key, virtual + request.prompt))
-            reused = self.kv.reuse_prefix(row.kv)
+            self._rows.append(self._new_row(request, 0, KVState(key, virtual + request.prompt)))
             self.metrics.prompt_tokens.inc(len(request.prompt))
-            self.metrics.prefix_tokens.inc(reused)
             self.metrics.queue_seconds.observe(now - request.submitted)
-            self._rows.append(row)
 
     def _new_row(self, request: Request, choice: int, kv: KVState) -> _Row:
         seed = request.sampling.seed
@@ -334,44 +342,6 @@ class Engine:
             generator = torch.Generator().manual_seed(random.getrandbits(63) if seed is None else seed + choice)
         return _Row(request, choice, TextStream(self.tokenizer, request.sampling.stop), generator, kv)
 
-    def _plan(self) -> list[tuple[_Row, int]]:
-        """The step's tokens per row: one for every row past its prompt, then prefill chunks in
-        admission order until the step's token budget is spent. A row that needs a block when none
-        is left preempts the youngest rows (their K/V is recomputed later)."""
-        self._drop_cancelled()
-        decoding = [row for row in self._rows if row.kv.remaining() == 1]
-        plan, preempted = [], set()
-        for row in decoding:
-            if id(row) in preempted:
-                continue
-            while not self.kv.grow(row.kv, 1):  # out of blocks: the youngest rows (not yet planned) give theirs
-                younger = self._rows[self._rows.index(row) + 1 :]
-                victim = next((r for r in reversed(younger) if r.kv.blocks and id(r) not in preempted), row)
-                if victim.kv.blocks:
-                    self._preempt(victim)
-                preempted.add(id(victim))  # a row without blocks (a one-token prompt) just waits
-                if victim is row:
-                    break
-            if id(row) not in preempted:
-                plan.append((row, 1))
-        budget = self.max_step_tokens - len(plan)
-        for row in self._rows:
-            remaining = row.kv.remaining()
-            if budget <= 0 or remaining <= 1 or id(row) in preempted:
-                continue
-            if not row.kv.blocks:  # new, or preempted: its prefix may be cached
-                self.kv.reuse_prefix(row.kv)
-                remaining = row.kv.remaining()
-            count = min(remaining, budget, self.kv.room(row.kv))
-            if count > 0 and self.kv.grow(row.kv, count):
-                plan.append((row, count))
-                budget -= count
-        holders = [row for row in self._rows if row.kv.blocks]
-        if not plan and len(holders) > 1:  # rows mid-prompt hold every block: the youngest gives its back
-            self._preempt(holders[-1])
-            return self._plan()
-        return plan
-
     def _preempt(self, row: _Row) -> None:
         self.kv.free(row.kv)
         self.metrics.preemptions.inc()
@@ -379,7 +349,8 @@ class Engine:
     def _step(self) -> None:
         """One forward over the planned tokens of every row (a packed sequence), then sampling for
         the rows whose tokens are all in the cache."""
-        plan = self._plan()
+        self._drop_cancelled()
+        plan = plan_step(self._rows, self.kv, self.max_step_tokens, self._preempt)
         if not plan:
             return
         ids, positions, keep, sampled = [], [], [], []
@@ -394,7 +365,8 @@ class Engine:
         names = [None if row.request.virtual else row.request.resident for row, _ in plan]
         lengths = [count for _, count in plan]
         with self.backbone.use(names, lengths=lengths), torch.inference_mode(), step.active():
-            logits = self._forward(ids, positions, keep, self._virtual_embeddings(plan))
+            every = any(row.request.full_logits for row, _ in plan)  # the output layer sees every token
+            logits = self._forward(ids, positions, keep, self._virtual_embeddings(plan), every)
         for row, count in plan:
             row.kv.computed += count
             self.kv.publish(row.kv)
@@ -415,10 +387,17 @@ class Engine:
         return out
 
     def _forward(
-        self, ids: list[int], positions: list[int], keep: list[int], virtual: list[tuple[int, torch.Tensor]] = ()
+        self,
+        ids: list[int],
+        positions: list[int],
+        keep: list[int],
+        virtual: list[tuple[int, torch.Tensor]] = (),
+        every: bool = False,
     ) -> torch.Tensor:
         """Logits (len(keep), vocab) fp32 at the positions `keep` of the packed sequence `ids`, whose
-        `virtual` places hold the given embeddings instead of a token's."""
+        `virtual` places hold the given embeddings instead of a token's. `every`: compute the output
+        layer at every position (an adapter on it is routed per token) and pick `keep` after."""
+        keeps = self._keeps_logits and not every
         device = self._device
         index = torch.tensor(keep, dtype=torch.long, device=device)
         tokens = torch.tensor([ids], device=device).clamp(min=0)  # (1, T)
@@ -432,10 +411,10 @@ class Engine:
             **inputs,
             position_ids=torch.tensor([positions], device=device),
             use_cache=False,
-            **({"logits_to_keep": index} if self._keeps_logits else {}),
+            **({"logits_to_keep": index} if keeps else {}),
         )
         logits = out.logits[0]
-        return (logits if self._keeps_logits else logits[index]).float()
+        return (logits if keeps else logits[index]).float()
 
     def _fork(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[_Row], torch.Tensor]:
         """Rows whose request asks for n > 1 choices and that just finished their prompt get their
@@ -507,15 +486,18 @@ class Engine:
             for request in {id(r.request): r.request for r in gone}.values():
                 self._release(request)
 
-    def _fail_running(self, message: str) -> None:
-        requests = {id(r.request): r.request for r in self._rows}.values()
+    def _fail_running(self, message: str, admitted: list[Request] = ()) -> None:
+        """Fails every row in flight and the requests just admitted (some may not be rows yet)."""
+        requests = {id(r): r for r in [*(row.request for row in self._rows), *admitted]}.values()
         for row in self._rows:
             self.kv.free(row.kv)
         self._rows = []
         with self._lock:
             for request in requests:
-                request.on_event(Failed(500, message))
-                self._release(request)
+                if request.unfinished > 0:  # not those whose last choice finished before the error
+                    request.unfinished = 0
+                    request.on_event(Failed(500, message))
+                    self._release(request)
 
     # ---- bookkeeping (under self._lock) --------------------------------------------------
     def _entry(self, name: str) -> _Entry:
@@ -546,6 +528,7 @@ class Engine:
     def _unload(self, resident: str) -> None:
         self._retired.discard(resident)
         del self._residents[resident]
+        self._generation.pop(resident, None)
         if resident in self.backbone.names:
             self.backbone.unload(resident)
 

@@ -30,6 +30,7 @@ class KVState:
     computed: int = 0  # tokens[:computed] have K/V in `blocks`
     blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # prefix keys of its published blocks (blocks[:len(keys)])
+    looked_up: bool = False  # its prefix was looked up since it last held no block
 
     def remaining(self) -> int:
         return len(self.tokens) - self.computed
@@ -57,6 +58,7 @@ class KVCache:
         self.pool = KVPool(model, blocks, BLOCK_SIZE)
         self.blocks = Blocks(blocks)
         self.prefix_cache = prefix_cache
+        self.reused_tokens = 0  # prompt tokens whose K/V came from the prefix cache
         self.device = next(model.parameters()).device
 
     @property
@@ -69,9 +71,10 @@ class KVCache:
 
     def reuse_prefix(self, row: KVState) -> int:
         """Takes the cached blocks of the row's longest known prefix (leaving at least its last token
-        to compute, whose logits it needs); returns the tokens reused."""
-        if not self.prefix_cache or row.blocks:
+        to compute, whose logits it needs), once per row that holds no block; returns the tokens reused."""
+        if not self.prefix_cache or row.blocks or row.looked_up:
             return 0
+        row.looked_up = True
         for key in block_keys(row.adapter, row.tokens[: len(row.tokens) - 1], BLOCK_SIZE):
             block = self.blocks.lookup(key)
             if block is None:
@@ -79,6 +82,7 @@ class KVCache:
             row.blocks.append(block)
             row.keys.append(key)
         row.computed = len(row.blocks) * BLOCK_SIZE
+        self.reused_tokens += row.computed
         return row.computed
 
     def room(self, row: KVState) -> int:
@@ -107,10 +111,15 @@ class KVCache:
         row.keys.extend(keys)
 
     def free(self, row: KVState) -> None:
-        """Gives back the row's blocks; its K/V must be computed again before it runs on."""
-        for block in row.blocks:
+        """Gives back the row's blocks, last first (so the prefix cache drops a chain's tail before
+        its head); its K/V must be computed again before it runs on."""
+        for block in reversed(row.blocks):
             self.blocks.release(block)
-        row.blocks, row.keys, row.computed = [], [], 0
+        row.blocks, row.keys, row.computed, row.looked_up = [], [], 0, False
+
+    def owns_a_block(self, row: KVState) -> bool:
+        """Whether freeing the row would free a block (one that no other row holds)."""
+        return any(self.blocks.refs[block] == 1 for block in row.blocks)
 
     def fork(self, row: KVState) -> KVState:
         """A copy of the row sharing its full blocks (its partial last block copied), or with nothing

@@ -40,9 +40,6 @@ class Metrics:
             registry=r,
             buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096),
         )
-        self.prefix_tokens = Counter(
-            "adapterhub_prefix_cache_tokens", "prompt tokens whose K/V came from the prefix cache", registry=r
-        )
         self.preemptions = Counter(
             "adapterhub_preemptions", "rows that gave back their KV blocks to be recomputed later", registry=r
         )
@@ -112,3 +109,8 @@ class _EngineCollector:
         blocks = e.kv.blocks
         yield CounterMetricFamily("adapterhub_prefix_cache_lookups", "prefix blocks looked up", value=blocks.lookups)
         yield CounterMetricFamily("adapterhub_prefix_cache_hits", "prefix blocks found cached", value=blocks.hits)
+        yield CounterMetricFamily(
+            "adapterhub_prefix_cache_tokens",
+            "prompt tokens whose K/V came from the prefix cache",
+            value=e.kv.reused_tokens,
+        )

@@ -80,35 +80,30 @@ class Step:
 
     def __init__(self, pool: KVPool, chunks: list[Chunk], device: torch.device):
         self.pool, bs = pool, pool.block_size
-
-        def slots(blocks: list[int], first: int, end: int) -> list[int]:
-            return [blocks[p // bs] * bs + p % bs for p in range(first, end)]
-
-        write, offset, decode, reads, lengths, self.prefill = [], 0, [], [], [], []
-        for chunk in chunks:
-            write += slots(chunk.blocks, chunk.start, chunk.start + chunk.count)
-            if chunk.count == 1:
-                decode.append(offset)
-                reads.append(slots(chunk.blocks, 0, chunk.start + 1))
-                lengths.append(chunk.start + 1)
-            else:
-                read = torch.tensor(slots(chunk.blocks, 0, chunk.start + chunk.count), device=device)
-                keys = torch.arange(chunk.start + chunk.count, device=device)
-                queries = torch.arange(chunk.start, chunk.start + chunk.count, device=device)
-                self.prefill.append((offset, chunk.count, read, keys[None, :] <= queries[:, None]))  # mask (n, c)
-            offset += chunk.count
-        self.tokens = offset
-        self.write = torch.tensor(write, device=device)  # (T,)
-        self.decode = torch.tensor(decode, dtype=torch.long, device=device)  # (D,) their place in the step
-        longest = max(lengths, default=0)
-        self.decode_read = torch.tensor(  # (D * Lmax,) each decode row's slots, padded with slot 0
-            [s for r in reads for s in r + [0] * (longest - len(r))], dtype=torch.long, device=device
-        )
-        self.decode_shape = (len(reads), longest, *pool.keys[0].shape[1:]) if pool.keys else ()
+        width = max(len(chunk.blocks) for chunk in chunks)
+        table = torch.tensor([c.blocks + [0] * (width - len(c.blocks)) for c in chunks], device=device)  # (C, width)
+        slots = (table[:, :, None] * bs + torch.arange(bs, device=device)).view(len(chunks), -1)  # (C, width * bs)
+        starts = torch.tensor([c.start for c in chunks], device=device)  # (C,)
+        counts = torch.tensor([c.count for c in chunks], device=device)
+        offsets = counts.cumsum(0) - counts  # (C,) each chunk's first place in the step
+        chunk = torch.repeat_interleave(torch.arange(len(chunks), device=device), counts)  # (T,)
+        positions = starts[chunk] + torch.arange(chunk.numel(), device=device) - offsets[chunk]  # (T,)
+        self.tokens = chunk.numel()
+        self.write = slots[chunk, positions]  # (T,) each token's slot
+        decoding = (counts == 1).nonzero().flatten()  # (D,) chunks of one token: attended together
+        self.decode = offsets[decoding]  # (D,) their place in the step
+        lengths = starts[decoding] + 1  # (D,) tokens each attends to
+        longest = int(lengths.max()) if decoding.numel() else 0
+        self.decode_read = slots[decoding, :longest].flatten()  # (D * Lmax,); past a row's length: masked
+        self.decode_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        self.decode_shape = (decoding.numel(), longest, *pool.keys[0].shape[1:]) if pool.keys else ()
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every layer
-        self.decode_mask = (
-            torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-        )[:, None, None, :]  # (D, 1, 1, Lmax)
+        self.prefill = []  # (place in the step, tokens, their slots to read (c,), causal mask (n, c))
+        for c in (counts > 1).nonzero().flatten().tolist():
+            start, count, end = chunks[c].start, chunks[c].count, chunks[c].start + chunks[c].count
+            keys = torch.arange(end, device=device)
+            queries = torch.arange(start, end, device=device)
+            self.prefill.append((int(offsets[c]), count, slots[c, :end], keys[None, :] <= queries[:, None]))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -148,8 +143,16 @@ class Step:
         return out[None], None
 
 
+UNSUPPORTED = ("softcap", "s_aux", "sinks", "sliding_window")  # attention variants the paged step does not do
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     step = getattr(_active, "step", None)
+    if step is not None and any(kwargs.get(k) is not None for k in UNSUPPORTED):
+        raise TypeError(
+            f"{type(module).__name__} asks for attention with {[k for k in UNSUPPORTED if kwargs.get(k) is not None]}, "
+            "which the server's paged attention does not implement"
+        )
     if step is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -169,6 +172,11 @@ def use_paged_attention(model: nn.Module) -> None:
     """Switches `model` to the paged attention (plain SDPA outside a step); a TypeError for models
     whose layers do not all attend to every earlier token (sliding windows, recurrent layers)."""
     config = model.config.get_text_config()
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise TypeError(
+            f"the server's paged attention does not soft-cap attention logits, which this {config.model_type} "
+            "model does (attn_logit_softcapping)"
+        )
     kinds = set(getattr(config, "layer_types", None) or ())
     windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     if kinds - {"full_attention"} or (not kinds and windowed):

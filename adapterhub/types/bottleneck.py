@@ -285,6 +285,7 @@ class LayerSlots(ModuleSlots):
 
 class BottleneckType(AdapterType):
     name = "bottleneck"
+    packed = True  # routes per position (Route.rows), so it runs in the server's packed steps
     config_schema = SCHEMA
     description = "Bottleneck adapters (AdapterHub adapters format): seq_bn (Pfeiffer), double_seq_bn (Houlsby)"
 

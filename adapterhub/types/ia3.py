@@ -115,6 +115,7 @@ class IA3Slots(ModuleSlots):
 
 class IA3Type(AdapterType):
     name = "ia3"
+    packed = True  # routes per position (Route.rows), so it runs in the server's packed steps
     aliases = ("IA3",)
     config_schema = SCHEMA
     description = "IA3 (PEFT format): learned rescaling of layer inputs (feedforward) or outputs"

@@ -76,6 +76,7 @@ class LoraSlots(LowRankSlots):
 
 class LoraType(AdapterType):
     name = "lora"
+    packed = True  # routes per position (Route.rows), so it runs in the server's packed steps
     aliases = PEFT_TYPES
     config_schema = SCHEMA
     description = "LoRA, DoRA and rsLoRA (PEFT format), rank and alpha patterns"

@@ -185,7 +185,7 @@ def _arrange(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
 
 class PromptTuningType(AdapterType):
     name = "prompt_tuning"
-    packed = False  # virtual tokens lengthen each row: the server puts them in the sequence itself
+    # packed stays False: virtual tokens lengthen each row; the server puts them in the sequence itself
     aliases = ("PROMPT_TUNING",)
     config_schema = SCHEMA
     description = "prompt tuning (PEFT format): learned virtual tokens, padded per row in mixed batches"

@@ -21,6 +21,7 @@ from .slots import FACTORS, LohaSlots
 
 class LohaType(AdapterType):
     name = "loha"
+    packed = True  # routes per position (Route.rows), so it runs in the server's packed steps
     aliases = PEFT_TYPES
     config_schema = SCHEMA
     description = "LoHa (PEFT format) on nn.Linear, run as rank r*r low-rank slots: needs max_rank >= r*r"

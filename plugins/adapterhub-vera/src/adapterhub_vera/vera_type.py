@@ -21,6 +21,7 @@ from .slots import VeraSlots
 
 class VeraType(AdapterType):
     name = "vera"
+    packed = True  # routes per position (Route.rows), so it runs in the server's packed steps
     aliases = PEFT_TYPES
     config_schema = SCHEMA
     description = "VeRA (PEFT format) on nn.Linear/Conv1D, run as rank-r low-rank slots: needs max_rank >= r"
