@@ -5,6 +5,7 @@ gives each token its own adapter."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -431,3 +432,27 @@ def test_models_the_paged_attention_cannot_serve_are_refused_at_start():
         use_paged_attention(gemma2(attn_logit_softcapping=None))
     with pytest.raises(TypeError, match="soft-cap"):  # every layer full attention, logits soft-capped
         use_paged_attention(gemma2(layer_types=["full_attention"] * 2, attn_logit_softcapping=50.0))
+
+
+def test_a_type_that_does_not_declare_packed_is_refused_by_the_server_by_name(tmp_path):
+    """A plugin type written before packed steps (AdapterType.packed left False, no virtual tokens)
+    is refused when added, instead of failing every batch it would join."""
+    from adapterhub import hookimpl
+    from adapterhub.plugins import Registry
+    from adapterhub.types.lora import LoraType
+
+    class OldLora(LoraType):
+        name = "old_lora"
+        packed = False
+
+        def read(self, directory, *, allow_pickle=False):
+            return dataclasses.replace(super().read(directory, allow_pickle=allow_pickle), type=self.name)
+
+    types = Registry(load_entry_points=False)  # it reads PEFT's LORA directories in place of the built-in
+    types.register(type("Plugin", (), {"adapter_types": hookimpl(lambda self: [OldLora()])})())
+    source = save_peft(tiny_llama, tmp_path / "old", 1, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    backbone = Backbone(tiny_llama(), max_adapters=2, max_rank=8, preallocate=(), types=types)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="t")
+    with pytest.raises(AdapterError, match="old_lora adapter neither runs in packed batches nor gives virtual tokens"):
+        engine.add_adapter("old", str(source))
+    assert backbone.names == [] and engine.adapters() == {}
