@@ -373,26 +373,34 @@ def test_a_stalled_step_whose_youngest_row_holds_only_shared_blocks_preempts_one
 
 
 def test_an_adapter_on_the_output_layer_is_served_beside_others(tmp_path):
-    """LoRA on lm_head routes per token too: its steps compute the output layer at every position
-    (found by review: with logits_to_keep the layer saw fewer tokens than its route, failing the batch)."""
+    """LoRA on lm_head routes per token too: once the output layer has slots, steps compute it at every
+    position (found by review: with logits_to_keep the layer saw fewer tokens than its route, failing
+    the batch, also for other LoRA rows and after the head adapter was removed)."""
     lora = get_type("lora")
-    adapter = lora.init(tiny_llama(), {"target_modules": ["q_proj", "lm_head"], "r": 4})
     g = torch.Generator().manual_seed(3)
-    for parts in adapter.modules.values():
-        parts["B"].copy_(torch.randn(parts["B"].shape, generator=g))
-    lora.write(adapter, tmp_path / "head")
-    offline = Backbone(tiny_llama(), max_adapters=1, max_rank=8)
-    offline.load(tmp_path / "head", name="head")
+    for name, targets in (("head", ["q_proj", "lm_head"]), ("plain", ["q_proj"])):
+        adapter = lora.init(tiny_llama(), {"target_modules": targets, "r": 4})
+        for parts in adapter.modules.values():
+            parts["B"].copy_(torch.randn(parts["B"].shape, generator=g))
+        lora.write(adapter, tmp_path / name)
+    offline = Backbone(tiny_llama(), max_adapters=2, max_rank=8)
     engine = Engine(
-        Backbone(tiny_llama(), max_adapters=2, max_rank=8), tiny_tokenizer(), base_name="t", max_step_tokens=64
+        Backbone(tiny_llama(), max_adapters=3, max_rank=8), tiny_tokenizer(), base_name="t", max_step_tokens=64
     )
-    engine.add_adapter("head", str(tmp_path / "head"))
+    for name in ("head", "plain"):
+        offline.load(tmp_path / name, name=name)
+        engine.add_adapter(name, str(tmp_path / name))
     engine.start()
     try:
-        jobs = [("head", p) if k % 2 else (None, p) for k, p in enumerate(_prompts(4, seed=13))]
+        names = ["head", None, "plain", "head", "plain"]
+        jobs = list(zip(names, _prompts(5, seed=13)))
         for (name, prompt), tokens in zip(jobs, _run(engine, jobs)):
             with offline.use(name):
                 assert tokens == _alone(offline.model, prompt, GREEDY.max_tokens), name
+        engine.remove_adapter("head")
+        (tokens,) = _run(engine, [jobs[2]])  # "plain" alone, the output layer's slots still attached
+        with offline.use("plain"):
+            assert tokens == _alone(offline.model, jobs[2][1], GREEDY.max_tokens)
     finally:
         engine.stop()
 

@@ -278,11 +278,11 @@ class Backbone:
                 self._heads[path] for path in record.heads
             ]
 
-    def adapted_modules(self, name: str) -> tuple[str, ...]:
-        """The module paths resident `name` adapts, its modules_to_save heads included."""
+    def has_slots(self, path: str) -> bool:
+        """Whether the module at `path` has slot tensors of any type or a head attached (it did adapt,
+        or does: slots stay once allocated), so its forward hooks may run in a batch."""
         with self._lock:
-            record = self._record(name)
-            return record.modules + record.heads
+            return path in self._heads or any(p == path for _, p in self._module_slots)
 
     def virtual_tokens(self, name: str) -> torch.Tensor | None:
         """The (n, dim) input embeddings resident `name` puts before each row's tokens (prompt tuning),

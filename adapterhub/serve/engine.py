@@ -88,7 +88,6 @@ class Request:
     sampling: Sampling
     on_event: Callable[[Event], None]
     virtual: int = 0  # the adapter's virtual tokens, placed before the prompt
-    full_logits: bool = False  # its adapter adapts the output embedding (see _Entry)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     unfinished: int = 0  # choices still generating
@@ -115,7 +114,6 @@ class _Entry:
     revision: str | None
     resident: str
     virtual: int = 0  # virtual tokens put before each row's prompt (prompt tuning)
-    full_logits: bool = False  # it adapts the output embedding: the step computes logits at every position
 
 
 class Engine:
@@ -213,11 +211,10 @@ class Engine:
                     "(AdapterType.packed, ModuleSlots.virtual_tokens), so the server cannot batch it"
                 )
             virtual = prefix.size(0)
-        full_logits = self._output_path in self.backbone.adapted_modules(resident)
         self.backbone.unpin(resident)
         with self._lock:
             old = self._adapters.get(name)
-            entry = _Entry(source, revision, resident, virtual, full_logits)
+            entry = _Entry(source, revision, resident, virtual)
             self._adapters[name] = self._residents[resident] = entry
             if old is not None:
                 self._retire(old.resident)
@@ -256,10 +253,7 @@ class Engine:
             entry = None if adapter is None else self._entry(adapter)
             resident, virtual = (None, 0) if entry is None else (entry.resident, entry.virtual)
             self._check_length(len(prompt), virtual, sampling.max_tokens)
-            full_logits = entry is not None and entry.full_logits
-            request = Request(
-                adapter, resident, list(prompt), sampling, on_event, virtual, full_logits, unfinished=sampling.n
-            )
+            request = Request(adapter, resident, list(prompt), sampling, on_event, virtual, unfinished=sampling.n)
             if resident is not None:
                 self._users[resident] += 1
             self._queue.append(request)
@@ -365,7 +359,8 @@ class Engine:
         names = [None if row.request.virtual else row.request.resident for row, _ in plan]
         lengths = [count for _, count in plan]
         with self.backbone.use(names, lengths=lengths), torch.inference_mode(), step.active():
-            every = any(row.request.full_logits for row, _ in plan)  # the output layer sees every token
+            # Slots on the output layer (any adapter's, ever) route every token: it must see them all.
+            every = self.backbone.has_slots(self._output_path)
             logits = self._forward(ids, positions, keep, self._virtual_embeddings(plan), every)
         for row, count in plan:
             row.kv.computed += count

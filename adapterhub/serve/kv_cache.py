@@ -31,6 +31,7 @@ class KVState:
     blocks: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # prefix keys of its published blocks (blocks[:len(keys)])
     looked_up: bool = False  # its prefix was looked up since it last held no block
+    counted: bool = False  # its first lookup was counted in KVCache.reused_tokens
 
     def remaining(self) -> int:
         return len(self.tokens) - self.computed
@@ -58,7 +59,7 @@ class KVCache:
         self.pool = KVPool(model, blocks, BLOCK_SIZE)
         self.blocks = Blocks(blocks)
         self.prefix_cache = prefix_cache
-        self.reused_tokens = 0  # prompt tokens whose K/V came from the prefix cache
+        self.reused_tokens = 0  # tokens whose K/V came from the prefix cache at each row's first lookup
         self.device = next(model.parameters()).device
 
     @property
@@ -82,7 +83,9 @@ class KVCache:
             row.blocks.append(block)
             row.keys.append(key)
         row.computed = len(row.blocks) * BLOCK_SIZE
-        self.reused_tokens += row.computed
+        if not row.counted:  # later lookups (after a preemption) re-read the row's own blocks
+            self.reused_tokens += row.computed
+            row.counted = True
         return row.computed
 
     def room(self, row: KVState) -> int:
