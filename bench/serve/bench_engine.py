@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -34,11 +33,11 @@ import torch
 from adapterhub import Backbone
 from adapterhub.default_model import load_default
 from adapterhub.serve.engine import Engine, Finished, Token
-from adapterhub.serve.kv_cache import KVState
 from adapterhub.serve.paged import KVPool
 from adapterhub.serve.sampling import Sampling
 from bench.serve import loadgen
 from bench.serve.adapters import make_adapters, names
+from bench.serve.decode_step import decode_step_seconds
 from bench.serve.many_adapters import make_many
 from bench.tables import MEDIANS, layout, machine
 
@@ -121,27 +120,6 @@ def saturate(engine: Engine, adapters: list[str | None]) -> dict:
     return {"tokens_per_s": REQUESTS * MAX_TOKENS / wall, "wall_s": wall, "requests_per_s": REQUESTS / wall}
 
 
-def decode_step_seconds(engine: Engine, adapters: list[str | None], context: int = 64) -> float:
-    """The median time of one step of ROWS decode tokens at `context` tokens each (nothing else running)."""
-    rows = []
-    for _ in range(ROWS):
-        row = KVState("", [5] * context)
-        assert engine.kv.grow(row, context)
-        row.computed = context - 1
-        rows.append(row)
-    step = engine.kv.step([(row, 1) for row in rows])
-    residents = [None if a is None else engine._adapters[a].resident for a in adapters]
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        with engine.backbone.use(residents, lengths=[1] * ROWS), torch.inference_mode(), step.active():
-            engine._forward([5] * ROWS, [context - 1] * ROWS, list(range(ROWS)))
-        times.append(time.perf_counter() - start)
-    for row in rows:
-        engine.kv.free(row)
-    return statistics.median(times)
-
-
 CASES = {  # name -> adapters the requests name, in turn
     "base": [None],
     "1 adapter": names()[:1],
@@ -155,7 +133,8 @@ CASES = {  # name -> adapters the requests name, in turn
 def bench_saturation(setup, case):
     engine = setup
     adapters = CASES[case]
-    capacity = ROWS / decode_step_seconds(engine, [adapters[k % len(adapters)] for k in range(ROWS)])
+    residents = [None if a is None else engine._adapters[a].resident for a in adapters]
+    capacity = ROWS / decode_step_seconds(engine, [residents[k % len(residents)] for k in range(ROWS)], 64, runs=5)
     result = saturate(engine, adapters) | {"capacity_tokens_per_s": capacity}
     result["efficiency"] = result["tokens_per_s"] / capacity
     RESULTS["runs"][case] = result

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import tempfile
 import threading
 import time
@@ -29,8 +28,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from adapterhub import Backbone
 from adapterhub.plugins import get_type
 from adapterhub.serve.engine import Engine, Finished, Token
-from adapterhub.serve.kv_cache import KVState
 from adapterhub.serve.sampling import Sampling
+from bench.serve.decode_step import decode_step_seconds
 
 SHAPES = {
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32),
@@ -105,30 +104,6 @@ def saturate(engine: Engine, names: list[str | None], prompts: list[list[int]], 
     }
 
 
-def decode_capacity(engine: Engine, residents: list[str | None], rows: int, context: int = 256) -> float:
-    """rows / the median time of one step of `rows` decode tokens at `context` tokens each."""
-    states = []
-    for _ in range(rows):
-        state = KVState("", [5] * context)
-        assert engine.kv.grow(state, context)
-        state.computed = context - 1
-        states.append(state)
-    step = engine.kv.step([(state, 1) for state in states])
-    times = []
-    for _ in range(7):
-        if engine._device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with engine.backbone.use(residents, lengths=[1] * rows), torch.inference_mode(), step.active():
-            engine._forward([5] * rows, [context - 1] * rows, list(range(rows)))
-        if engine._device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    for state in states:
-        engine.kv.free(state)
-    return rows / statistics.median(times[2:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (smoke run)")
@@ -165,7 +140,7 @@ def main() -> None:
                 engine.add_adapter(name, str(path))
             loaded = time.perf_counter() - start
             residents = [engine._adapters[names[k % count]].resident for k in range(max_batch)]
-            capacity = decode_capacity(engine, residents, max_batch, 16 if args.tiny else 256)
+            capacity = max_batch / decode_step_seconds(engine, residents, 16 if args.tiny else 256, runs=7, warmup=2)
             engine.start()
             try:
                 result = saturate(engine, names, prompts, tokens)
