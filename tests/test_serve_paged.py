@@ -63,6 +63,13 @@ def _prompts(n: int, seed: int = 3) -> list[list[int]]:
     return [torch.randint(3, 98, (k,), generator=g).tolist() for k in lengths]
 
 
+def _engine(model, blocks: int | None = None, **settings) -> Engine:
+    """An engine (not started) on a bare `model`, its KV cache `blocks` blocks (None: the default)."""
+    kv_bytes = None if blocks is None else blocks * KVPool.bytes_per_token(model) * BLOCK_SIZE
+    backbone = Backbone(model, max_adapters=1, max_rank=4)
+    return Engine(backbone, tiny_tokenizer(), base_name="t", kv_cache_bytes=kv_bytes, **settings)
+
+
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
 @pytest.mark.parametrize(
     "max_batch, max_step_tokens, blocks",
@@ -71,15 +78,7 @@ def _prompts(n: int, seed: int = 3) -> list[list[int]]:
 def test_each_request_equals_its_generation_alone(build, max_batch, max_step_tokens, blocks):
     model = build()
     reference = build()
-    bytes_per_block = KVPool.bytes_per_token(model) * BLOCK_SIZE
-    engine = Engine(
-        Backbone(model, max_adapters=1, max_rank=4),
-        tiny_tokenizer(),
-        base_name="tiny",
-        max_batch=max_batch,
-        max_step_tokens=max_step_tokens,
-        kv_cache_bytes=blocks * bytes_per_block,
-    ).start()
+    engine = _engine(model, blocks, max_batch=max_batch, max_step_tokens=max_step_tokens).start()
     try:
         prompts = _prompts(10)
         got = _run(engine, [(None, p) for p in prompts])
@@ -93,8 +92,7 @@ def test_each_request_equals_its_generation_alone(build, max_batch, max_step_tok
 
 def test_choices_fork_from_one_prompt_and_decode_their_own_way():
     model, reference = tiny_llama(), tiny_llama()
-    engine = Engine(Backbone(model, max_adapters=1, max_rank=4), tiny_tokenizer(), base_name="tiny", max_batch=4)
-    engine.start()
+    engine = _engine(model, max_batch=4).start()
     try:
         prompt = _prompts(1, seed=9)[0] + [5] * 20  # a partial last block, copied per choice
         greedy = Sampling(max_tokens=10, temperature=0, ignore_eos=True, n=3)
@@ -158,15 +156,7 @@ def test_prefix_cache_is_shared_only_within_one_adapter_version(dirs):
 
 
 def test_a_request_larger_than_the_cache_is_refused_and_one_that_fits_alone_runs():
-    model = tiny_llama()
-    per_block = KVPool.bytes_per_token(model) * BLOCK_SIZE
-    engine = Engine(
-        Backbone(model, max_adapters=1, max_rank=4),
-        tiny_tokenizer(),
-        base_name="t",
-        max_batch=4,
-        kv_cache_bytes=2 * per_block,
-    )
+    engine = _engine(tiny_llama(), 2, max_batch=4)
     with pytest.raises(RequestError, match="KV cache of 32 tokens"):
         engine.submit(None, [5] * 30, Sampling(max_tokens=3), lambda e: None)
     engine.start()
@@ -316,16 +306,7 @@ def test_prompt_tuning_is_served_in_mixed_batches_as_offline(tmp_path):
 def _stalled(prompts: list[list[int]], blocks: int, cached: list[int] | None = None):
     """An engine (not started) whose admitted rows each computed two blocks of their prompt, with
     `cached` published in the prefix cache first."""
-    model = tiny_llama()
-    per_block = KVPool.bytes_per_token(model) * BLOCK_SIZE
-    engine = Engine(
-        Backbone(model, max_adapters=1, max_rank=4),
-        tiny_tokenizer(),
-        base_name="t",
-        max_batch=4,
-        max_step_tokens=64,
-        kv_cache_bytes=blocks * per_block,
-    )
+    engine = _engine(tiny_llama(), blocks, max_batch=4, max_step_tokens=64)
     if cached:
         warm = KVState("", cached + [40])
         assert engine.kv.grow(warm, len(warm.tokens))
@@ -408,10 +389,7 @@ def test_an_adapter_on_the_output_layer_is_served_beside_others(tmp_path):
 def test_n_choices_count_against_max_batch_before_they_fork():
     """Three n=2 requests with max_batch 3: never more than 3 rows in flight (found by review: the
     choices still to fork were not counted at admission)."""
-    model = tiny_llama()
-    engine = Engine(
-        Backbone(model, max_adapters=1, max_rank=4), tiny_tokenizer(), base_name="t", max_batch=3, max_step_tokens=4
-    )
+    engine = _engine(tiny_llama(), max_batch=3, max_step_tokens=4)
     peak = []
     original = engine._step
 
