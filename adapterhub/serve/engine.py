@@ -347,11 +347,10 @@ class Engine:
         plan = plan_step(self._rows, self.kv, self.max_step_tokens, self._preempt)
         if not plan:
             return
-        ids, positions, keep, sampled = [], [], [], []
+        ids, keep, sampled = [], [], []
         for row, count in plan:
             start = row.kv.computed
             ids += row.kv.tokens[start : start + count]
-            positions += range(start, start + count)
             if start + count == len(row.kv.tokens):
                 keep.append(len(ids) - 1)
                 sampled.append(row)
@@ -361,7 +360,7 @@ class Engine:
         with self.backbone.use(names, lengths=lengths), torch.inference_mode(), step.active():
             # Slots on the output layer (any adapter's, ever) route every token: it must see them all.
             every = self.backbone.has_slots(self._output_path)
-            logits = self._forward(ids, positions, keep, self._virtual_embeddings(plan), every)
+            logits = self._forward(ids, step.positions, keep, self._virtual_embeddings(plan), every)
         for row, count in plan:
             row.kv.computed += count
             self.kv.publish(row.kv)
@@ -384,13 +383,14 @@ class Engine:
     def _forward(
         self,
         ids: list[int],
-        positions: list[int],
+        positions: torch.Tensor,
         keep: list[int],
         virtual: list[tuple[int, torch.Tensor]] = (),
         every: bool = False,
     ) -> torch.Tensor:
-        """Logits (len(keep), vocab) fp32 at the positions `keep` of the packed sequence `ids`, whose
-        `virtual` places hold the given embeddings instead of a token's. `every`: compute the output
+        """Logits (len(keep), vocab) fp32 at the places `keep` of the packed sequence `ids` (each
+        token's position in its row: `positions` (T,), the step's), whose `virtual` places hold the
+        given embeddings instead of a token's. `every`: compute the output
         layer at every position (an adapter on it is routed per token) and pick `keep` after."""
         keeps = self._keeps_logits and not every
         device = self._device
@@ -404,7 +404,7 @@ class Engine:
             inputs = {"inputs_embeds": embeds}
         out = self.model(
             **inputs,
-            position_ids=torch.tensor([positions], device=device),
+            position_ids=positions[None],
             use_cache=False,
             **({"logits_to_keep": index} if keeps else {}),
         )

@@ -87,9 +87,9 @@ class Step:
         counts = torch.tensor([c.count for c in chunks], device=device)
         offsets = counts.cumsum(0) - counts  # (C,) each chunk's first place in the step
         chunk = torch.repeat_interleave(torch.arange(len(chunks), device=device), counts)  # (T,)
-        positions = starts[chunk] + torch.arange(chunk.numel(), device=device) - offsets[chunk]  # (T,)
+        self.positions = starts[chunk] + torch.arange(chunk.numel(), device=device) - offsets[chunk]  # (T,)
         self.tokens = chunk.numel()
-        self.write = slots[chunk, positions]  # (T,) each token's slot
+        self.write = slots[chunk, self.positions]  # (T,) each token's slot
         decoding = (counts == 1).nonzero().flatten()  # (D,) chunks of one token: attended together
         self.decode = offsets[decoding]  # (D,) their place in the step
         lengths = starts[decoding] + 1  # (D,) tokens each attends to

@@ -29,7 +29,7 @@ def decode_step_seconds(engine: Engine, residents: list[str | None], context: in
             torch.cuda.synchronize()
         start = time.perf_counter()
         with engine.backbone.use(residents, lengths=[1] * len(rows)), torch.inference_mode(), step.active():
-            engine._forward([5] * len(rows), [context - 1] * len(rows), list(range(len(rows))))
+            engine._forward([5] * len(rows), step.positions, list(range(len(rows))))
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
