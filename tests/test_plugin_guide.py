@@ -52,8 +52,8 @@ from adapterhub.serve.paged import Chunk, KVPool, Step, use_paged_attention
 T = batch.size(1)
 use_paged_attention(model)
 step = Step(KVPool(model, 3, 16), [Chunk([k], 0, T) for k in range(3)], torch.device("cpu"))
-with torch.no_grad(), bb.use(["shifted", "lora", None], lengths=[T] * 3), step.active():
-    packed = model(input_ids=batch.reshape(1, -1), position_ids=torch.arange(T).repeat(3)[None]).logits[0]
+with torch.no_grad(), bb.use(["shifted", "lora", None], lengths=[T] * 3):
+    packed = model(input_ids=batch.reshape(1, -1), **step.inputs()).logits[0]
 torch.testing.assert_close(packed.view(3, T, -1), together, rtol=1e-5, atol=1e-5)
 assert bb.info("shifted").type == "bias"
 bb.save("shifted", out / "saved")

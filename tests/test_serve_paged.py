@@ -50,11 +50,13 @@ def _run(engine: Engine, jobs: list[tuple[str | None, list[int]]], sampling: Sam
 
 
 def _alone(model, prompt: list[int], k: int) -> list[int]:
+    """The model's k greedy tokens after `prompt`, one full forward each (no cache, end of sequence
+    not suppressed: what the engine's ignore_eos does)."""
+    ids = list(prompt)
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0
-        )
-    return out[0, len(prompt) :].tolist()
+        for _ in range(k):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
 
 
 def _prompts(n: int, seed: int = 3) -> list[list[int]]:
@@ -65,7 +67,7 @@ def _prompts(n: int, seed: int = 3) -> list[list[int]]:
 
 def _engine(model, blocks: int | None = None, **settings) -> Engine:
     """An engine (not started) on a bare `model`, its KV cache `blocks` blocks (None: the default)."""
-    kv_bytes = None if blocks is None else blocks * KVPool.bytes_per_token(model) * BLOCK_SIZE
+    kv_bytes = None if blocks is None else (blocks + 1) * KVPool.bytes_per_token(model) * BLOCK_SIZE  # + trash
     backbone = Backbone(model, max_adapters=1, max_rank=4)
     return Engine(backbone, tiny_tokenizer(), base_name="t", kv_cache_bytes=kv_bytes, **settings)
 
@@ -214,8 +216,9 @@ def test_packed_routing_gives_each_token_its_own_adapter(tmp_path):
     step = Step(pool, chunks, torch.device("cpu"))
     ids = torch.tensor([[t for p in prompts for t in p]])
     positions = torch.tensor([[i for p in prompts for i in range(len(p))]])
-    with bb.use(names, lengths=[len(p) for p in prompts]), torch.no_grad(), step.active():
-        packed = model(input_ids=ids, position_ids=positions).logits[0]
+    assert torch.equal(step.positions, positions[0])
+    with bb.use(names, lengths=[len(p) for p in prompts]), torch.no_grad():
+        packed = model(input_ids=ids, **step.inputs()).logits[0]
     offset = 0
     for name, p in zip(names, prompts):
         with bb.use(name), torch.no_grad():
@@ -245,7 +248,7 @@ def test_packed_routing_refuses_prompt_tuning_and_bad_lengths(tmp_path):
     [
         (["--max-batch", "16", "--max-step-tokens", "8"], "max_step_tokens (8) must be at least max_batch (16)"),
         (["--kv-cache-bytes", "12 parsecs"], "expected a size such as 4GiB"),
-        (["--kv-cache-bytes", "100B"], "holds no block of 16 tokens"),
+        (["--kv-cache-bytes", "100B"], "holds fewer than 2 blocks of 16 tokens"),
     ],
 )
 def test_serve_refuses_bad_engine_settings(dirs, flags, message):

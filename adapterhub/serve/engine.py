@@ -41,7 +41,7 @@ from ..errors import AdapterError, NoFreeSlot
 from .errors import RequestError, UnknownAdapter
 from .kv_cache import KVCache, KVState, default_budget
 from .metrics import Metrics
-from .paged import use_paged_attention
+from .paged import CompiledStep, Step, use_paged_attention
 from .sampling import Sampling, TextStream, next_tokens
 from .scheduler import plan_step
 
@@ -129,10 +129,12 @@ class Engine:
         prefix_cache: bool = True,
         fair_wait: float = 1.0,
         metrics: Metrics | None = None,
+        compile: str | Callable | None = None,
     ):
         """`max_batch`: rows in flight; `max_step_tokens`: tokens per forward (every running row's
         next token first, prompt chunks in the rest); `kv_cache_bytes`: the KV pool (default: room
-        for max_batch rows of the full context, at most a quarter of free memory)."""
+        for max_batch rows of the full context, at most a quarter of free memory); `compile`: a
+        torch.compile backend ("inductor") to run the steps with, None: eager."""
         if max_step_tokens < max_batch:
             raise ValueError(f"max_step_tokens ({max_step_tokens}) must be at least max_batch ({max_batch})")
         self.backbone, self.model, self.tokenizer = backbone, backbone.model, tokenizer
@@ -164,6 +166,8 @@ class Engine:
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="adapterhub-load")
         self._stopping = False
         self._device = next(self.model.parameters()).device
+        self._step_model = CompiledStep(self.model, compile) if compile else self.model
+        self._pad = CompiledStep.PAD if compile else 0  # padding tokens per step
         self._thread = threading.Thread(target=self._loop, name="adapterhub-engine", daemon=True)
         self.metrics.watch(self)
 
@@ -354,13 +358,15 @@ class Engine:
             if start + count == len(row.kv.tokens):
                 keep.append(len(ids) - 1)
                 sampled.append(row)
-        step = self.kv.step([(row.kv, count) for row, count in plan])
+        step = self.kv.step([(row.kv, count) for row, count in plan], self._pad)
         names = [None if row.request.virtual else row.request.resident for row, _ in plan]
         lengths = [count for _, count in plan]
-        with self.backbone.use(names, lengths=lengths), torch.inference_mode(), step.active():
+        if self._pad:
+            names, lengths = names + [None], lengths + [self._pad]  # padding tokens: the base's
+        with self.backbone.use(names, lengths=lengths), torch.inference_mode():
             # Slots on the output layer (any adapter's, ever) route every token: it must see them all.
             every = self.backbone.has_slots(self._output_path)
-            logits = self._forward(ids, step.positions, keep, self._virtual_embeddings(plan), every)
+            logits = self._forward(ids, step, keep, self._virtual_embeddings(plan), every)
         for row, count in plan:
             row.kv.computed += count
             self.kv.publish(row.kv)
@@ -383,33 +389,32 @@ class Engine:
     def _forward(
         self,
         ids: list[int],
-        positions: torch.Tensor,
+        step: Step,
         keep: list[int],
         virtual: list[tuple[int, torch.Tensor]] = (),
         every: bool = False,
     ) -> torch.Tensor:
-        """Logits (len(keep), vocab) fp32 at the places `keep` of the packed sequence `ids` (each
-        token's position in its row: `positions` (T,), the step's), whose `virtual` places hold the
-        given embeddings instead of a token's. `every`: compute the output
-        layer at every position (an adapter on it is routed per token) and pick `keep` after."""
+        """Logits (len(keep), vocab) fp32 at the places `keep` of the packed sequence `ids` (the
+        step's tokens but its padding), whose `virtual` places hold the given embeddings instead of a
+        token's. `every`: compute the output layer at every position (an adapter on it is routed per
+        token) and pick `keep` after."""
         keeps = self._keeps_logits and not every
         device = self._device
-        index = torch.tensor(keep, dtype=torch.long, device=device)
-        tokens = torch.tensor([ids], device=device).clamp(min=0)  # (1, T)
+        # A compiled step keeps at least `pad` logits (the last padding token's), so no size is 0 or 1.
+        index = torch.tensor(keep + [step.tokens - 1] * (self._pad - len(keep)), dtype=torch.long, device=device)
+        tokens = torch.tensor([ids + [0] * self._pad], device=device).clamp(min=0)  # (1, T)
         inputs = {"input_ids": tokens}
-        if virtual:
+        if virtual or self._pad:  # compiled: always embeddings, so prompt-tuning steps share the graph
             embeds = self.model.get_input_embeddings()(tokens)  # (1, T, dim)
-            places = torch.tensor([p for p, _ in virtual], device=device)
-            embeds[0, places] = torch.stack([e for _, e in virtual]).to(embeds.dtype)
+            if virtual:
+                places = torch.tensor([p for p, _ in virtual], device=device)
+                embeds[0, places] = torch.stack([e for _, e in virtual]).to(embeds.dtype)
             inputs = {"inputs_embeds": embeds}
-        out = self.model(
-            **inputs,
-            position_ids=positions[None],
-            use_cache=False,
-            **({"logits_to_keep": index} if keeps else {}),
+        out = self._step_model(
+            **inputs, use_cache=False, **step.inputs(), **({"logits_to_keep": index} if keeps else {})
         )
         logits = out.logits[0]
-        return (logits if keeps else logits[index]).float()
+        return (logits[: len(keep)] if keeps else logits[index[: len(keep)]]).float()
 
     def _fork(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[_Row], torch.Tensor]:
         """Rows whose request asks for n > 1 choices and that just finished their prompt get their

@@ -50,11 +50,11 @@ def default_budget(model: nn.Module, max_tokens: int) -> int:
 
 class KVCache:
     def __init__(self, model: nn.Module, budget_bytes: int, *, prefix_cache: bool = True):
-        blocks = budget_bytes // (KVPool.bytes_per_token(model) * BLOCK_SIZE)
+        blocks = budget_bytes // (KVPool.bytes_per_token(model) * BLOCK_SIZE) - 1  # and the pool's trash block
         if blocks < 1:
             raise ValueError(
-                f"a KV cache of {budget_bytes} bytes holds no block of {BLOCK_SIZE} tokens "
-                f"({KVPool.bytes_per_token(model)} bytes per token); raise --kv-cache-bytes"
+                f"a KV cache of {budget_bytes} bytes holds fewer than 2 blocks of {BLOCK_SIZE} tokens "
+                f"({KVPool.bytes_per_token(model)} bytes per token; one takes padding); raise --kv-cache-bytes"
             )
         self.pool = KVPool(model, blocks, BLOCK_SIZE)
         self.blocks = Blocks(blocks)
@@ -140,6 +140,6 @@ class KVCache:
                 copy.blocks = [*copy.blocks, block]
         return copy
 
-    def step(self, rows: list[tuple[KVState, int]]) -> Step:
-        """The attention indices of a step running `count` new tokens of each row."""
-        return Step(self.pool, [Chunk(row.blocks, row.computed, count) for row, count in rows], self.device)
+    def step(self, rows: list[tuple[KVState, int]], pad: int = 0) -> Step:
+        """The attention indices of a step running `count` new tokens of each row (and `pad` padding tokens)."""
+        return Step(self.pool, [Chunk(row.blocks, row.computed, count) for row, count in rows], self.device, pad)

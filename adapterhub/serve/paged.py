@@ -3,26 +3,29 @@
 A step is one forward of a flat sequence (1, T): prefill chunks and decode tokens of many rows one
 after another, each row with its own positions. The model runs as it is (transformers' layers,
 rotary, our adapter hooks); only its attention function is ours, registered with transformers'
-`AttentionInterface` as "adapterhub_paged". Outside a step it is plain SDPA (so the model keeps
-working offline); inside one, for each layer it
+`AttentionInterface` as "adapterhub_paged". Without a step it is plain SDPA (so the model keeps
+working offline); in a forward given one (`model(..., **step.inputs())`: transformers hands the
+keyword argument `paged` down to every layer's attention) each layer
 
 1. writes the step's new K/V into the pool at each token's slot (block * block_size + offset), in place;
 2. attends: decode rows together (one SDPA over their gathered K/V, padded to the longest row,
-   masked), and each prefill chunk on its own (causal from its row's first cached position).
+   masked), and prefill chunks together (causal within each chunk, from its row's first position).
 
-Rows never move: joining, leaving and sharing prefixes only change block tables.
+Rows never move: joining, leaving and sharing prefixes only change block tables. A step holds
+tensors only, so a compiled forward (torch.compile, dynamic shapes) runs every step with one graph.
 
-    pool (per layer):  keys, values  (blocks * block_size, kv_heads, head_dim)   model dtype
+    pool (per layer):  keys, values  ((blocks + 1) * block_size, kv_heads, head_dim)   model dtype
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
+import functools
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.fx.experimental._config
 from torch import nn
 from torch.nn import functional as F
 from transformers import AttentionInterface
@@ -30,7 +33,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "adapterhub_paged"
-_active = threading.local()  # .step: the Step of the forward running on this thread
 
 
 def kv_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -43,15 +45,18 @@ def kv_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 class KVPool:
-    """Keys and values of every layer, `blocks` blocks of `block_size` tokens, preallocated."""
+    """Keys and values of every layer, `blocks` blocks of `block_size` tokens, preallocated, and one
+    more block (`trash`) that padding tokens write to and read from."""
 
     def __init__(self, model: nn.Module, blocks: int, block_size: int):
         layers, kv_heads, head_dim = kv_shape(model)
         weight = next(model.parameters())
-        shape = (blocks * block_size, kv_heads, head_dim)
+        shape = ((blocks + 1) * block_size, kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(layers)]
-        self.blocks, self.block_size = blocks, block_size
+        self.blocks, self.block_size, self.trash = blocks, block_size, blocks
+        for tensor in self.keys + self.values:
+            torch._dynamo.mark_static_address(tensor)  # a compiled step writes into them in place
 
     @staticmethod
     def bytes_per_token(model: nn.Module) -> int:
@@ -76,43 +81,73 @@ class Chunk:
 
 
 class Step:
-    """The index tensors of one packed step, made once and used by every layer."""
+    """The index tensors of one packed step, made once and used by every layer; the model gets them
+    as keyword arguments (`model(..., **step.inputs())`), which transformers hands to each layer's
+    attention function.
 
-    def __init__(self, pool: KVPool, chunks: list[Chunk], device: torch.device):
+    The step's T tokens are the chunks' tokens one after another, then `pad` padding tokens (K/V
+    written to the pool's trash block, attending to it only). Its tokens attend in two groups:
+    decode (chunks of one token: one SDPA over their rows' gathered K/V, padded to the longest row and
+    masked) and prefill (the longer chunks: one SDPA over their queries and the concatenation of their
+    rows' K/V, masked causal within each chunk). With `pad` >= 2 every size a compiled step sees (T,
+    each group's queries and keys) is at least 2, so torch.compile's dynamic shapes trace one graph
+    instead of one per size that happens to be 0 or 1; padding tokens join the prefill group and
+    `pad` padding rows the decode group.
+
+        write (T,) each token's slot      positions (T,)
+        decode: places (D,), read (D * L,), mask (D, 1, 1, L)
+        prefill: places (P,), read (K,), mask (1, 1, P, K)
+    """
+
+    def __init__(self, pool: KVPool, chunks: list[Chunk], device: torch.device, pad: int = 0):
         self.pool, bs = pool, pool.block_size
+        arange = functools.partial(torch.arange, device=device)
         width = max(len(chunk.blocks) for chunk in chunks)
-        table = torch.tensor([c.blocks + [0] * (width - len(c.blocks)) for c in chunks], device=device)  # (C, width)
-        slots = (table[:, :, None] * bs + torch.arange(bs, device=device)).view(len(chunks), -1)  # (C, width * bs)
+        table = torch.tensor([c.blocks + [pool.trash] * (width - len(c.blocks)) for c in chunks], device=device)
+        slots = (table[:, :, None] * bs + arange(bs)).view(len(chunks), -1)  # (C, width * bs)
         starts = torch.tensor([c.start for c in chunks], device=device)  # (C,)
         counts = torch.tensor([c.count for c in chunks], device=device)
         offsets = counts.cumsum(0) - counts  # (C,) each chunk's first place in the step
-        chunk = torch.repeat_interleave(torch.arange(len(chunks), device=device), counts)  # (T,)
-        self.positions = starts[chunk] + torch.arange(chunk.numel(), device=device) - offsets[chunk]  # (T,)
-        self.tokens = chunk.numel()
-        self.write = slots[chunk, self.positions]  # (T,) each token's slot
-        decoding = (counts == 1).nonzero().flatten()  # (D,) chunks of one token: attended together
-        self.decode = offsets[decoding]  # (D,) their place in the step
-        lengths = starts[decoding] + 1  # (D,) tokens each attends to
-        longest = int(lengths.max()) if decoding.numel() else 0
-        self.decode_read = slots[decoding, :longest].flatten()  # (D * Lmax,); past a row's length: masked
-        self.decode_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-        self.decode_shape = (decoding.numel(), longest, *pool.keys[0].shape[1:]) if pool.keys else ()
-        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # reused by every layer
-        self.prefill = []  # (place in the step, tokens, their slots to read (c,), causal mask (n, c))
-        for c in (counts > 1).nonzero().flatten().tolist():
-            start, count, end = chunks[c].start, chunks[c].count, chunks[c].start + chunks[c].count
-            keys = torch.arange(end, device=device)
-            queries = torch.arange(start, end, device=device)
-            self.prefill.append((int(offsets[c]), count, slots[c, :end], keys[None, :] <= queries[:, None]))
+        chunk = torch.repeat_interleave(arange(len(chunks)), counts)  # (T,)
+        real = chunk.numel()
+        positions = starts[chunk] + arange(real) - offsets[chunk]
+        trash, padding = pool.trash * bs, arange(real, real + pad)  # padding tokens' places
+        self.positions = torch.cat([positions, arange(pad)])  # (T,)
+        self.write = torch.cat([slots[chunk, positions], torch.full((pad,), trash, device=device)])  # (T,)
+        self.tokens = real + pad
+        # A prepared 4D attention mask, which transformers hands to the attention function untouched
+        # instead of building a causal mask over the packed sequence; attend() uses its own masks.
+        self._prepared_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
-        """Makes the model's attention (on this thread) this step's, for one forward."""
-        _active.step = self
-        try:
-            yield
-        finally:
-            _active.step = None
+        single = (counts == 1).nonzero().flatten()  # chunks of one token
+        places = torch.cat([offsets[single], padding[:1].repeat(pad)])  # (D,) padding rows: the first pad token
+        lengths = torch.cat([starts[single] + 1, torch.ones(pad, dtype=torch.long, device=device)])  # (D,)
+        self.decode = None
+        if places.numel():
+            longest = max([c.start + 1 for c in chunks if c.count == 1] + [pad])
+            read = torch.cat([slots[single, :longest], torch.full((pad, longest), trash, device=device)])
+            mask = arange(longest)[None, :] < lengths[:, None]  # (D, L)
+            self.decode = (places, read.flatten(), mask[:, None, None, :])
+            self._gather_shape = (places.numel(), longest, *pool.keys[0].shape[1:]) if pool.keys else ()
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # eager: one buffer every layer reuses
+
+        first = list(itertools.accumulate((c.count for c in chunks), initial=0))  # each chunk's first place
+        multi = [(i, c) for i, c in enumerate(chunks) if c.count > 1]  # prefill chunks
+        queries = [arange(first[i], first[i] + c.count) for i, c in multi] + [padding]
+        keys = [slots[i, : c.start + c.count] for i, c in multi] + [torch.full((pad,), trash, device=device)]
+        query_at = torch.cat([arange(c.start, c.start + c.count) for _, c in multi] + [arange(pad)])  # (P,)
+        key_at = torch.cat([arange(len(k)) for k in keys])  # (K,) each key's position in its row
+        self.prefill = None
+        if query_at.numel():
+            group = arange(len(keys))
+            query_of = group.repeat_interleave(torch.tensor([len(q) for q in queries], device=device))  # (P,)
+            key_of = group.repeat_interleave(torch.tensor([len(k) for k in keys], device=device))  # (K,)
+            mask = (query_of[:, None] == key_of[None, :]) & (key_at[None, :] <= query_at[:, None])  # (P, K)
+            self.prefill = (torch.cat(queries), torch.cat(keys), mask[None, None])
+
+    def inputs(self) -> dict:
+        """The model's keyword arguments for this step (besides the tokens or their embeddings)."""
+        return {"position_ids": self.positions[None], "attention_mask": self._prepared_mask, "paged": self}
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):
         """query (1, H, T, d), key/value (1, KV, T, d) of the step's tokens -> (1, T, H, d)."""
@@ -122,32 +157,65 @@ class Step:
         q = query[0].transpose(0, 1)  # (T, H, d)
         out = torch.empty_like(q)
         gqa = query.size(1) != key.size(1)
-        if self.decode.numel():
-            if self._gathered is None:
-                self._gathered = (keys.new_empty(self.decode_shape), values.new_empty(self.decode_shape))
-            k, v = self._gathered  # (D, Lmax, KV, d): index_select into one buffer is ~3x faster than k[index]
-            torch.index_select(keys, 0, self.decode_read, out=k.view(-1, *k.shape[2:]))
-            torch.index_select(values, 0, self.decode_read, out=v.view(-1, *v.shape[2:]))
-            k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # (D, KV, Lmax, d)
+        if self.decode is not None:
+            places, read, mask = self.decode
+            k, v = self._gather(keys, values, read)  # (D, KV, L, d)
             o = F.scaled_dot_product_attention(
-                q[self.decode].unsqueeze(2), k, v, attn_mask=self.decode_mask, scale=scaling, enable_gqa=gqa
+                q.index_select(0, places).unsqueeze(2), k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
             )  # (D, H, 1, d)
-            out[self.decode] = o[:, :, 0]
-        for offset, count, read, mask in self.prefill:
-            k = keys.index_select(0, read).transpose(0, 1)[None]  # (1, KV, c, d)
+            out.index_copy_(0, places, o[:, :, 0])
+        if self.prefill is not None:
+            places, read, mask = self.prefill
+            k = keys.index_select(0, read).transpose(0, 1)[None]  # (1, KV, K, d)
             v = values.index_select(0, read).transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(
-                query[:, :, offset : offset + count], k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
-            )  # (1, H, n, d)
-            out[offset : offset + count] = o[0].transpose(0, 1)
+                q.index_select(0, places).transpose(0, 1)[None], k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
+            )  # (1, H, P, d)
+            out.index_copy_(0, places, o[0].transpose(0, 1))
         return out[None], None
+
+    def _gather(self, keys: torch.Tensor, values: torch.Tensor, read: torch.Tensor):
+        """The decode rows' K/V (D, KV, L, d). Eager: into one buffer every layer reuses
+        (index_select into it is ~3x faster than a fresh gather of that size); compiled: inductor's."""
+        if torch.compiler.is_compiling():
+            rows = self.decode[0].numel()
+            k, v = keys.index_select(0, read), values.index_select(0, read)  # (D * L, KV, d)
+            return k.view(rows, -1, *k.shape[1:]).transpose(1, 2), v.view(rows, -1, *v.shape[1:]).transpose(1, 2)
+        if self._gathered is None:
+            self._gathered = (keys.new_empty(self._gather_shape), values.new_empty(self._gather_shape))
+        k, v = self._gathered  # (D, L, KV, d)
+        torch.index_select(keys, 0, read, out=k.view(-1, *k.shape[2:]))
+        torch.index_select(values, 0, read, out=v.view(-1, *v.shape[2:]))
+        return k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+
+
+class CompiledStep:
+    """The model's forward for packed steps, compiled (torch.compile, `backend`) with dynamic shapes:
+    every size a step varies in (tokens, rows, context) is symbolic and, with PAD padding tokens per
+    step, never 0 or 1 (sizes torch.compile would specialize), so joins, leaves, chunk sizes and
+    routings run one graph. New graphs come only from what changes the traced code: another set of
+    adapter types in a step, or the output layer getting slots."""
+
+    PAD = 2
+
+    def __init__(self, model: nn.Module, backend: str | Callable):
+        self.forward = torch.compile(model, backend=backend, dynamic=True)
+
+    def __call__(self, **inputs):
+        # Without duck shaping, two sizes that happen to be equal when tracing stay two symbols; the
+        # routes (tensors the adapter hooks find through the modules) are sized per step too.
+        with (
+            torch.fx.experimental._config.patch(use_duck_shape=False),
+            torch._dynamo.config.patch(force_nn_module_property_static_shapes=False),
+        ):
+            return self.forward(**inputs)
 
 
 UNSUPPORTED = ("softcap", "s_aux", "sinks", "sliding_window")  # attention variants the paged step does not do
 
 
-def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    step = getattr(_active, "step", None)
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, paged=None, **kwargs):
+    step = paged
     if step is not None and any(kwargs.get(k) is not None for k in UNSUPPORTED):
         raise TypeError(
             f"{type(module).__name__} asks for attention with {[k for k in UNSUPPORTED if kwargs.get(k) is not None]}, "
@@ -160,12 +228,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return step.attend(module.layer_idx, query, key, value, scaling)
 
 
-def _mask(*args, **kwargs):
-    return None if getattr(_active, "step", None) is not None else sdpa_mask(*args, **kwargs)
-
-
 AttentionInterface.register(NAME, _attention)
-AttentionMaskInterface.register(NAME, _mask)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # outside a step; a step passes its own
 
 
 def use_paged_attention(model: nn.Module) -> None:
@@ -186,8 +250,24 @@ def use_paged_attention(model: nn.Module) -> None:
         )
     if model.config._attn_implementation != NAME:
         model.set_attn_implementation(NAME)
-    if model.config._attn_implementation != NAME:
+    if model.config._attn_implementation != NAME or not _kwargs_reach_attention(model):
         raise TypeError(
             f"{type(model).__name__} does not take a pluggable attention function (transformers' "
-            "AttentionInterface), which the server's paged KV cache needs"
+            "AttentionInterface) that gets the forward's keyword arguments, which the server's paged KV cache needs"
         )
+
+
+def _kwargs_reach_attention(model: nn.Module) -> bool:
+    """Whether a forward given a step reaches every layer's attention with it (one token, a scratch pool)."""
+    seen = set()
+
+    class Probe(Step):
+        def attend(self, layer, *args):
+            seen.add(layer)
+            return super().attend(layer, *args)
+
+    weight = next(model.parameters())
+    step = Probe(KVPool(model, 1, 1), [Chunk([0], 0, 1)], weight.device)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=weight.device), use_cache=False, **step.inputs())
+    return seen == set(range(kv_shape(model)[0]))

@@ -82,6 +82,12 @@ def add_parser(commands) -> None:
         action="store_false",
         help="never reuse the K/V of a prompt prefix (reuse is only ever within one adapter version)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the steps through torch.compile (inductor, dynamic shapes): minutes of compiling at the "
+        "first steps of each mix of adapter types, then no recompiles as routings change",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--host", default="127.0.0.1")
@@ -167,6 +173,7 @@ def serve(args: argparse.Namespace) -> int:
         args.max_step_tokens,
         args.kv_cache_bytes,
         args.prefix_cache,
+        "inductor" if args.compile else None,
     )
     sources = Sources(args.adapter_dir, args.allow_hub)
     if args.ray:

@@ -30,6 +30,7 @@ class EngineSettings:
     max_step_tokens: int = 512
     kv_cache_bytes: int | None = None  # None: room for max_batch full contexts, at most 1/4 of free memory
     prefix_cache: bool = True
+    compile: str | None = None  # a torch.compile backend for the steps ("inductor"); None: eager
 
     @property
     def base_name(self) -> str:
@@ -67,6 +68,7 @@ class EngineSettings:
             max_step_tokens=self.max_step_tokens,
             kv_cache_bytes=self.kv_cache_bytes,
             prefix_cache=self.prefix_cache,
+            compile=self.compile,
         )
 
 

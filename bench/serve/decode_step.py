@@ -21,15 +21,19 @@ def decode_step_seconds(engine: Engine, residents: list[str | None], context: in
         assert engine.kv.grow(row, context)
         row.computed = context - 1
         rows.append(row)
-    step = engine.kv.step([(row, 1) for row in rows])
+    step = engine.kv.step([(row, 1) for row in rows], engine._pad)
     cuda = engine._device.type == "cuda"
     times = []
     for _ in range(runs):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with engine.backbone.use(residents, lengths=[1] * len(rows)), torch.inference_mode(), step.active():
-            engine._forward([5] * len(rows), step.positions, list(range(len(rows))))
+        names, lengths = (
+            list(residents) + [None] * bool(engine._pad),
+            [1] * len(rows) + [engine._pad] * bool(engine._pad),
+        )
+        with engine.backbone.use(names, lengths=lengths), torch.inference_mode():
+            engine._forward([5] * len(rows), step, list(range(len(rows))))
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

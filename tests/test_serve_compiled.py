@@ -1,0 +1,107 @@
+"""The engine's compiled steps (torch.compile with dynamic shapes): the same tokens as the model
+alone, and no recompile as routings, joins, leaves, chunk sizes and adapter versions change."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig
+from test_serve_paged import GREEDY, _alone, _prompts, _run
+from tiny_models import LLAMA_TARGETS, save_peft, tiny_llama, tiny_tokenizer
+
+from adapterhub import Backbone
+from adapterhub.serve.engine import Engine
+
+IA3 = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+
+def _sources(tmp_path) -> dict:
+    """Four LoRA adapters, two IA3 ones, and l1's next version."""
+    lora = {f"l{k}": LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS) for k in range(4)}
+    configs = {**lora, "i0": IA3, "i1": IA3, "l1-v2": LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)}
+    return {name: save_peft(tiny_llama, tmp_path / name, 20 + k, c) for k, (name, c) in enumerate(configs.items())}
+
+
+def _spy_on_routings(engine: Engine) -> list[tuple]:
+    """Records every routing (names, token counts) the engine's steps ask the Backbone for."""
+    seen, use = [], engine.backbone.use
+
+    def recording(names, **kwargs):
+        seen.append((tuple(names), tuple(kwargs.get("lengths") or ())))
+        return use(names, **kwargs)
+
+    engine.backbone.use = recording
+    return seen
+
+
+def test_compiled_steps_never_recompile_over_100_routings(tmp_path):
+    sources = _sources(tmp_path)
+    offline = Backbone(tiny_llama(), max_adapters=len(sources), max_rank=8)
+    for name, source in sources.items():
+        offline.load(source, name=name)
+    graphs = []
+
+    def counting(graph, example_inputs):  # dynamo hands every graph it compiles to the backend once
+        graphs.append(graph)
+        return graph.forward
+
+    engine = Engine(
+        Backbone(tiny_llama(), max_adapters=5, max_rank=8),  # fewer slots than adapters: evictions, reloads
+        tiny_tokenizer(),
+        base_name="t",
+        max_batch=4,
+        max_step_tokens=9,  # chunked prefill
+        compile=counting,
+    )
+    for name in ("l0", "l1", "l2", "l3", "i0", "i1"):
+        engine.add_adapter(name, str(sources[name]))
+    engine.start()
+    try:
+        for mix in ([None], ["l0"], ["i0"], ["l0", "i0"]):  # a step of each mix of adapter types: its graph
+            _run(engine, [(name, [5, 6, 7]) for name in mix])
+        warm = len(graphs)
+        assert 1 <= warm <= 4, warm
+        routings = _spy_on_routings(engine)
+        rng = random.Random(0)
+        names = [None, "l0", "l1", "l2", "l3", "i0", "i1"]
+        for wave in range(4):
+            if wave == 2:
+                engine.add_adapter("l1", str(sources["l1-v2"]))  # a new version: another slot, new weights
+            jobs = [(rng.choice(names), p) for p in _prompts(12, seed=wave)]
+            for (name, prompt), tokens in zip(jobs, _run(engine, jobs)):
+                offline_name = "l1-v2" if wave >= 2 and name == "l1" else name
+                with offline.use(offline_name):
+                    assert tokens == _alone(offline.model, prompt, GREEDY.max_tokens), (wave, name)
+        assert len(set(routings)) >= 100, len(set(routings))
+        assert len(graphs) == warm, f"{len(graphs) - warm} recompiles over {len(set(routings))} routings"
+    finally:
+        engine.stop()
+
+
+@pytest.mark.slow
+def test_inductor_steps_give_the_tokens_of_the_model_alone(tmp_path):
+    """The real compiler (inductor, about 20 s for the tiny model): a LoRA adapter's requests, joining
+    and leaving under chunked prefill, equal its generation alone."""
+    source = _sources(tmp_path)["l0"]
+    offline = Backbone(tiny_llama(), max_adapters=1, max_rank=8)
+    offline.load(source, name="l0")
+    engine = Engine(
+        Backbone(tiny_llama(), max_adapters=1, max_rank=8),
+        tiny_tokenizer(),
+        base_name="t",
+        max_batch=3,
+        max_step_tokens=8,
+        compile="inductor",
+    )
+    engine.add_adapter("l0", str(source))
+    engine.start()
+    try:
+        prompts = _prompts(6, seed=4)
+        got = _run(engine, [("l0", p) for p in prompts])
+        with offline.use("l0"):
+            assert got == [_alone(offline.model, p, GREEDY.max_tokens) for p in prompts]
+    finally:
+        engine.stop()
+        torch._dynamo.reset()
