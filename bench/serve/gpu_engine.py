@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--compile", action="store_true", help="steps through torch.compile (inductor)")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -133,6 +134,7 @@ def main() -> None:
                 base_name="llama",
                 max_batch=max_batch,
                 max_step_tokens=max(max_batch, 64 if args.tiny else 4096),
+                compile="inductor" if args.compile else None,
             )
             names = [f"a{k:04d}" for k in range(count)]
             start = time.perf_counter()
@@ -149,7 +151,9 @@ def main() -> None:
             rows.append({"adapters": count, "load_s": loaded, "capacity": capacity, **result})
             print(rows[-1], flush=True)
             del engine, backbone
-    name = "cpu-tiny" if args.tiny else torch.cuda.get_device_name().replace(" ", "_")
+    name = ("cpu-tiny" if args.tiny else torch.cuda.get_device_name().replace(" ", "_")) + (
+        "_compiled" if args.compile else ""
+    )
     lines = [
         f"## gpu_serve ({name})",
         "",
