@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig
+from peft import IA3Config, LoraConfig, PromptTuningConfig
 from test_serve_paged import GREEDY, _alone, _prompts, _run
 from tiny_models import LLAMA_TARGETS, save_peft, tiny_llama, tiny_tokenizer
 
@@ -18,9 +18,16 @@ IA3 = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_mo
 
 
 def _sources(tmp_path) -> dict:
-    """Four LoRA adapters, two IA3 ones, and l1's next version."""
+    """Four LoRA adapters, two IA3 ones, a prompt-tuning one, and l1's next version."""
     lora = {f"l{k}": LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS) for k in range(4)}
-    configs = {**lora, "i0": IA3, "i1": IA3, "l1-v2": LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)}
+    prompt = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+    configs = {
+        **lora,
+        "i0": IA3,
+        "i1": IA3,
+        "p0": prompt,
+        "l1-v2": LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
+    }
     return {name: save_peft(tiny_llama, tmp_path / name, 20 + k, c) for k, (name, c) in enumerate(configs.items())}
 
 
@@ -38,7 +45,7 @@ def _spy_on_routings(engine: Engine) -> list[tuple]:
 
 def test_compiled_steps_never_recompile_over_100_routings(tmp_path):
     sources = _sources(tmp_path)
-    offline = Backbone(tiny_llama(), max_adapters=len(sources), max_rank=8)
+    offline = Backbone(tiny_llama(), max_adapters=len(sources), max_rank=32)
     for name, source in sources.items():
         offline.load(source, name=name)
     graphs = []
@@ -48,14 +55,14 @@ def test_compiled_steps_never_recompile_over_100_routings(tmp_path):
         return graph.forward
 
     engine = Engine(
-        Backbone(tiny_llama(), max_adapters=5, max_rank=8),  # fewer slots than adapters: evictions, reloads
+        Backbone(tiny_llama(), max_adapters=5, max_rank=32),  # fewer slots than adapters: evictions, reloads
         tiny_tokenizer(),
         base_name="t",
         max_batch=4,
         max_step_tokens=9,  # chunked prefill
         compile=counting,
     )
-    for name in ("l0", "l1", "l2", "l3", "i0", "i1"):
+    for name in ("l0", "l1", "l2", "l3", "i0", "i1", "p0"):
         engine.add_adapter(name, str(sources[name]))
     engine.start()
     try:
@@ -65,7 +72,7 @@ def test_compiled_steps_never_recompile_over_100_routings(tmp_path):
         assert 1 <= warm <= 4, warm
         routings = _spy_on_routings(engine)
         rng = random.Random(0)
-        names = [None, "l0", "l1", "l2", "l3", "i0", "i1"]
+        names = [None, "l0", "l1", "l2", "l3", "i0", "i1", "p0"]  # p0's rows: the base's, with virtual tokens
         for wave in range(4):
             if wave == 2:
                 engine.add_adapter("l1", str(sources["l1-v2"]))  # a new version: another slot, new weights
