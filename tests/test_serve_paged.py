@@ -171,6 +171,11 @@ def test_a_request_larger_than_the_cache_is_refused_and_one_that_fits_alone_runs
         engine.stop()
 
 
+def test_the_default_kv_cache_holds_max_batch_full_contexts():
+    engine = _engine(tiny_llama(), max_batch=3)  # the default budget, besides the trash block
+    assert engine.kv.blocks.count * BLOCK_SIZE == 3 * engine.context
+
+
 def test_kv_bytes_per_token_are_the_floor():
     model = tiny_llama()  # 2 layers, 2 KV heads of 8 dims, fp32
     cache = KVCache(model, 10 * 16 * 256)
@@ -225,6 +230,17 @@ def test_packed_routing_gives_each_token_its_own_adapter(tmp_path):
             alone = model(input_ids=torch.tensor([p])).logits[0]
         torch.testing.assert_close(packed[offset : offset + len(p)], alone, rtol=1e-5, atol=1e-5, msg=name)
         offset += len(p)
+
+
+def test_a_model_whose_layers_drop_the_step_is_refused():
+    """The step reaches attention as a keyword argument; a layer that does not pass it on would attend
+    without the cache, so the start-up probe refuses the model."""
+    model = tiny_llama()
+    attention = model.model.layers[1].self_attn
+    forward = attention.forward
+    attention.forward = lambda *args, paged=None, **kwargs: forward(*args, **kwargs)
+    with pytest.raises(TypeError, match="gets the forward's keyword arguments"):
+        use_paged_attention(model)
 
 
 def test_packed_routing_refuses_prompt_tuning_and_bad_lengths(tmp_path):

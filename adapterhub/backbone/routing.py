@@ -68,7 +68,6 @@ def routes_for(
         index = torch.tensor(values, dtype=torch.long)
         if counts is not None:
             index = index.repeat_interleave(counts)  # (T,) one slot per token
-            torch._dynamo.maybe_mark_dynamic(index, 0)  # T changes every step: a compiled model keeps one graph
         elif repeat > 1 and not broadcast:
             index = index.repeat_interleave(repeat)
         needed = frozenset().union(*(f for f, t in zip(features, types) if of_type is None or t == of_type))

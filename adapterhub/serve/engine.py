@@ -144,7 +144,8 @@ class Engine:
         config = self.model.config
         self.vocab = self.model.get_output_embeddings().weight.size(0)
         self.context = int(getattr(config, "max_position_embeddings", None) or config.n_positions)
-        use_paged_attention(self.model)
+        with backbone.use(None):  # its probe forward waits for other threads' batches, routed as the base
+            use_paged_attention(self.model)
         budget = kv_cache_bytes if kv_cache_bytes is not None else default_budget(self.model, max_batch * self.context)
         self.kv = KVCache(self.model, budget, prefix_cache=prefix_cache)
         self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters

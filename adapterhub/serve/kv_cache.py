@@ -45,7 +45,7 @@ def default_budget(model: nn.Module, max_tokens: int) -> int:
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return min(max_tokens * KVPool.bytes_per_token(model), free // 4)
+    return min((max_tokens + BLOCK_SIZE) * KVPool.bytes_per_token(model), free // 4)  # + the trash block
 
 
 class KVCache:

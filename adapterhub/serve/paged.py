@@ -9,7 +9,7 @@ keyword argument `paged` down to every layer's attention) each layer
 
 1. writes the step's new K/V into the pool at each token's slot (block * block_size + offset), in place;
 2. attends: decode rows together (one SDPA over their gathered K/V, padded to the longest row,
-   masked), and prefill chunks together (causal within each chunk, from its row's first position).
+   masked), and each prefill chunk over its own row's K/V (causal from the chunk's first position).
 
 Rows never move: joining, leaving and sharing prefixes only change block tables. A step holds
 tensors only, so a compiled forward (torch.compile, dynamic shapes) runs every step with one graph.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "adapterhub_paged"
+log = logging.getLogger("adapterhub.serve")
 
 
 def kv_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -86,17 +88,18 @@ class Step:
     attention function.
 
     The step's T tokens are the chunks' tokens one after another, then `pad` padding tokens (K/V
-    written to the pool's trash block, attending to it only). Its tokens attend in two groups:
-    decode (chunks of one token: one SDPA over their rows' gathered K/V, padded to the longest row and
-    masked) and prefill (the longer chunks: one SDPA over their queries and the concatenation of their
-    rows' K/V, masked causal within each chunk). With `pad` >= 2 every size a compiled step sees (T,
-    each group's queries and keys) is at least 2, so torch.compile's dynamic shapes trace one graph
-    instead of one per size that happens to be 0 or 1; padding tokens join the prefill group and
-    `pad` padding rows the decode group.
+    written to the pool's trash block, attending to it only). Decode rows (chunks of one token)
+    attend together: one SDPA over their rows' gathered K/V, padded to the longest row and masked.
+    Prefill chunks attend each over their own row's K/V, causal: eager (`pad` 0), one SDPA per chunk;
+    compiled (`pad` >= 2), one SDPA over the chunks and the padding tokens as a batch padded to the
+    longest chunk and row. With `pad` >= 2 every size a compiled step sees is at least 2 (`pad`
+    padding rows join the decode group), so torch.compile's dynamic shapes trace one graph instead of
+    one per size that happens to be 0 or 1.
 
         write (T,) each token's slot      positions (T,)
         decode: places (D,), read (D * L,), mask (D, 1, 1, L)
-        prefill: places (P,), read (K,), mask (1, 1, P, K)
+        prefill, eager: per chunk (first place, tokens n, read (end,), mask (n, end))
+        prefill, compiled: places (C, Q), read (C, K), mask (C, 1, Q, K)
     """
 
     def __init__(self, pool: KVPool, chunks: list[Chunk], device: torch.device, pad: int = 0):
@@ -132,18 +135,15 @@ class Step:
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # eager: one buffer every layer reuses
 
         first = list(itertools.accumulate((c.count for c in chunks), initial=0))  # each chunk's first place
-        multi = [(i, c) for i, c in enumerate(chunks) if c.count > 1]  # prefill chunks
-        queries = [arange(first[i], first[i] + c.count) for i, c in multi] + [padding]
-        keys = [slots[i, : c.start + c.count] for i, c in multi] + [torch.full((pad,), trash, device=device)]
-        query_at = torch.cat([arange(c.start, c.start + c.count) for _, c in multi] + [arange(pad)])  # (P,)
-        key_at = torch.cat([arange(len(k)) for k in keys])  # (K,) each key's position in its row
-        self.prefill = None
-        if query_at.numel():
-            group = arange(len(keys))
-            query_of = group.repeat_interleave(torch.tensor([len(q) for q in queries], device=device))  # (P,)
-            key_of = group.repeat_interleave(torch.tensor([len(k) for k in keys], device=device))  # (K,)
-            mask = (query_of[:, None] == key_of[None, :]) & (key_at[None, :] <= query_at[:, None])  # (P, K)
-            self.prefill = (torch.cat(queries), torch.cat(keys), mask[None, None])
+        multi = [(first[i], slots[i], c) for i, c in enumerate(chunks) if c.count > 1]  # prefill chunks
+        self.prefill, self.prefill_batch = [], None
+        if pad:  # compiled: the chunks (and the padding tokens) as one padded batch, one SDPA
+            self.prefill_batch = _padded_prefill(multi, (padding, trash), device)
+        else:  # eager: one SDPA per chunk, each over its own row's K/V only
+            for at, row_slots, c in multi:
+                end = c.start + c.count
+                causal = arange(end)[None, :] <= arange(c.start, end)[:, None]  # (count, end)
+                self.prefill.append((at, c.count, row_slots[:end], causal))
 
     def inputs(self) -> dict:
         """The model's keyword arguments for this step (besides the tokens or their embeddings)."""
@@ -164,14 +164,20 @@ class Step:
                 q.index_select(0, places).unsqueeze(2), k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
             )  # (D, H, 1, d)
             out.index_copy_(0, places, o[:, :, 0])
-        if self.prefill is not None:
-            places, read, mask = self.prefill
-            k = keys.index_select(0, read).transpose(0, 1)[None]  # (1, KV, K, d)
+        for at, count, read, mask in self.prefill:
+            k = keys.index_select(0, read).transpose(0, 1)[None]  # (1, KV, c, d)
             v = values.index_select(0, read).transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(
-                q.index_select(0, places).transpose(0, 1)[None], k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
-            )  # (1, H, P, d)
-            out.index_copy_(0, places, o[0].transpose(0, 1))
+                query[:, :, at : at + count], k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa
+            )  # (1, H, n, d)
+            out[at : at + count] = o[0].transpose(0, 1)
+        if self.prefill_batch is not None:
+            places, read, mask = self.prefill_batch  # (C, Q), (C, K), (C, 1, Q, K)
+            k = keys.index_select(0, read.flatten()).view(*read.shape, *keys.shape[1:]).transpose(1, 2)
+            v = values.index_select(0, read.flatten()).view(*read.shape, *values.shape[1:]).transpose(1, 2)
+            queries = q.index_select(0, places.flatten()).view(*places.shape, *q.shape[1:]).transpose(1, 2)
+            o = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+            out.index_copy_(0, places.flatten(), o.transpose(1, 2).flatten(0, 1))  # (C * Q, H, d)
         return out[None], None
 
     def _gather(self, keys: torch.Tensor, values: torch.Tensor, read: torch.Tensor):
@@ -189,26 +195,61 @@ class Step:
         return k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
 
 
+def _padded_prefill(multi: list, padding: tuple[torch.Tensor, int], device: torch.device):
+    """A compiled step's prefill chunks and padding tokens as one batch padded to the longest chunk
+    (Q queries) and the longest row (K keys): places (C, Q), slots to read (C, K), mask (C, 1, Q, K).
+    A padded query is placed on the first padding token (whose output nobody reads) and sees key 0
+    only; padded keys read the trash slot and are masked."""
+    places, trash = padding
+    groups = [
+        (torch.arange(at, at + c.count, device=device), row_slots[: c.start + c.count], c.start)
+        for at, row_slots, c in multi
+    ] + [(places, torch.full((len(places),), trash, device=device), 0)] * 2  # twice: C >= 2 too
+    rows, width = max(len(q) for q, _, _ in groups), max(len(k) for _, k, _ in groups)
+    where = torch.full((len(groups), rows), int(places[0]), device=device)
+    read = torch.full((len(groups), width), trash, device=device)
+    query_at = torch.zeros(len(groups), rows, dtype=torch.long, device=device)  # each query's position in its row
+    keys = torch.zeros(len(groups), dtype=torch.long, device=device)  # each group's number of keys
+    for g, (queries, slots, start) in enumerate(groups):
+        where[g, : len(queries)], read[g, : len(slots)], keys[g] = queries, slots, len(slots)
+        query_at[g, : len(queries)] = torch.arange(start, start + len(queries), device=device)
+    key_at = torch.arange(width, device=device)
+    mask = (key_at[None, None, :] <= query_at[:, :, None]) & (key_at[None, :] < keys[:, None])[:, None, :]
+    return where, read, mask[:, None]
+
+
 class CompiledStep:
     """The model's forward for packed steps, compiled (torch.compile, `backend`) with dynamic shapes:
     every size a step varies in (tokens, rows, context) is symbolic and, with PAD padding tokens per
     step, never 0 or 1 (sizes torch.compile would specialize), so joins, leaves, chunk sizes and
-    routings run one graph. New graphs come only from what changes the traced code: another set of
-    adapter types in a step, or the output layer getting slots."""
+    routings run one graph. New graphs come only from what changes the traced code: another mix of
+    adapter types (and of their features, e.g. DoRA) in a step, or the output layer getting slots;
+    up to RECOMPILE_LIMIT of them. If compiling fails, the error is logged once and the steps run
+    eager from then on (the server keeps serving)."""
 
     PAD = 2
+    RECOMPILE_LIMIT = 64
 
     def __init__(self, model: nn.Module, backend: str | Callable):
-        self.forward = torch.compile(model, backend=backend, dynamic=True)
+        self.model, self.forward = model, torch.compile(model, backend=backend, dynamic=True)
 
     def __call__(self, **inputs):
+        if self.forward is self.model:
+            return self.model(**inputs)
         # Without duck shaping, two sizes that happen to be equal when tracing stay two symbols; the
         # routes (tensors the adapter hooks find through the modules) are sized per step too.
-        with (
-            torch.fx.experimental._config.patch(use_duck_shape=False),
-            torch._dynamo.config.patch(force_nn_module_property_static_shapes=False),
-        ):
-            return self.forward(**inputs)
+        try:
+            with (
+                torch.fx.experimental._config.patch(use_duck_shape=False),
+                torch._dynamo.config.patch(
+                    force_nn_module_property_static_shapes=False, recompile_limit=self.RECOMPILE_LIMIT
+                ),
+            ):
+                return self.forward(**inputs)
+        except torch._dynamo.exc.BackendCompilerFailed:
+            log.exception("compiling the step failed; the server runs its steps eager from now on")
+            self.forward = self.model
+            return self.model(**inputs)
 
 
 UNSUPPORTED = ("softcap", "s_aux", "sinks", "sliding_window")  # attention variants the paged step does not do
@@ -269,5 +310,8 @@ def _kwargs_reach_attention(model: nn.Module) -> bool:
     weight = next(model.parameters())
     step = Probe(KVPool(model, 1, 1), [Chunk([0], 0, 1)], weight.device)
     with torch.no_grad():
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=weight.device), use_cache=False, **step.inputs())
+        try:
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=weight.device), use_cache=False, **step.inputs())
+        except TypeError:  # a forward that takes no keyword arguments beyond its own
+            return False
     return seen == set(range(kv_shape(model)[0]))
