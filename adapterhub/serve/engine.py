@@ -361,10 +361,7 @@ class Engine:
                 sampled.append(row)
         step = self.kv.step([(row.kv, count) for row, count in plan], self._pad)
         names = [None if row.request.virtual else row.request.resident for row, _ in plan]
-        lengths = [count for _, count in plan]
-        if self._pad:
-            names, lengths = names + [None], lengths + [self._pad]  # padding tokens: the base's
-        with self.backbone.use(names, lengths=lengths), torch.inference_mode():
+        with self._routed(names, [count for _, count in plan]), torch.inference_mode():
             # Slots on the output layer (any adapter's, ever) route every token: it must see them all.
             every = self.backbone.has_slots(self._output_path)
             logits = self._forward(ids, step, keep, self._virtual_embeddings(plan), every)
@@ -375,6 +372,13 @@ class Engine:
         self.metrics.step_tokens.observe(len(ids))
         if sampled:
             self._advance(*self._fork(sampled, logits))
+
+    def _routed(self, names: list[str | None], lengths: list[int]):
+        """Backbone.use for a step of `lengths[i]` tokens of resident `names[i]` each, and its padding
+        tokens (the base's)."""
+        if self._pad:
+            names, lengths = names + [None], lengths + [self._pad]
+        return self.backbone.use(names, lengths=lengths)
 
     def _virtual_embeddings(self, plan: list[tuple[_Row, int]]) -> list[tuple[int, torch.Tensor]]:
         """(place in the step, embedding) of every virtual token the step runs."""

@@ -110,7 +110,8 @@ class Step:
         slots = (table[:, :, None] * bs + arange(bs)).view(len(chunks), -1)  # (C, width * bs)
         starts = torch.tensor([c.start for c in chunks], device=device)  # (C,)
         counts = torch.tensor([c.count for c in chunks], device=device)
-        offsets = counts.cumsum(0) - counts  # (C,) each chunk's first place in the step
+        first = list(itertools.accumulate((c.count for c in chunks), initial=0))  # each chunk's first place
+        offsets = torch.tensor(first[:-1], device=device)  # (C,)
         chunk = torch.repeat_interleave(arange(len(chunks)), counts)  # (T,)
         real = chunk.numel()
         positions = starts[chunk] + arange(real) - offsets[chunk]
@@ -134,7 +135,6 @@ class Step:
             self._gather_shape = (places.numel(), longest, *pool.keys[0].shape[1:]) if pool.keys else ()
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # eager: one buffer every layer reuses
 
-        first = list(itertools.accumulate((c.count for c in chunks), initial=0))  # each chunk's first place
         multi = [(first[i], slots[i], c) for i, c in enumerate(chunks) if c.count > 1]  # prefill chunks
         self.prefill, self.prefill_batch = [], None
         if pad:  # compiled: the chunks (and the padding tokens) as one padded batch, one SDPA

@@ -28,11 +28,7 @@ def decode_step_seconds(engine: Engine, residents: list[str | None], context: in
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        names, lengths = (
-            list(residents) + [None] * bool(engine._pad),
-            [1] * len(rows) + [engine._pad] * bool(engine._pad),
-        )
-        with engine.backbone.use(names, lengths=lengths), torch.inference_mode():
+        with engine._routed(list(residents), [1] * len(rows)), torch.inference_mode():
             engine._forward([5] * len(rows), step, list(range(len(rows))))
         if cuda:
             torch.cuda.synchronize()
