@@ -8,11 +8,10 @@ import random
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig
-from test_serve_paged import GREEDY, _alone, _prompts, _run
-from tiny_models import LLAMA_TARGETS, save_peft, tiny_llama, tiny_tokenizer
+from test_serve_paged import GREEDY, _alone, _engine, _offline, _prompts, _run
+from tiny_models import LLAMA_TARGETS, save_peft, tiny_llama
 from torch._dynamo.utils import counters
 
-from adapterhub import Backbone
 from adapterhub.serve.engine import Engine
 
 IA3 = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
@@ -47,25 +46,22 @@ def _spy_on_routings(engine: Engine) -> list[tuple]:
 def test_compiled_steps_never_recompile_over_100_routings(tmp_path):
     torch._dynamo.reset()  # no cache entries left by other tests' compiles
     sources = _sources(tmp_path)
-    offline = Backbone(tiny_llama(), max_adapters=len(sources), max_rank=32)
-    for name, source in sources.items():
-        offline.load(source, name=name)
+    offline = _offline(sources, max_rank=32)
     graphs = []
 
     def counting(graph, example_inputs):  # dynamo hands every graph it compiles to the backend once
         graphs.append(graph)
         return graph.forward
 
-    engine = Engine(
-        Backbone(tiny_llama(), max_adapters=5, max_rank=32),  # fewer slots than adapters: evictions, reloads
-        tiny_tokenizer(),
-        base_name="t",
+    engine = _engine(
+        tiny_llama(),
+        max_adapters=5,  # fewer slots than adapters: evictions, reloads
+        max_rank=32,
+        adapters={name: sources[name] for name in ("l0", "l1", "l2", "l3", "i0", "i1", "p0")},
         max_batch=4,
         max_step_tokens=9,  # chunked prefill
         compile=counting,
     )
-    for name in ("l0", "l1", "l2", "l3", "i0", "i1", "p0"):
-        engine.add_adapter(name, str(sources[name]))
     engine.start()
     try:
         for mix in ([None], ["l0"], ["i0"], ["l0", "i0"]):  # a step of each mix of adapter types: its graph
@@ -94,17 +90,10 @@ def test_inductor_steps_give_the_tokens_of_the_model_alone(tmp_path):
     """The real compiler (inductor, about 20 s for the tiny model): a LoRA adapter's requests, joining
     and leaving under chunked prefill, equal its generation alone."""
     source = _sources(tmp_path)["l0"]
-    offline = Backbone(tiny_llama(), max_adapters=1, max_rank=8)
-    offline.load(source, name="l0")
-    engine = Engine(
-        Backbone(tiny_llama(), max_adapters=1, max_rank=8),
-        tiny_tokenizer(),
-        base_name="t",
-        max_batch=3,
-        max_step_tokens=8,
-        compile="inductor",
+    offline = _offline({"l0": source}, max_rank=8)
+    engine = _engine(
+        tiny_llama(), max_rank=8, adapters={"l0": source}, max_batch=3, max_step_tokens=8, compile="inductor"
     )
-    engine.add_adapter("l0", str(source))
     torch._dynamo.reset()
     compiled = counters["stats"]["unique_graphs"]
     engine.start()
@@ -130,7 +119,7 @@ def test_a_failed_compile_falls_back_to_eager_steps():
 
     torch._dynamo.reset()
     model = tiny_llama()
-    engine = Engine(Backbone(model, max_adapters=1, max_rank=8), tiny_tokenizer(), base_name="t", compile=broken)
+    engine = _engine(model, max_rank=8, compile=broken)
     engine.start()
     try:
         prompts = _prompts(3, seed=6)

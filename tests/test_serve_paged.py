@@ -65,11 +65,31 @@ def _prompts(n: int, seed: int = 3) -> list[list[int]]:
     return [torch.randint(3, 98, (k,), generator=g).tolist() for k in lengths]
 
 
-def _engine(model, blocks: int | None = None, **settings) -> Engine:
-    """An engine (not started) on a bare `model`, its KV cache `blocks` blocks (None: the default)."""
+def _engine(
+    model,
+    blocks: int | None = None,
+    *,
+    max_adapters: int = 1,
+    max_rank: int = 4,
+    adapters: dict | None = None,
+    **settings,
+) -> Engine:
+    """An engine (not started) on a bare `model`, its KV cache `blocks` blocks (None: the default),
+    with `adapters` {name: directory} added."""
     kv_bytes = None if blocks is None else (blocks + 1) * KVPool.bytes_per_token(model) * BLOCK_SIZE  # + trash
-    backbone = Backbone(model, max_adapters=1, max_rank=4)
-    return Engine(backbone, tiny_tokenizer(), base_name="t", kv_cache_bytes=kv_bytes, **settings)
+    backbone = Backbone(model, max_adapters=max_adapters, max_rank=max_rank)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="t", kv_cache_bytes=kv_bytes, **settings)
+    for name, source in (adapters or {}).items():
+        engine.add_adapter(name, str(source))
+    return engine
+
+
+def _offline(adapters: dict, max_rank: int) -> Backbone:
+    """tiny_llama in a Backbone with `adapters` {name: directory} loaded: what each request must equal."""
+    offline = Backbone(tiny_llama(), max_adapters=len(adapters), max_rank=max_rank)
+    for name, source in adapters.items():
+        offline.load(source, name=name)
+    return offline
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
@@ -294,18 +314,8 @@ def test_prompt_tuning_is_served_in_mixed_batches_as_offline(tmp_path):
             tiny_llama, tmp_path / "lora", 3, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
         ),
     }
-    offline = Backbone(tiny_llama(), max_adapters=3, max_rank=32)
-    for name, source in sources.items():
-        offline.load(source, name=name)
-    engine = Engine(
-        Backbone(tiny_llama(), max_adapters=3, max_rank=32),
-        tiny_tokenizer(),
-        base_name="t",
-        max_batch=4,
-        max_step_tokens=6,
-    )
-    for name, source in sources.items():
-        engine.add_adapter(name, str(source))
+    offline = _offline(sources, max_rank=32)
+    engine = _engine(tiny_llama(), max_adapters=3, max_rank=32, adapters=sources, max_batch=4, max_step_tokens=6)
     engine.start()
     try:
         jobs = [(name, p) for name, p in zip(["p4", "p19", None, "lora", "p19", "p4"], _prompts(6, seed=11))]
@@ -383,13 +393,9 @@ def test_an_adapter_on_the_output_layer_is_served_beside_others(tmp_path):
         for parts in adapter.modules.values():
             parts["B"].copy_(torch.randn(parts["B"].shape, generator=g))
         lora.write(adapter, tmp_path / name)
-    offline = Backbone(tiny_llama(), max_adapters=2, max_rank=8)
-    engine = Engine(
-        Backbone(tiny_llama(), max_adapters=3, max_rank=8), tiny_tokenizer(), base_name="t", max_step_tokens=64
-    )
-    for name in ("head", "plain"):
-        offline.load(tmp_path / name, name=name)
-        engine.add_adapter(name, str(tmp_path / name))
+    sources = {name: tmp_path / name for name in ("head", "plain")}
+    offline = _offline(sources, max_rank=8)
+    engine = _engine(tiny_llama(), max_adapters=3, max_rank=8, adapters=sources, max_step_tokens=64)
     engine.start()
     try:
         names = ["head", None, "plain", "head", "plain"]
