@@ -2,17 +2,36 @@
 
 Fields the server cannot honour are refused (400 naming the field) rather than ignored, so that a
 client never silently gets something other than it asked for. `ignore_eos` is vLLM's extension.
+Every value that could fail later, on the engine thread, is refused here instead: temperatures that
+vanish in fp32, seeds outside a generator's range, text that is not Unicode (a lone surrogate), and
+requests too big to be fair to other tenants (prompts per request, stop strings).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .sampling import Sampling
 
 MAX_STOPS = 4
+MAX_STOP_CHARS = 256  # each stop string's length: held-back text is checked against each at every token
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MIN_TEMPERATURE = 1e-4  # below this (but 0, greedy) logits / temperature overflow or the temperature is 0 in fp32
+SEED_RANGE = (-(2**63), 2**64 - 1)  # torch.Generator.manual_seed's
+
+
+def _unicode(text: str) -> str:
+    """Refuses text that cannot be encoded (a lone surrogate, which JSON's \\ud800 escapes allow)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"holds a lone surrogate at character {error.start}; send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -23,16 +42,16 @@ class StreamOptions(BaseModel):
 class _Generation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
+    model: Text
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=64)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
@@ -41,9 +60,16 @@ class _Generation(BaseModel):
     @classmethod
     def _stops(cls, stop):
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > MAX_STOPS or any(not s for s in stops):
-            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
         return stops
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value):
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"use 0 for greedy decoding, or at least {MIN_TEMPERATURE:g} (smaller overflows)")
+        return value
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -65,11 +91,18 @@ class _Generation(BaseModel):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: Literal[False] = False
     logprobs: None = None
     best_of: int | None = None
     suffix: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, prompt):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"holds {len(prompt)} prompts; send at most {MAX_PROMPTS} per request")
+        return prompt
 
     @model_validator(mode="after")
     def _best_of(self):
@@ -89,13 +122,13 @@ class CompletionRequest(_Generation):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -114,6 +147,6 @@ class AdapterUpload(BaseModel):
     """POST /v1/adapters: load (or replace) an adapter under `name` from `source`."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, pattern=r"^[^#@/\s]+$")
-    source: str = Field(min_length=1)
-    revision: str | None = None
+    name: Text = Field(min_length=1, max_length=256, pattern=r"^[^#@/\s\x00]+$")
+    source: Text = Field(min_length=1, max_length=1024)
+    revision: Text | None = Field(None, max_length=256)

@@ -2,49 +2,60 @@
 completions and chat completions (streamed as server-sent events or whole), the model list, adapter
 loading and deletion, /metrics and /health.
 
-`model` names the adapter (or the base model), as vLLM and LoRAX do. Errors come in OpenAI's shape,
-{"error": {"message", "type", "param", "code"}}: 400 invalid parameters or a prompt too long,
-401/403 keys, 404 unknown model, 422 an adapter that cannot be loaded, 503 no slot free now or a
-replica failed (retry). Each generation's response names the replica that ran it in the header
-`x-adapterhub-replica`.
+`model` names the adapter (or the base model), as vLLM and LoRAX do. Every error, the framework's
+too, comes in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 invalid parameters
+or a prompt too long, 401/403 keys, 404 unknown model or route, 422 an adapter that cannot be loaded,
+429 no room in the queue now (Retry-After says when to retry), 503 no slot free or a replica failed
+(retry), 504 past --request-timeout. Each generation's response names the replica that ran it in the
+header `x-adapterhub-replica`.
+
+Tenancy: with keys, a key sees and names only its own models (errors never list the others), the
+listings never show server paths, and /metrics (an admin key, or a separate --metrics-port),
+/openapi.json and /docs (any key) are behind keys too. A non-streamed request whose client
+disconnects is cancelled as a streamed one is.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import AdapterError
 from .api import AdapterUpload, ChatRequest, CompletionRequest
 from .engine import Finished, Token
 from .errors import ApiError, Denied
+from .openapi import ERROR_RESPONSES, error_body, openapi_document
 from .tenancy import Keys, Sources
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    422: "adapter_error",
-    500: "server_error",
-    503: "server_busy",
-}
 REPLICA_HEADER = "x-adapterhub-replica"
+DISCONNECT_POLL = 0.5  # seconds between checks that a non-streamed request's client is still there
+log = logging.getLogger("adapterhub.serve")
 
 
-def error_body(status: int, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": status}}
+def error_response(status: int, message: str, param: str | None = None, retry_after: int | None = None) -> Response:
+    """An error in OpenAI's shape; ASCII JSON, so that any text (a lone surrogate a client sent) encodes."""
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    content = json.dumps(error_body(status, message, param)).encode()
+    return Response(content, status_code=status, headers=headers, media_type="application/json")
 
 
-def create_app(backend, *, keys: Keys | None = None, sources: Sources | None = None) -> FastAPI:
+def create_app(
+    backend, *, keys: Keys | None = None, sources: Sources | None = None, metrics_route: bool = True
+) -> FastAPI:
     """The app serving `backend` (a LocalBackend, or ray_app's RayBackend); shuts it down with the app.
-    `sources` (default: none allowed) says where POST /v1/adapters may load from."""
+    `sources` (default: none allowed) says where POST /v1/adapters may load from; `metrics_route`:
+    serve /metrics here (False when a separate --metrics-port serves it)."""
     sources = sources or Sources()
 
     @asynccontextmanager
@@ -52,22 +63,37 @@ def create_app(backend, *, keys: Keys | None = None, sources: Sources | None = N
         yield
         backend.shutdown()
 
-    app = FastAPI(title="adapterhub", lifespan=lifespan)
+    app = FastAPI(title="adapterhub", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     metrics = backend.metrics
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError):
-        return JSONResponse(error_body(error.status, str(error), error.param), status_code=error.status)
+        return error_response(error.status, str(error), error.param, error.retry_after)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, error: HTTPException):  # unknown route, wrong method
+        response = error_response(error.status_code, f"{request.method} {request.url.path}: {error.detail}")
+        response.headers.update(error.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
         first = error.errors()[0]
+        if first["type"] == "json_invalid":
+            reason = first.get("ctx", {}).get("error", "not JSON")
+            return error_response(400, f"the body is not valid JSON: {reason} (character {first['loc'][-1]})")
         param = ".".join(str(p) for p in first["loc"][1:]) or None
-        return JSONResponse(error_body(400, f"{param or 'body'}: {first['msg']}", param), status_code=400)
+        return error_response(400, f"{param or 'body'}: {first['msg']}", param)
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except RecursionError:  # a body nested deeper than the JSON parser recurses
+            response = error_response(400, "the body is nested too deeply to parse; flatten it")
+        except Exception as error:  # a bug: answered in OpenAI's shape, the connection kept
+            log.exception("%s %s failed", request.method, request.url.path)
+            response = error_response(500, f"the server failed on this request ({type(error).__name__}); retry")
         route = request.scope.get("route")  # its path template: one label per endpoint
         metrics.requests.labels(endpoint=getattr(route, "path", "unmatched"), status=str(response.status_code)).inc()
         return response
@@ -78,6 +104,20 @@ def create_app(backend, *, keys: Keys | None = None, sources: Sources | None = N
                 keys.check(request.headers.get("authorization"), model)
             except Denied as denied:
                 raise ApiError(denied.status, str(denied)) from None
+
+    def known_key(request: Request) -> None:
+        if keys is not None:
+            try:
+                keys.names_for(request.headers.get("authorization"))
+            except Denied as denied:
+                raise ApiError(denied.status, str(denied)) from None
+
+    def tenant(request: Request) -> str:
+        """The key's fingerprint (admission's fair share is per key); "" without keys."""
+        if keys is None:
+            return ""
+        key = (request.headers.get("authorization") or "").split(None, 1)[-1].strip()
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def visible(request: Request, names: list[str]) -> list[str]:
         if keys is None:
@@ -91,11 +131,24 @@ def create_app(backend, *, keys: Keys | None = None, sources: Sources | None = N
     async def health():
         return await backend.health()
 
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    if metrics_route:
 
-    @app.get("/v1/models")
+        @app.get("/metrics", responses=ERROR_RESPONSES[401, 403])
+        async def prometheus(request: Request):
+            authorize(request, None)  # adapter names of every tenant: the admin's
+            return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        known_key(request)
+        return JSONResponse(openapi_document(app))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        known_key(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="adapterhub")
+
+    @app.get("/v1/models", responses=ERROR_RESPONSES[401,])
     async def models(request: Request):
         adapters = {a["id"]: a for a in await backend.adapters()}
         created = int(time.time())
@@ -112,12 +165,12 @@ def create_app(backend, *, keys: Keys | None = None, sources: Sources | None = N
         ]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", responses=ERROR_RESPONSES[401, 403])
     async def list_adapters(request: Request):
         authorize(request, None)
         return {"object": "list", "data": await backend.adapters()}
 
-    @app.post("/v1/adapters", status_code=201)
+    @app.post("/v1/adapters", status_code=201, responses=ERROR_RESPONSES[400, 401, 403, 422, 503])
     async def add_adapter(upload: AdapterUpload, request: Request):
         authorize(request, None)
         if upload.name == backend.base_name:
@@ -126,9 +179,12 @@ def create_app(backend, *, keys: Keys | None = None, sources: Sources | None = N
             source = sources.resolve(upload.source)
         except AdapterError as error:
             raise ApiError(422, f"adapter {upload.name!r} was not loaded: {error}", "source") from None
-        return await backend.add_adapter(upload.name, source, upload.revision)
+        return await backend.add_adapter(upload.name, source, upload.revision, upload.source)
 
-    @app.delete("/v1/adapters/{name}")
+    @app.delete(
+        "/v1/adapters/{name}",
+        responses={202: {"description": "deleted; some requests still run"}} | ERROR_RESPONSES[401, 403, 404],
+    )
     async def delete_adapter(name: str, request: Request):
         """200 once the adapter's requests in flight have finished; 202 if some still run when the
         backend stops waiting (the name is gone for new requests either way; its slot frees when they end)."""
@@ -139,21 +195,23 @@ def create_app(backend, *, keys: Keys | None = None, sources: Sources | None = N
             status_code=202 if in_flight else 200,
         )
 
-    @app.post("/v1/completions")
+    generation_errors = ERROR_RESPONSES[400, 401, 403, 404, 429, 500, 503, 504]
+
+    @app.post("/v1/completions", responses=generation_errors)
     async def completions(body: CompletionRequest, request: Request):
         authorize(request, body.model)
-        return await _respond(backend, body, chat=False)
+        return await _respond(backend, body, request, tenant(request), chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=generation_errors)
     async def chat(body: ChatRequest, request: Request):
         authorize(request, body.model)
-        return await _respond(backend, body, chat=True)
+        return await _respond(backend, body, request, tenant(request), chat=True)
 
     return app
 
 
-async def _respond(backend, body: CompletionRequest | ChatRequest, *, chat: bool):
-    events = backend.generate(None if body.model == backend.base_name else body.model, body)
+async def _respond(backend, body: CompletionRequest | ChatRequest, request: Request, tenant: str, *, chat: bool):
+    events = backend.generate(None if body.model == backend.base_name else body.model, body, tenant)
     start = await anext(events)  # errors before the first token (unknown model, too long) are plain JSON errors
     headers = {REPLICA_HEADER: start.replica}
     head = {
@@ -167,13 +225,7 @@ async def _respond(backend, body: CompletionRequest | ChatRequest, *, chat: bool
         return StreamingResponse(
             _sse(events, head, usage, chat, include_usage, body.n), headers=headers, media_type="text/event-stream"
         )
-    texts, reasons = {}, {}
-    async for index, event in events:
-        if isinstance(event, Token):
-            texts[index] = texts.get(index, "") + event.text
-        elif isinstance(event, Finished):
-            reasons[index] = event.reason
-            usage.completion += event.tokens
+    texts, reasons = await _collect(events, request, usage)
     choices = [
         {
             "index": i,
@@ -189,6 +241,38 @@ async def _respond(backend, body: CompletionRequest | ChatRequest, *, chat: bool
         {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage.json()},
         headers=headers,
     )
+
+
+async def _collect(events, request: Request, usage: _Usage) -> tuple[dict[int, str], dict[int, str]]:
+    """(text, finish reason) per choice of a whole response; the generation is cancelled (its rows
+    leave the batch) if the client disconnects first."""
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+
+    async def consume():
+        async for index, event in events:
+            if isinstance(event, Token):
+                texts[index] = texts.get(index, "") + event.text
+            elif isinstance(event, Finished):
+                reasons[index] = event.reason
+                usage.completion += event.tokens
+
+    async def gone():
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL)
+
+    generation, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({generation, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not generation.done():  # the client went away (or this task was cancelled): stop generating
+            generation.cancel()
+            await asyncio.gather(generation, return_exceptions=True)
+    if generation.cancelled():
+        raise ApiError(499, "the client disconnected before the response was complete; generation stopped")
+    generation.result()  # a failure's ApiError
+    return texts, reasons
 
 
 class _Usage:
@@ -229,6 +313,9 @@ async def _sse(events, head: dict, usage: _Usage, chat: bool, include_usage: boo
             yield chunk([], usage=usage.json())
     except ApiError as error:  # the stream has started: the error is its last event
         yield f"data: {json.dumps(error_body(error.status, str(error)))}\n\n"
+    except Exception as error:  # a bug: still the stream's last event, in OpenAI's shape
+        log.exception("a stream failed")
+        yield f"data: {json.dumps(error_body(500, f'the server failed on this request ({type(error).__name__})'))}\n\n"
     finally:
         await events.aclose()
     yield "data: [DONE]\n\n"

@@ -5,7 +5,9 @@ to Ray Serve replicas, each with its own Engine (`adapterhub serve --ray`). Both
 below next to the engine, so tokenization, limits and events are the same in either.
 
 A generation yields `Start` (prompt tokens, the replica that runs it), then (choice index, Token or
-Finished) until every choice finished; a failure raises ApiError with its HTTP status.
+Finished) until every choice finished; a failure raises ApiError with its HTTP status: 404 an
+unknown adapter, 400 a request that can never run, 429 no room in the queue now (with the seconds
+to wait), 504 past the engine's request deadline, 500/503 what the engine failed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from ..errors import AdapterError, NoFreeSlot
 from .api import ChatRequest, CompletionRequest
 from .engine import Engine, Failed, Finished, Token
-from .errors import ApiError, RequestError, UnknownAdapter
+from .errors import ApiError, Overloaded, RequestError, UnknownAdapter
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -50,31 +52,42 @@ def prompts_of(engine: Engine, body: CompletionRequest | ChatRequest) -> tuple[l
 
 
 async def generate(
-    engine: Engine, adapter: str | None, body: CompletionRequest | ChatRequest, replica: str
+    engine: Engine, adapter: str | None, body: CompletionRequest | ChatRequest, replica: str, tenant: str = ""
 ) -> AsyncIterator[Start | tuple[int, Token | Finished]]:
-    """One engine request per prompt of `body`; see the module docstring. The requests are cancelled
-    if the consumer stops early (a client that went away)."""
+    """One engine request per prompt of `body`, queued all at once against `tenant`'s share; see the
+    module docstring. The requests are cancelled if the consumer stops early (a client that went
+    away) or the engine's `request_timeout` passes."""
     prompts, max_tokens = prompts_of(engine, body)
     sampling = body.sampling(max_tokens)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    requests = []
+
+    def deliver(k: int, event) -> None:  # on the engine thread
+        loop.call_soon_threadsafe(queue.put_nowait, (k * sampling.n, event))
+
     try:
-        for k, prompt in enumerate(prompts):
-
-            def deliver(event, offset=k * sampling.n):
-                loop.call_soon_threadsafe(queue.put_nowait, (offset, event))
-
-            try:
-                requests.append(engine.submit(adapter, prompt, sampling, deliver))
-            except UnknownAdapter as error:
-                raise ApiError(404, str(error), "model") from None
-            except RequestError as error:
-                raise ApiError(400, str(error), "prompt") from None
+        requests = engine.submit_many(adapter, prompts, sampling, deliver, tenant)
+    except UnknownAdapter as error:
+        raise ApiError(404, str(error), "model") from None
+    except RequestError as error:
+        raise ApiError(400, str(error), "prompt") from None
+    except Overloaded as error:
+        raise ApiError(429, str(error), retry_after=error.retry_after) from None
+    timeout = engine.limits.request_timeout
+    deadline = None if timeout is None else loop.time() + timeout
+    try:
         yield Start(sum(len(p) for p in prompts), replica)
         unfinished = len(prompts) * sampling.n
         while unfinished:
-            offset, event = await queue.get()
+            left = None if deadline is None else deadline - loop.time()
+            try:
+                offset, event = await asyncio.wait_for(queue.get(), left)
+            except TimeoutError:
+                raise ApiError(
+                    504,
+                    f"the request did not finish within the server's request timeout of {timeout:g} s "
+                    "(--request-timeout); ask for fewer tokens or retry later",
+                ) from None
             if isinstance(event, Failed):
                 raise ApiError(event.status, event.message)
             if isinstance(event, Finished):
@@ -86,9 +99,16 @@ async def generate(
 
 
 def adapter_json(name: str, source: str, info=None) -> dict:
-    """An adapter as GET/POST /v1/adapters show it (`info`: its AdapterInfo while resident)."""
+    """An adapter as GET/POST /v1/adapters show it (`source`: its label, never a server path the client
+    did not give; `info`: its AdapterInfo while resident)."""
     resident = {"type": info.type, "rank": info.rank, "slot": info.slot, "bytes": info.nbytes} if info else {}
     return {"id": name, "object": "adapter", "source": source, "resident": info is not None, **resident}
+
+
+def source_label(source: str) -> str:
+    """How listings show an adapter given on the command line: a Hub id as is, a local directory by
+    its name only (its absolute path is the server's business)."""
+    return os.path.basename(os.path.normpath(source)) if os.path.isabs(source) else source
 
 
 class LocalBackend:
@@ -99,23 +119,21 @@ class LocalBackend:
         self.base_name, self.metrics = engine.base_name, engine.metrics
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
 
-    def generate(self, adapter: str | None, body: CompletionRequest | ChatRequest) -> AsyncIterator:
-        return generate(self.engine, adapter, body, self.replica)
+    def generate(self, adapter: str | None, body: CompletionRequest | ChatRequest, tenant: str = "") -> AsyncIterator:
+        return generate(self.engine, adapter, body, self.replica, tenant)
 
     async def adapters(self) -> list[dict]:
-        return [
-            adapter_json(name, self.engine.source_of(name), info)
-            for name, info in sorted(self.engine.adapters().items())
-        ]
+        return [adapter_json(name, label, info) for name, (label, info) in sorted(self.engine.listing().items())]
 
-    async def add_adapter(self, name: str, source: str, revision: str | None) -> dict:
+    async def add_adapter(self, name: str, source: str, revision: str | None, label: str) -> dict:
+        """Loads `source` (a resolved directory or Hub id) under `name`, shown as `label`."""
         try:
-            info = await run_in_threadpool(self.engine.add_adapter, name, source, revision)
+            info = await run_in_threadpool(self.engine.add_adapter, name, source, revision, label=label)
         except NoFreeSlot as error:
-            raise ApiError(503, str(error)) from None
+            raise ApiError(503, f"{error} (waited {self.engine.limits.load_wait:g} s for one)", retry_after=5) from None
         except (AdapterError, OSError) as error:
             raise ApiError(422, f"adapter {name!r} was not loaded: {error}", "source") from None
-        return adapter_json(name, source, info)
+        return adapter_json(name, label, info)
 
     async def remove_adapter(self, name: str) -> int:
         """Forgets `name`; waits up to `delete_timeout` for its requests in flight, and returns how many
@@ -129,4 +147,4 @@ class LocalBackend:
         return {"status": "ok", "running_rows": self.engine.running_rows(), "queue_depth": self.engine.queue_depth()}
 
     def shutdown(self) -> None:
-        self.engine.stop()
+        self.engine.stop()  # the HTTP server drained first (uvicorn's graceful shutdown): fail what is left

@@ -14,7 +14,14 @@ adapter (`add_adapter` on a name in use) never changes the weights a running req
 the new version loads beside the old one, and the old one is unloaded when its last request ends.
 An adapter with rows in flight is pinned; the others are evicted least-recently-used by the
 Backbone when a load needs a slot, and loaded again (from its host cache) when next asked for.
-Loads run on worker threads and write into free slots while the engine keeps decoding.
+Loads run on worker threads and write into free slots while the engine keeps decoding; a load that
+finds every slot pinned waits (up to `Limits.load_wait`) for one to drain.
+
+Faults stay with the request that caused them: a failure while sampling or streaming one row fails
+that row's request alone; a forward that fails is run again request by request, so only the
+requests whose own forward fails get the error. Each failed request is answered (`Failed`) and lets
+go of its adapter. Admission control (admission.py) bounds the queue by requests and prompt tokens,
+with a fair share per API key.
 
     engine = Engine(backbone, tokenizer, base_name="SmolLM2-135M-Instruct")
     engine.add_adapter("upper", "/adapters/upper")
@@ -23,13 +30,14 @@ Loads run on worker threads and write into free slots while the engine keeps dec
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
 import random
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,7 +46,8 @@ import torch
 
 from ..backbone import AdapterInfo, Backbone
 from ..errors import AdapterError, NoFreeSlot
-from .errors import RequestError, UnknownAdapter
+from .admission import FairQueue, Limits
+from .errors import Overloaded, RequestError, UnknownAdapter
 from .kv_cache import KVCache, KVState, default_budget
 from .metrics import Metrics
 from .paged import CompiledStep, Step, use_paged_attention
@@ -88,13 +97,29 @@ class Request:
     sampling: Sampling
     on_event: Callable[[Event], None]
     virtual: int = 0  # the adapter's virtual tokens, placed before the prompt
+    tenant: str = ""  # who sent it (admission's fair share); "" when the server has no keys
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     unfinished: int = 0  # choices still generating
+    released: bool = False  # its adapter no longer counts it as a user
+
+    @property
+    def cost(self) -> int:
+        """Its prompt tokens (what it weighs in the queue)."""
+        return self.virtual + len(self.prompt)
 
     def cancel(self) -> None:
         """Stops generating for this request (the client went away); its rows leave at the next step."""
         self.cancelled = True
+
+    def emit(self, event: Event) -> None:
+        """Sends `event`; a receiver that fails (its client is gone) cancels the request instead of
+        failing the engine thread."""
+        try:
+            self.on_event(event)
+        except Exception:
+            log.warning("a request's event could not be delivered; the request is cancelled", exc_info=True)
+            self.cancelled = True
 
 
 @dataclass
@@ -114,6 +139,7 @@ class _Entry:
     revision: str | None
     resident: str
     virtual: int = 0  # virtual tokens put before each row's prompt (prompt tuning)
+    label: str = ""  # how listings show the source (never a server path the client did not give)
 
 
 class Engine:
@@ -130,11 +156,13 @@ class Engine:
         fair_wait: float = 1.0,
         metrics: Metrics | None = None,
         compile: str | Callable | None = None,
+        limits: Limits | None = None,
     ):
         """`max_batch`: rows in flight; `max_step_tokens`: tokens per forward (every running row's
         next token first, prompt chunks in the rest); `kv_cache_bytes`: the KV pool (default: room
         for max_batch rows of the full context, at most a quarter of free memory); `compile`: a
-        torch.compile backend ("inductor") to run the steps with, None: eager."""
+        torch.compile backend ("inductor") to run the steps with, None: eager; `limits`: the queue's
+        bounds, the request deadline and how long loads wait for a slot (admission.py)."""
         if max_step_tokens < max_batch:
             raise ValueError(f"max_step_tokens ({max_step_tokens}) must be at least max_batch ({max_batch})")
         self.backbone, self.model, self.tokenizer = backbone, backbone.model, tokenizer
@@ -156,7 +184,10 @@ class Engine:
         self._lock = threading.Condition()  # guards everything below; notified when there is work
         self._adapters: dict[str, _Entry] = {}  # public name -> its current version
         self._residents: dict[str, _Entry] = {}  # resident name -> entry, retired ones too until unloaded
-        self._queue: deque[Request] = deque()
+        self.limits = limits or Limits()
+        queue_tokens = self.limits.max_queue_tokens or 8 * self.kv.tokens
+        self._queue = FairQueue(self.limits.max_queue, queue_tokens)
+        self._request_seconds = 1.0  # a running mean of how long requests take (Retry-After's estimate)
         self._users: Counter[str] = Counter()  # resident name -> requests submitted and not over (pinned
         #                                          while resident and > 0)
         self._retired: set[str] = set()  # replaced or deleted: unloaded when no request uses them
@@ -166,6 +197,7 @@ class Engine:
         self._rows: list[_Row] = []  # engine thread only, in admission order
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="adapterhub-load")
         self._stopping = False
+        self._draining = False  # stop() was called: no new requests
         self._device = next(self.model.parameters()).device
         self._step_model = CompiledStep(self.model, compile) if compile else self.model
         self._pad = CompiledStep.PAD if compile else 0  # padding tokens per step
@@ -177,35 +209,54 @@ class Engine:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, drain: float = 0.0) -> None:
+        """Stops taking requests, lets those in flight and queued finish for up to `drain` seconds,
+        then stops the engine thread; whatever is left is answered Failed(503)."""
         with self._lock:
+            self._draining = True
+            self._lock.wait_for(lambda: not self._queue and not self._rows, drain)
             self._stopping = True
             self._lock.notify_all()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         self._loader.shutdown(wait=True)
+        for request in self._queue:
+            self._fail(request, "the server is shutting down; retry the request", 503)
+        for request in {id(row.request): row.request for row in self._rows}.values():
+            self._fail(request, "the server stopped before this request finished; retry it", 503)
 
     # ---- adapters ------------------------------------------------------------------------
     def adapters(self) -> dict[str, AdapterInfo | None]:
         """Public name -> its resident info, or None while it is evicted (it loads again when asked for)."""
+        return {name: info for name, (_, info) in self.listing().items()}
+
+    def listing(self) -> dict[str, tuple[str, AdapterInfo | None]]:
+        """Public name -> (the label its source is shown as, its resident info or None), read in one go:
+        an adapter evicted or deleted meanwhile shows as not resident, never as an error."""
         with self._lock:
             entries = dict(self._adapters)
-        resident = set(self.backbone.names)
-        return {name: self.backbone.info(e.resident) if e.resident in resident else None for name, e in entries.items()}
+        return {name: (e.label, self._info(e.resident)) for name, e in entries.items()}
 
-    def source_of(self, name: str) -> str:
-        with self._lock:
-            return self._entry(name).source
+    def _info(self, resident: str) -> AdapterInfo | None:
+        try:
+            return self.backbone.info(resident)
+        except AdapterError:  # not resident (evicted, or unloaded by a concurrent delete)
+            return None
 
-    def add_adapter(self, name: str, source: str, revision: str | None = None) -> AdapterInfo:
+    def add_adapter(
+        self, name: str, source: str, revision: str | None = None, *, label: str | None = None
+    ) -> AdapterInfo:
         """Loads the adapter at `source` under `name` (blocking the caller, not the engine); a name in
-        use is replaced: requests already bound to it finish on the old weights."""
+        use is replaced: requests already bound to it finish on the old weights. When every slot is
+        pinned by requests in flight, waits up to `limits.load_wait` seconds for one to drain, then
+        raises NoFreeSlot. `label`: how listings show the source (default: `source`)."""
         if not name or "#" in name or name == self.base_name:
             raise AdapterError(
                 f"adapter name {name!r} is not allowed: use a non-empty name without '#' "
                 f"that differs from the base model's {self.base_name!r}"
             )
         resident = f"{name}#{next(self._versions)}"
-        info = self._load(resident, source, revision)  # pinned until it is known
+        info = self._load_waiting(resident, source, revision)  # pinned until it is known
         virtual = 0
         if not self.backbone.types.get(info.type).packed:  # prompt tuning: its virtual tokens lead each row
             prefix = self.backbone.virtual_tokens(resident)
@@ -219,11 +270,25 @@ class Engine:
         self.backbone.unpin(resident)
         with self._lock:
             old = self._adapters.get(name)
-            entry = _Entry(source, revision, resident, virtual)
+            entry = _Entry(source, revision, resident, virtual, label or source)
             self._adapters[name] = self._residents[resident] = entry
             if old is not None:
                 self._retire(old.resident)
         return info
+
+    def _load_waiting(self, resident: str, source: str, revision: str | None) -> AdapterInfo:
+        """`_load`, waiting up to `limits.load_wait` for a slot while every slot is pinned (a request
+        ending, an adapter unloaded or unpinned notifies)."""
+        deadline = time.monotonic() + self.limits.load_wait
+        while True:
+            try:
+                return self._load(resident, source, revision)
+            except NoFreeSlot:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                with self._lock:
+                    self._lock.wait(min(left, 0.5))  # woken when a request ends; rechecked at least twice a second
 
     def remove_adapter(self, name: str, timeout: float | None = None) -> int:
         """Forgets `name` at once (new requests for it get UnknownAdapter); its slot is freed when its
@@ -244,26 +309,64 @@ class Engine:
         return len(self._rows)
 
     def submit(
-        self, adapter: str | None, prompt: list[int], sampling: Sampling, on_event: Callable[[Event], None]
+        self,
+        adapter: str | None,
+        prompt: list[int],
+        sampling: Sampling,
+        on_event: Callable[[Event], None],
+        tenant: str = "",
     ) -> Request:
         """Queues a request; `on_event` is called on the engine thread with each Token, each choice's
-        Finished, or one Failed."""
-        if not prompt:
-            raise RequestError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= self.vocab:
-            raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab})")
+        Finished, or one Failed. Raises UnknownAdapter, RequestError (it can never run) or
+        Overloaded (no room now: retry later)."""
+        return self.submit_many(adapter, [prompt], sampling, lambda _, event: on_event(event), tenant)[0]
+
+    def submit_many(
+        self,
+        adapter: str | None,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        on_event: Callable[[int, Event], None],
+        tenant: str = "",
+    ) -> list[Request]:
+        """Queues one request per prompt, all or none (`on_event(prompt index, event)`), counted
+        against `tenant`'s share of the queue; see `submit`."""
+        for prompt in prompts:
+            if not prompt:
+                raise RequestError("the prompt is empty")
+            if min(prompt) < 0 or max(prompt) >= self.vocab:
+                raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab})")
         if sampling.n > self.max_batch:
             raise RequestError(f"n={sampling.n} is more than the server's batch of {self.max_batch} rows")
         with self._lock:
+            if self._draining:
+                raise Overloaded("the server is shutting down; retry on another replica or after it restarts", 5)
             entry = None if adapter is None else self._entry(adapter)
             resident, virtual = (None, 0) if entry is None else (entry.resident, entry.virtual)
-            self._check_length(len(prompt), virtual, sampling.max_tokens)
-            request = Request(adapter, resident, list(prompt), sampling, on_event, virtual, unfinished=sampling.n)
-            if resident is not None:
-                self._users[resident] += 1
-            self._queue.append(request)
+            for prompt in prompts:
+                self._check_length(len(prompt), virtual, sampling.max_tokens)
+            cost = sum(virtual + len(p) for p in prompts)
+            waited = len(self._queue) / self.max_batch * self._request_seconds  # the queue's drain time, roughly
+            self._queue.check(tenant, len(prompts), cost, waited)
+            requests = [
+                Request(
+                    adapter,
+                    resident,
+                    list(prompt),
+                    sampling,
+                    lambda event, k=k: on_event(k, event),
+                    virtual,
+                    tenant,
+                    unfinished=sampling.n,
+                )
+                for k, prompt in enumerate(prompts)
+            ]
+            for request in requests:
+                if resident is not None:
+                    self._users[resident] += 1
+                self._queue.add(request)
             self._lock.notify_all()
-        return request
+        return requests
 
     def _check_length(self, prompt: int, virtual: int, max_tokens: int) -> None:
         """A RequestError if the row would not fit the model's context or, alone, the KV cache."""
@@ -288,8 +391,8 @@ class Engine:
             try:
                 self._join(admitted)
                 self._step()
-            except Exception as error:  # out of memory, a kernel error: fail what is in flight, keep serving
-                log.exception("a batch failed; its requests get an error")
+            except Exception as error:  # a fault outside any one request's (steps isolate theirs): keep serving
+                log.exception("the engine's step failed outside any one request; the requests in flight get an error")
                 self._fail_running(f"the batch failed: {type(error).__name__}: {error}", admitted)
 
     def _admit(self) -> list[Request]:
@@ -297,7 +400,8 @@ class Engine:
         starts loads for the others."""
         unforked = sum(r.request.sampling.n - 1 for r in self._rows if r.choice == 0 and r.count == 0)
         taken, rows = [], len(self._rows) + unforked  # rows in flight and the choices still to fork
-        for request in list(self._queue):
+        running = Counter(row.request.tenant for row in self._rows)
+        for request in self._queue.fair_order(running):
             if request.cancelled:
                 self._queue.remove(request)
                 self._release(request)
@@ -330,7 +434,12 @@ class Engine:
             with self._lock:
                 key = "" if request.resident is None else f"{request.resident}@{self._generation[request.resident]}"
             virtual = [-1 - i for i in range(request.virtual)]  # placeholders: embeddings come from the slot
-            self._rows.append(self._new_row(request, 0, KVState(key, virtual + request.prompt)))
+            try:
+                row = self._new_row(request, 0, KVState(key, virtual + request.prompt))
+            except Exception as error:
+                self._fail(request, f"the request could not start: {type(error).__name__}: {error}")
+                continue
+            self._rows.append(row)
             self.metrics.prompt_tokens.inc(len(request.prompt))
             self.metrics.queue_seconds.observe(now - request.submitted)
 
@@ -338,7 +447,8 @@ class Engine:
         seed = request.sampling.seed
         generator = None
         if request.sampling.temperature > 0:
-            generator = torch.Generator().manual_seed(random.getrandbits(63) if seed is None else seed + choice)
+            seed = random.getrandbits(63) if seed is None else (seed + choice) % 2**64  # manual_seed's range
+            generator = torch.Generator().manual_seed(seed)
         return _Row(request, choice, TextStream(self.tokenizer, request.sampling.stop), generator, kv)
 
     def _preempt(self, row: _Row) -> None:
@@ -347,11 +457,33 @@ class Engine:
 
     def _step(self) -> None:
         """One forward over the planned tokens of every row (a packed sequence), then sampling for
-        the rows whose tokens are all in the cache."""
+        the rows whose tokens are all in the cache. A forward that fails runs again one request at a
+        time, so that only requests whose own forward fails get the error."""
         self._drop_cancelled()
         plan = plan_step(self._rows, self.kv, self.max_step_tokens, self._preempt)
         if not plan:
             return
+        try:
+            self._run(plan)
+        except Exception as error:
+            groups: dict[int, list[tuple[_Row, int]]] = {}
+            for row, count in plan:
+                groups.setdefault(id(row.request), []).append((row, count))
+            if len(groups) == 1:
+                self._fail(plan[0][0].request, f"the forward failed: {type(error).__name__}: {error}")
+                log.exception("a request's forward failed; it gets an error")
+                return
+            log.warning("a step of %d requests failed (%r); running them one by one", len(groups), error)
+            for group in groups.values():
+                try:
+                    self._run(group)
+                except Exception as alone:
+                    log.exception("a request's forward failed; it gets an error")
+                    self._fail(group[0][0].request, f"the forward failed: {type(alone).__name__}: {alone}")
+
+    def _run(self, plan: list[tuple[_Row, int]]) -> None:
+        """The forward of `plan`, then its bookkeeping and sampling; only the forward may raise, and
+        then nothing has changed but K/V writes a rerun repeats."""
         ids, keep, sampled = [], [], []
         for row, count in plan:
             start = row.kv.computed
@@ -430,7 +562,11 @@ class Engine:
             index.append(i)
             n = row.request.sampling.n
             if row.count == 0 and row.choice == 0 and n > 1:
-                siblings = [self._new_row(row.request, c, self.kv.fork(row.kv)) for c in range(1, n)]
+                try:
+                    siblings = [self._new_row(row.request, c, self.kv.fork(row.kv)) for c in range(1, n)]
+                except Exception as error:
+                    self._fail(row.request, f"the request's choices could not start: {type(error).__name__}: {error}")
+                    continue
                 at = self._rows.index(row) + 1
                 self._rows[at:at] = siblings
                 targets += siblings
@@ -441,41 +577,74 @@ class Engine:
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Samples one token per row (logits (len(rows), vocab)), sends the text, finishes rows."""
-        tokens = next_tokens(
-            logits,
-            [r.request.sampling.temperature for r in rows],
-            [r.request.sampling.top_p for r in rows],
-            [r.generator for r in rows],
-        ).tolist()
+        tokens = self._sample(rows, logits)
         self.metrics.tokens(len(rows))
         for row, token in zip(rows, tokens):
-            row.count += 1
-            row.kv.tokens.append(token)
-            sampling = row.request.sampling
-            if token in self.eos and not sampling.ignore_eos:
-                self._finish(row, "stop", row.stream.add(None))
+            if row.done:  # its request failed meanwhile (another of its choices)
                 continue
-            piece = row.stream.add(token)
-            if row.stream.stopped:
-                self._finish(row, "stop", piece)
-            elif row.count >= sampling.max_tokens:
-                self._finish(row, "length", piece + row.stream.add(None))
-            elif piece:
-                row.request.on_event(Token(row.choice, piece))
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._next(row, token)
+            except Exception as error:
+                log.exception("a row failed while sampling or streaming; its request gets an error")
+                self._fail(row.request, f"generating failed: {type(error).__name__}: {error}")
         if any(row.done for row in rows):
             for row in rows:
                 if row.done:
                     self.kv.free(row.kv)
             self._rows = [row for row in self._rows if not row.done]
 
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
+        """Each row's next token, sampled for all rows at once; if that fails, row by row, a row that
+        fails alone getting its exception instead of a token."""
+
+        def sample(index: slice, rows: list[_Row]) -> list[int]:
+            return next_tokens(
+                logits[index],
+                [r.request.sampling.temperature for r in rows],
+                [r.request.sampling.top_p for r in rows],
+                [r.generator for r in rows],
+            ).tolist()
+
+        try:
+            return sample(slice(None), rows)
+        except Exception:
+            log.warning("sampling %d rows failed; sampling them one by one", len(rows), exc_info=True)
+        tokens: list[int | Exception] = []
+        for i, row in enumerate(rows):
+            try:
+                tokens += sample(slice(i, i + 1), [row])
+            except Exception as error:
+                tokens.append(error)
+        return tokens
+
+    def _next(self, row: _Row, token: int) -> None:
+        """The row's next token: its text sent, the row finished at a stop or its length."""
+        row.count += 1
+        row.kv.tokens.append(token)
+        sampling = row.request.sampling
+        if token in self.eos and not sampling.ignore_eos:
+            self._finish(row, "stop", row.stream.add(None))
+            return
+        piece = row.stream.add(token)
+        if row.stream.stopped:
+            self._finish(row, "stop", piece)
+        elif row.count >= sampling.max_tokens:
+            self._finish(row, "length", piece + row.stream.add(None))
+        elif piece:
+            row.request.emit(Token(row.choice, piece))
+
     def _finish(self, row: _Row, reason: str, piece: str) -> None:
         row.done = True
         if piece:
-            row.request.on_event(Token(row.choice, piece))
-        row.request.on_event(Finished(row.choice, reason, row.count, tuple(row.kv.tokens[-row.count :])))
+            row.request.emit(Token(row.choice, piece))
+        row.request.emit(Finished(row.choice, reason, row.count, tuple(row.kv.tokens[-row.count :])))
         row.request.unfinished -= 1
         if not row.request.unfinished:
-            self.metrics.request_seconds.observe(time.perf_counter() - row.request.submitted)
+            seconds = time.perf_counter() - row.request.submitted
+            self.metrics.request_seconds.observe(seconds)
+            self._request_seconds += 0.1 * (seconds - self._request_seconds)
             with self._lock:
                 self._release(row.request)
 
@@ -491,28 +660,40 @@ class Engine:
             for request in {id(r.request): r.request for r in gone}.values():
                 self._release(request)
 
+    def _fail(self, request: Request, message: str, status: int = 500) -> None:
+        """Fails one request: its rows leave (their blocks freed), it is answered Failed once and
+        lets go of its adapter; every other request goes on."""
+        for row in self._rows:
+            if row.request is request:
+                row.done = True
+                self.kv.free(row.kv)  # idempotent: a row that finished this step may be freed again
+        self._rows = [row for row in self._rows if row.request is not request]
+        with self._lock:
+            if request in self._queue:
+                self._queue.remove(request)
+            if request.unfinished > 0:  # not one whose last choice finished before the error
+                request.unfinished = 0
+                request.emit(Failed(status, message))
+            self._release(request)
+
     def _fail_running(self, message: str, admitted: list[Request] = ()) -> None:
         """Fails every row in flight and the requests just admitted (some may not be rows yet)."""
         requests = {id(r): r for r in [*(row.request for row in self._rows), *admitted]}.values()
-        for row in self._rows:
-            self.kv.free(row.kv)
-        self._rows = []
-        with self._lock:
-            for request in requests:
-                if request.unfinished > 0:  # not those whose last choice finished before the error
-                    request.unfinished = 0
-                    request.on_event(Failed(500, message))
-                    self._release(request)
+        for request in requests:
+            self._fail(request, message)
 
     # ---- bookkeeping (under self._lock) --------------------------------------------------
     def _entry(self, name: str) -> _Entry:
         if name not in self._adapters:
-            raise UnknownAdapter(f"no adapter named {name!r}; available: {[self.base_name, *sorted(self._adapters)]}")
+            raise UnknownAdapter(f"no adapter named {name!r}; GET /v1/models lists the models your key may use")
         return self._adapters[name]
 
     def _release(self, request: Request) -> None:
         """The request is over: its adapter loses a user; without users it is unpinned (evictable),
-        or unloaded if it was retired."""
+        or unloaded if it was retired. Once per request, whichever way it ended."""
+        if request.released:
+            return
+        request.released = True
         resident = request.resident
         if resident is not None:
             self._users[resident] -= 1
@@ -520,8 +701,9 @@ class Engine:
                 del self._users[resident]
                 if resident in self._retired:
                     self._unload(resident)
-                elif resident in self.backbone.names:
-                    self.backbone.unpin(resident)
+                else:
+                    with contextlib.suppress(AdapterError):  # evicted meanwhile: nothing to unpin
+                        self.backbone.unpin(resident)
         self._lock.notify_all()
 
     def _retire(self, resident: str) -> None:
@@ -534,7 +716,7 @@ class Engine:
         self._retired.discard(resident)
         del self._residents[resident]
         self._generation.pop(resident, None)
-        if resident in self.backbone.names:
+        with contextlib.suppress(AdapterError):  # evicted meanwhile (a load took its slot): nothing to unload
             self.backbone.unload(resident)
 
     def _start_load(self, resident: str) -> None:
@@ -560,7 +742,8 @@ class Engine:
     def _fail_queued(self, resident: str, message: str) -> None:
         for request in [r for r in self._queue if r.resident == resident]:
             self._queue.remove(request)
-            request.on_event(Failed(503, message))
+            request.unfinished = 0
+            request.emit(Failed(503, message))
             self._release(request)
 
     def _load(self, resident: str, source: str, revision: str | None) -> AdapterInfo:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .admission import Limits
 from .startup import EngineSettings, ready
 
 
@@ -98,11 +99,58 @@ def add_parser(commands) -> None:
         help="a keys file (JSON or TOML: keys -> allowed models, see adapterhub/serve/tenancy.py) "
         "or one key allowed everything",
     )
+    parser.add_argument(
+        "--max-queue",
+        dest="max_queue",
+        type=_positive(int),
+        default=Limits.max_queue,
+        help="requests that may wait to join the batch; beyond it (or a key's fair share of it) 429 with Retry-After",
+    )
+    parser.add_argument(
+        "--max-queue-tokens",
+        dest="max_queue_tokens",
+        type=_positive(int),
+        help="prompt tokens that may wait to join the batch (default: 8 x the KV cache's tokens)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        dest="request_timeout",
+        type=_positive(float),
+        help="seconds a request may take from submission to its last token; then it stops and gets 504 "
+        "(default: no deadline)",
+    )
+    parser.add_argument(
+        "--load-wait",
+        dest="load_wait",
+        type=_positive(float),
+        default=Limits.load_wait,
+        help="seconds POST /v1/adapters waits for a slot while every slot serves requests, then 503",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout",
+        type=_positive(float),
+        default=30.0,
+        help="on SIGTERM/SIGINT: seconds the requests in flight may take to finish before they are failed (503)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        dest="metrics_port",
+        type=int,
+        help="serve /metrics on this port (on --host, no key) instead of behind the admin key on the API's port",
+    )
     parser.add_argument("--log-level", dest="log_level", default="warning")
     parser.add_argument(
         "--ray", action="store_true", help="run as a Ray Serve application (extra: ray): adapterhub/serve/ray_app.py"
     )
     parser.add_argument("--replicas", type=int, default=1, help="with --ray: engine replicas, each a whole model")
+    parser.add_argument(
+        "--ingress-replicas",
+        dest="ingress_replicas",
+        type=_positive(int),
+        default=1,
+        help="with --ray: HTTP ingress replicas (they share the adapter registry)",
+    )
     parser.add_argument(
         "--replica-cpus",
         dest="replica_cpus",
@@ -116,6 +164,19 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--address", help="with --ray: an existing cluster ('auto', ray://...); default: start one here"
     )
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive {kind.__name__}")
+        return value
+
+    return parse
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -146,7 +207,7 @@ def serve(args: argparse.Namespace) -> int:
         )
         return 2
     from ..errors import AdapterError
-    from .backend import LocalBackend
+    from .backend import LocalBackend, source_label
     from .tenancy import Keys, Sources
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -174,6 +235,7 @@ def serve(args: argparse.Namespace) -> int:
         args.kv_cache_bytes,
         args.prefix_cache,
         "inductor" if args.compile else None,
+        Limits(args.max_queue, args.max_queue_tokens, args.request_timeout, args.load_wait),
     )
     sources = Sources(args.adapter_dir, args.allow_hub)
     if args.ray:
@@ -187,15 +249,22 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     for adapter, source in adapters.items():
         try:
-            engine.add_adapter(adapter, source)
+            engine.add_adapter(adapter, source, label=source_label(source))
         except AdapterError as error:
             print(f"adapterhub serve: --adapter {adapter}={source}: {error}", file=sys.stderr)
             return 2
-    app = create_app(LocalBackend(engine.start()), keys=keys, sources=sources)
+    app = create_app(LocalBackend(engine.start()), keys=keys, sources=sources, metrics_route=args.metrics_port is None)
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.host, registry=engine.metrics.registry)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     sock.listen(2048)
     ready(f"http://{args.host}:{sock.getsockname()[1]}/v1", engine.base_name, list(adapters))
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level)).run(sockets=[sock])
+    # SIGTERM/SIGINT: uvicorn stops accepting, waits up to --drain-timeout for the requests in flight,
+    # then the app's shutdown stops the engine, which fails (503) whatever is left.
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -47,7 +47,8 @@ def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         return probs
     ordered, order = probs.sort(-1, descending=True)
     before = ordered.cumsum(-1) - ordered  # mass of the more likely tokens
-    ordered = ordered.masked_fill(before >= top_p[:, None], 0)  # the first token always stays
+    # The most likely token always stays, even when top_p underflows to 0 in the logits' dtype.
+    ordered = ordered.masked_fill((before >= top_p[:, None]) & (before > 0), 0)
     return torch.zeros_like(probs).scatter_(-1, order, ordered)
 
 
@@ -76,10 +77,20 @@ class TextStream:
             return self._release(text)
         if text.endswith("\ufffd"):  # a character split across tokens
             return ""
-        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._release(text[: len(text) - held])
+        return self._release(text[: len(text) - max((_held(text, s) for s in self.stop), default=0)])
 
     def _release(self, text: str) -> str:
         piece = text[len(self.released) :]  # decoding is prefix-stable: released text never changes
         self.released += piece
         return piece
+
+
+def _held(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that begins `stop` (shorter than it): text that may yet
+    become the stop string, so it is not released."""
+    at = text.find(stop[0], max(len(text) - len(stop) + 1, 0))
+    while at >= 0:  # the leftmost place whose rest begins the stop string is the longest
+        if stop.startswith(text[at:]):
+            return len(text) - at
+        at = text.find(stop[0], at + 1)
+    return 0

@@ -4,11 +4,13 @@ Ray replica), the line that says it is ready, and a free port to listen on."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from .admission import Limits
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -31,6 +33,7 @@ class EngineSettings:
     kv_cache_bytes: int | None = None  # None: room for max_batch full contexts, at most 1/4 of free memory
     prefix_cache: bool = True
     compile: str | None = None  # a torch.compile backend for the steps ("inductor"); None: eager
+    limits: Limits = field(default_factory=Limits)  # queue bounds, request deadline, how long loads wait for a slot
 
     @property
     def base_name(self) -> str:
@@ -69,6 +72,7 @@ class EngineSettings:
             kv_cache_bytes=self.kv_cache_bytes,
             prefix_cache=self.prefix_cache,
             compile=self.compile,
+            limits=self.limits,
         )
 
 
