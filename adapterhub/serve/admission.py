@@ -4,15 +4,16 @@ key's fair share of that room, and the order waiting requests join in.
 A request is refused (`Overloaded`: HTTP 429 with Retry-After) when its key already holds its fair
 share of the queue (the room divided by the keys with requests waiting, itself counted), or when
 the queue is full; a key with nothing waiting may always queue a request within its share, so one
-tenant's burst never locks the others out. Waiting requests join the batch round robin over keys,
-the key with the fewest rows in flight first, oldest request first within a key.
+tenant's burst never locks the others out. Waiting requests join the batch round robin over keys:
+the key with the fewest rows in flight first, then the one served longest ago; oldest request first
+within a key.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Protocol
@@ -50,6 +51,8 @@ class FairQueue:
         self._waiting: list[Waiting] = []
         self._requests: Counter[str] = Counter()  # key -> requests waiting
         self._tokens: Counter[str] = Counter()  # key -> their prompt tokens
+        self._served: dict[str, int] = {}  # key -> when it last had a request admitted (a count of admissions)
+        self._admissions = 0
         self.tokens = 0
 
     def __len__(self) -> int:
@@ -89,7 +92,11 @@ class FairQueue:
         self._tokens[request.tenant] += request.cost
         self.tokens += request.cost
 
-    def remove(self, request: Waiting) -> None:
+    def remove(self, request: Waiting, admitted: bool = False) -> None:
+        """Takes `request` out (`admitted`: it joins the batch, which counts as its key's turn)."""
+        if admitted:
+            self._admissions += 1
+            self._served[request.tenant] = self._admissions
         self._waiting.remove(request)
         for counter, amount in ((self._requests, 1), (self._tokens, request.cost)):
             counter[request.tenant] -= amount
@@ -97,13 +104,14 @@ class FairQueue:
                 del counter[request.tenant]
         self.tokens -= request.cost
 
-    def fair_order(self, running: Counter[str]) -> list[Waiting]:
+    def fair_order(self, running: Mapping[str, int]) -> list[Waiting]:
         """The waiting requests in the order they may join: round robin over keys, the key with the
-        fewest rows in flight (`running`: key -> rows) first, oldest first within a key."""
+        fewest rows in flight (`running`: key -> rows) first, then the one served longest ago; oldest
+        first within a key."""
         by_key: dict[str, list[Waiting]] = defaultdict(list)
         for request in self._waiting:
             by_key[request.tenant].append(request)
         if len(by_key) < 2:
             return list(self._waiting)
-        keys = sorted(by_key, key=lambda k: (running[k], by_key[k][0].submitted))
+        keys = sorted(by_key, key=lambda k: (running.get(k, 0), self._served.get(k, 0), by_key[k][0].submitted))
         return [r for turn in zip_longest(*(by_key[k] for k in keys)) for r in turn if r is not None]

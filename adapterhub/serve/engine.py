@@ -413,7 +413,7 @@ class Engine:
                 if time.perf_counter() - request.submitted > self.fair_wait:
                     break  # admit nobody behind it, so that pinned adapters drain and a slot frees for it
                 continue
-            self._queue.remove(request)
+            self._queue.remove(request, admitted=True)
             taken.append(request)
             rows += request.sampling.n
         return taken

@@ -1,0 +1,369 @@
+"""Faults stay with the request that caused them, and the engine protects itself: a failure in one
+row's forward, sampling or event delivery fails that request alone (answered, its adapter unpinned)
+while the others finish exactly as they would alone; extreme sampling values serve; the queue is
+bounded with a fair share per key and admits keys round robin; loads wait for a slot; stop drains;
+listings survive adapter churn."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from serving import Offline, make_model_dir, served_llama
+from tiny_models import tiny_tokenizer
+
+import adapterhub.serve.engine as engine_module
+from adapterhub import Backbone, NoFreeSlot
+from adapterhub.serve.admission import FairQueue, Limits
+from adapterhub.serve.api import CompletionRequest
+from adapterhub.serve.backend import LocalBackend, generate
+from adapterhub.serve.engine import Engine, Failed, Finished, Token
+from adapterhub.serve.errors import ApiError, Overloaded, RequestError
+from adapterhub.serve.sampling import Sampling
+
+GREEDY = Sampling(max_tokens=8, temperature=0, ignore_eos=True)
+MARK = 77  # a prompt token whose forward the tests make fail
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture(scope="module")
+def offline(dirs):
+    return Offline(dirs)
+
+
+def _engine(dirs, slots: int = 4, adapters=("a0", "a1"), **settings) -> Engine:
+    engine = Engine(
+        Backbone(served_llama(), max_adapters=slots, max_rank=8), tiny_tokenizer(), base_name="tiny", **settings
+    )
+    for name in adapters:
+        engine.add_adapter(name, str(dirs[name]))
+    return engine
+
+
+class _Outcome:
+    """What one request received: its text, and its Finished or Failed event."""
+
+    def __init__(self):
+        self.text, self.end, self.done = "", None, threading.Event()
+
+    def __call__(self, event):
+        if isinstance(event, Token):
+            self.text += event.text
+        else:
+            self.end = event
+            self.done.set()
+
+    def wait(self) -> _Outcome:
+        assert self.done.wait(60), "no answer within 60 s"
+        return self
+
+
+def _submit(engine: Engine, adapter, prompt: list[int], sampling: Sampling = GREEDY, tenant: str = "") -> _Outcome:
+    outcome = _Outcome()
+    engine.submit(adapter, prompt, sampling, outcome, tenant)
+    return outcome
+
+
+def _ids(offline: Offline, text: str) -> list[int]:
+    return offline.ids(text)
+
+
+def _assert_unpinned(engine: Engine) -> None:
+    deadline = time.monotonic() + 10
+    while any(engine.backbone.info(n).pinned for n in engine.backbone.names) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(engine.backbone.info(n).pinned for n in engine.backbone.names), "a failed request kept its pin"
+
+
+def test_a_failing_forward_fails_only_its_request(dirs, offline):
+    engine = _engine(dirs)
+    real = engine._step_model
+
+    def forward(**inputs):  # fails whenever the marked prompt is in the step
+        if (inputs["input_ids"] == MARK).any():
+            raise RuntimeError("injected fault")
+        return real(**inputs)
+
+    engine._step_model = forward
+    good = [("a0", "hello"), ("a1", "xyz"), (None, "abc")]
+    outcomes = [_submit(engine, name, _ids(offline, text)) for name, text in good]
+    bad = _submit(engine, "a0", [5, MARK, 6])  # queued together: one batch, all of them in its first step
+    engine.start()
+    try:
+        assert isinstance(bad.wait().end, Failed) and "injected fault" in bad.end.message and bad.end.status == 500
+        for (name, text), outcome in zip(good, outcomes):
+            assert isinstance(outcome.wait().end, Finished)
+            assert outcome.text == offline.complete(name, text, 8, ignore_eos=True)
+        _assert_unpinned(engine)
+        assert engine.remove_adapter("a0", timeout=5) == 0  # nothing holds it: it unloads at once
+        after = _submit(engine, "a1", _ids(offline, "again")).wait()  # the engine keeps serving
+        assert after.text == offline.complete("a1", "again", 8, ignore_eos=True)
+    finally:
+        engine.stop()
+
+
+def test_a_failing_sample_fails_only_its_request(dirs, offline, monkeypatch):
+    real = engine_module.next_tokens
+
+    def next_tokens(logits, temperatures, top_ps, generators):
+        if 0.777 in temperatures:
+            raise RuntimeError("injected sampling fault")
+        return real(logits, temperatures, top_ps, generators)
+
+    monkeypatch.setattr(engine_module, "next_tokens", next_tokens)
+    engine = _engine(dirs)
+    good = [_submit(engine, name, _ids(offline, "hello")) for name in ("a0", "a1", None)]
+    bad = _submit(engine, "a1", _ids(offline, "hello"), Sampling(max_tokens=8, temperature=0.777, n=2))
+    engine.start()
+    try:
+        assert isinstance(bad.wait().end, Failed) and "injected sampling fault" in bad.end.message
+        for name, outcome in zip(("a0", "a1", None), good):
+            assert isinstance(outcome.wait().end, Finished)
+            assert outcome.text == offline.complete(name, "hello", 8, ignore_eos=True)
+        _assert_unpinned(engine)
+        assert engine.running_rows() == 0 and engine.kv.blocks.used() == 0  # the failed rows gave their blocks back
+    finally:
+        engine.stop()
+
+
+def test_a_receiver_that_fails_cancels_only_its_request(dirs, offline):
+    engine = _engine(dirs)
+
+    def broken(event):
+        raise RuntimeError("the client's loop is closed")
+
+    engine.submit("a0", _ids(offline, "hello"), Sampling(max_tokens=30, temperature=0, ignore_eos=True), broken)
+    good = _submit(engine, "a0", _ids(offline, "xyz"))
+    engine.start()
+    try:
+        assert good.wait().text == offline.complete("a0", "xyz", 8, ignore_eos=True)
+        deadline = time.monotonic() + 10
+        while engine.running_rows() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running_rows() == 0
+        _assert_unpinned(engine)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        Sampling(max_tokens=6, temperature=1.0, top_p=5e-324, seed=1),  # top_p 0 in fp32: the top token stays
+        Sampling(max_tokens=6, temperature=0.5, seed=2**64 - 1, n=3),  # seed + choice past manual_seed's range
+        Sampling(max_tokens=6, temperature=1.0, seed=-(2**63), n=2),
+    ],
+)
+def test_extreme_sampling_values_serve(dirs, offline, sampling):
+    engine = _engine(dirs, adapters=("a0",)).start()
+    try:
+        outcome = _Outcome()
+        engine.submit("a0", _ids(offline, "hello"), sampling, outcome)
+        assert isinstance(outcome.wait().end, Finished), outcome.end
+    finally:
+        engine.stop()
+
+
+def test_top_p_below_fp32_is_greedy(dirs, offline):
+    engine = _engine(dirs, adapters=("a0",)).start()
+    try:
+        sampled = _submit(engine, "a0", _ids(offline, "hello"), Sampling(max_tokens=8, top_p=1e-300, ignore_eos=True))
+        assert sampled.wait().text == offline.complete("a0", "hello", 8, ignore_eos=True)
+    finally:
+        engine.stop()
+
+
+def test_the_queue_is_bounded_with_a_fair_share_per_key(dirs):
+    engine = _engine(dirs, adapters=(), limits=Limits(max_queue=4, max_queue_tokens=40))  # not started: nothing drains
+    for _ in range(4):
+        _submit(engine, None, [5, 6, 7], tenant="A")
+    with pytest.raises(Overloaded) as full:
+        _submit(engine, None, [5, 6, 7], tenant="A")
+    assert full.value.retry_after >= 1 and "4 of them yours" in str(full.value)
+    _submit(
+        engine, None, [5, 6, 7], tenant="B"
+    )  # a key with nothing waiting still gets in: A's burst cannot lock B out
+    with pytest.raises(Overloaded):  # now B holds one of a full queue too
+        _submit(engine, None, [5, 6, 7], tenant="B")
+    with pytest.raises(RequestError, match="more than the server queues"):  # could never fit: 400, not 429
+        engine.submit_many(None, [[5]] * 5, GREEDY, lambda k, e: None, "C")
+    _submit(engine, None, [5] * 30, tenant="C")  # alone, a big prompt is admitted
+    with pytest.raises(Overloaded):  # C's next one would pass the queue's 40 prompt tokens
+        _submit(engine, None, [5] * 30, tenant="C")
+    assert engine.queue_depth() == 6
+    engine.stop()  # answers every queued request (503)
+
+
+def test_keys_take_turns_to_join_the_batch():
+    queue = FairQueue(100, 10_000)
+
+    class Waiting:
+        def __init__(self, tenant, submitted):
+            self.tenant, self.cost, self.submitted = tenant, 1, submitted
+
+    burst = [Waiting("A", t) for t in range(5)]
+    late = Waiting("B", 10)
+    for request in [*burst, late]:
+        queue.add(request)
+    assert queue.fair_order({})[:2] == [burst[0], late]
+    queue.remove(burst[0], admitted=True)  # A had its turn: B goes first now, though A's requests are older
+    assert queue.fair_order({})[0] is late
+    assert queue.fair_order({"B": 3})[0] is burst[1]  # B has rows running, A none: A first
+
+
+def test_a_burst_of_one_key_does_not_delay_another_key(dirs, offline):
+    engine = _engine(dirs, adapters=(), max_batch=1, max_step_tokens=8)
+    long = Sampling(max_tokens=20, temperature=0, ignore_eos=True)
+    burst = [_submit(engine, None, [5, 6, 7], long, tenant="A") for _ in range(5)]
+    other = _submit(engine, None, [5, 6, 7], long, tenant="B")
+    engine.start()
+    try:
+        other.wait()
+        finished = sum(o.done.is_set() for o in burst)
+        assert finished <= 2, f"B waited for {finished} of A's requests (FIFO would make it 5)"
+        for outcome in burst:
+            outcome.wait()
+    finally:
+        engine.stop()
+
+
+def test_a_load_waits_for_a_slot_held_by_requests_in_flight(dirs, offline):
+    engine = _engine(dirs, slots=1, adapters=("a0",), limits=Limits(load_wait=30)).start()
+    try:
+        release = threading.Event()
+
+        def held(event):  # holds the engine thread (so a0 stays pinned) until released
+            release.wait(30)
+
+        engine.submit("a0", [5, 6, 7], Sampling(max_tokens=3, temperature=0, ignore_eos=True), held)
+        loaded = []
+        loader = threading.Thread(target=lambda: loaded.append(engine.add_adapter("a1", str(dirs["a1"]))))
+        loader.start()
+        time.sleep(0.5)
+        assert loader.is_alive(), "the load did not wait for the pinned slot"
+        release.set()
+        loader.join(30)
+        assert loaded and loaded[0].name.startswith("a1#")
+        assert _submit(engine, "a1", _ids(offline, "hi")).wait().text == offline.complete(
+            "a1", "hi", 8, ignore_eos=True
+        )
+    finally:
+        release.set()
+        engine.stop()
+
+
+def test_a_load_gives_up_after_its_wait(dirs):
+    engine = _engine(dirs, slots=1, adapters=("a0",), limits=Limits(load_wait=0.3)).start()
+    release = threading.Event()
+    try:
+        engine.submit("a0", [5, 6, 7], Sampling(max_tokens=3, temperature=0), lambda e: release.wait(30))
+        started = time.perf_counter()
+        with pytest.raises(NoFreeSlot):
+            engine.add_adapter("a1", str(dirs["a1"]))
+        assert 0.3 <= time.perf_counter() - started < 10
+        assert "a1" not in engine.adapters() and "a0" in engine.adapters()
+    finally:
+        release.set()
+        engine.stop()
+
+
+def test_stop_drains_the_requests_in_flight_then_fails_the_rest(dirs, offline):
+    engine = _engine(dirs, adapters=("a0",)).start()
+    drained = _submit(engine, "a0", _ids(offline, "hello"), Sampling(max_tokens=12, temperature=0, ignore_eos=True))
+    engine.stop(drain=30)
+    assert isinstance(drained.wait().end, Finished)
+    assert drained.text == offline.complete("a0", "hello", 12, ignore_eos=True)
+    with pytest.raises(Overloaded, match="shutting down"):
+        _submit(engine, "a0", [5])
+
+    engine = _engine(dirs, adapters=("a0",))
+    queued = _submit(engine, "a0", [5, 6])  # never started: still queued at the stop
+    engine.stop()
+    assert isinstance(queued.wait().end, Failed) and queued.end.status == 503
+
+    engine = _engine(dirs, adapters=("a0",)).start()
+    cut, first = _Outcome(), threading.Event()
+
+    def slow(event):  # a slow consumer: the row is certainly still running when stop() comes
+        first.set()
+        time.sleep(0.05)
+        cut(event)
+
+    engine.submit("a0", [5, 6], Sampling(max_tokens=60, temperature=0, ignore_eos=True), slow)
+    assert first.wait(30)
+    engine.stop(drain=0)
+    assert isinstance(cut.wait().end, Failed) and cut.end.status == 503
+    _assert_unpinned(engine)
+
+
+def test_a_request_past_its_deadline_gets_504_and_leaves(dirs):
+    engine = _engine(dirs, adapters=(), limits=Limits(request_timeout=0.3)).start()
+    release = threading.Event()
+    try:
+        engine.submit(
+            None, [5, 6], Sampling(max_tokens=3, temperature=0), lambda e: release.wait(30)
+        )  # holds the thread
+
+        async def run():
+            body = CompletionRequest(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=0)
+            events = generate(engine, None, body, "here")
+            await anext(events)
+            with pytest.raises(ApiError) as late:
+                async for _ in events:
+                    pass
+            return late.value
+
+        started = time.perf_counter()
+        error = asyncio.run(run())
+        assert error.status == 504 and 0.3 <= time.perf_counter() - started < 10
+        release.set()
+        deadline = time.monotonic() + 10
+        while (engine.running_rows() or engine.queue_depth()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running_rows() == 0 and engine.queue_depth() == 0
+    finally:
+        release.set()
+        engine.stop()
+
+
+def test_listings_survive_adapter_churn(dirs):
+    engine = _engine(dirs, slots=2, adapters=()).start()
+    backend = LocalBackend(engine)
+    stop, errors = threading.Event(), []
+
+    def churn():
+        names = ["a0", "a1", "a2", "a3"]
+        k = 0
+        while not stop.is_set():
+            name = names[k % 4]
+            try:
+                engine.add_adapter(name, str(dirs[name]))
+                if k % 3 == 0:
+                    engine.remove_adapter(names[(k + 1) % 4], timeout=0)
+            except LookupError:
+                pass  # deleted by the other branch already: a 404, not a fault
+            except Exception as error:
+                errors.append(error)
+            k += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 3
+        reads = 0
+        while time.monotonic() < deadline:
+            asyncio.run(backend.adapters())
+            engine.metrics.render()
+            reads += 1
+        assert reads > 10
+    finally:
+        stop.set()
+        worker.join(30)
+        engine.stop()
+    assert not errors, errors
