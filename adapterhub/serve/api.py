@@ -91,6 +91,10 @@ class _Generation(BaseModel):
 
 
 class CompletionRequest(_Generation):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 8}]},
+    )
     prompt: Text | list[Text] | list[int] | list[list[int]]
     echo: Literal[False] = False
     logprobs: None = None
@@ -135,6 +139,14 @@ class Message(BaseModel):
 
 
 class ChatRequest(_Generation):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+            ]
+        },
+    )
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] = False

@@ -39,7 +39,6 @@ from .openapi import ERROR_RESPONSES, error_body, openapi_document
 from .tenancy import Keys, Sources
 
 REPLICA_HEADER = "x-adapterhub-replica"
-DISCONNECT_POLL = 0.5  # seconds between checks that a non-streamed request's client is still there
 log = logging.getLogger("adapterhub.serve")
 
 
@@ -48,6 +47,45 @@ def error_response(status: int, message: str, param: str | None = None, retry_af
     headers = {"Retry-After": str(retry_after)} if retry_after else None
     content = json.dumps(error_body(status, message, param)).encode()
     return Response(content, status_code=status, headers=headers, media_type="application/json")
+
+
+class _Guard:
+    """ASGI middleware: counts each answer by endpoint and status, and answers an exception that
+    escapes a route with an OpenAI-shaped 500 instead of a dropped connection. Pure ASGI (not
+    `@app.middleware`), so that a route still sees its client disconnect."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = None
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as error:
+            if status is not None:  # the response has started: nothing more can be said
+                raise
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            response = error_response(500, f"the server failed on this request ({type(error).__name__}); retry")
+            await response(scope, receive, sending)
+        finally:
+            route = scope.get("route")  # its path template: one label per endpoint
+            label = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(endpoint=label, status=str(status or 500)).inc()
+
+
+def _field_part(part: str | int) -> bool:
+    """Whether a validation error's location part names a field or an index (not a union member's
+    tag such as "list[int]" or "function-after[...]")."""
+    return isinstance(part, int) or (part.isidentifier() and part not in {"str", "int", "float", "bool", "list"})
 
 
 def create_app(
@@ -82,27 +120,22 @@ def create_app(
         if first["type"] == "json_invalid":
             reason = first.get("ctx", {}).get("error", "not JSON")
             return error_response(400, f"the body is not valid JSON: {reason} (character {first['loc'][-1]})")
-        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        param = ".".join(str(p) for p in first["loc"][1:] if _field_part(p)) or None
         return error_response(400, f"{param or 'body'}: {first['msg']}", param)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        try:
-            response = await call_next(request)
-        except RecursionError:  # a body nested deeper than the JSON parser recurses
-            response = error_response(400, "the body is nested too deeply to parse; flatten it")
-        except Exception as error:  # a bug: answered in OpenAI's shape, the connection kept
-            log.exception("%s %s failed", request.method, request.url.path)
-            response = error_response(500, f"the server failed on this request ({type(error).__name__}); retry")
-        route = request.scope.get("route")  # its path template: one label per endpoint
-        metrics.requests.labels(endpoint=getattr(route, "path", "unmatched"), status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, metrics=metrics)
 
     def authorize(request: Request, model: str | None) -> None:
+        """Denied keys get 401/403; a model the key may not use is answered as one that does not
+        exist (404), so that a tenant cannot learn which models other tenants have."""
         if keys is not None:
             try:
                 keys.check(request.headers.get("authorization"), model)
             except Denied as denied:
+                if denied.status == 403 and model is not None:
+                    raise ApiError(
+                        404, f"no model named {model!r}; GET /v1/models lists the models your key may use", "model"
+                    ) from None
                 raise ApiError(denied.status, str(denied)) from None
 
     def known_key(request: Request) -> None:
@@ -133,7 +166,12 @@ def create_app(
 
     if metrics_route:
 
-        @app.get("/metrics", responses=ERROR_RESPONSES[401, 403])
+        @app.get(
+            "/metrics",
+            response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}}
+            | ERROR_RESPONSES[401, 403],
+        )
         async def prometheus(request: Request):
             authorize(request, None)  # adapter names of every tenant: the admin's
             return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -257,9 +295,9 @@ async def _collect(events, request: Request, usage: _Usage) -> tuple[dict[int, s
                 reasons[index] = event.reason
                 usage.completion += event.tokens
 
-    async def gone():
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL)
+    async def gone():  # the body is read: the next message the client's channel gives is its disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     generation, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(gone())
     try:
