@@ -6,8 +6,11 @@ routing.py      Routing: the batch in flight, one Route per type and ALL_ROWS; t
 heads.py        HeadSlots: per-slot copies of modules_to_save heads
 host_cache.py   HostCache: evicted adapters kept in host memory, bounded in bytes
 trainable.py    Trainable: resident adapters made trainable in their slots
+digest.py       adapter_digest: an adapter's identity, sha256 of its config and tensors
 """
 
+# For serve/'s Sources, which may import backbone but not hub:
+from ..hub import cache_folder, checked_repo_id, checked_source, contain, shown
 from .backbone import AdapterInfo, Backbone
 
-__all__ = ["AdapterInfo", "Backbone"]
+__all__ = ["AdapterInfo", "Backbone", "cache_folder", "checked_repo_id", "checked_source", "contain", "shown"]

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, NoFreeSlot
-from ..formats import Adapter, check_config, find_linears
+from ..formats import CONFIG_FILE, Adapter, check_config, find_linears, read_json_object
 from ..hub import resolve
 from ..plugins import AdapterType, ModuleSlots, Registry, registry
+from .digest import adapter_digest
 from .heads import HeadSlots
 from .host_cache import HostCache, source_key
 from .routing import ALL_ROWS, Routing, attach, routes_for
@@ -44,7 +45,13 @@ log = logging.getLogger("adapterhub")
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """What `Backbone.info` tells about a resident adapter."""
+    """What `Backbone.info` tells about a resident adapter.
+
+    digest: sha256 hex of the adapter as loaded (or added from memory): its canonical config
+    (json.dumps, keys sorted) and its tensors (by module path and name sorted: name, dtype, shape, raw
+    bytes), computed once when it is read. The same files loaded under two names give the same digest;
+    a changed tensor byte or config value gives another. Training in the slots does not change it.
+    """
 
     name: str
     type: str
@@ -55,6 +62,7 @@ class AdapterInfo:
     nbytes: int
     pinned: bool
     config: dict
+    digest: str = ""
 
 
 @dataclass
@@ -68,6 +76,7 @@ class _Record:
     nbytes: int
     heads: tuple[str, ...]
     features: frozenset[str]
+    digest: str
 
 
 class Backbone:
@@ -128,6 +137,7 @@ class Backbone:
                 nbytes=record.nbytes,
                 pinned=name in self.table.pinned,
                 config=dict(record.config),
+                digest=record.digest,
             )
 
     def pin(self, name: str) -> None:
@@ -176,18 +186,20 @@ class Backbone:
         cache_dir: str | os.PathLike | None = None,
         allow_pickle: bool = False,
         pin: bool = False,
+        root: str | os.PathLike | None = None,
     ) -> str:
         """Loads an adapter (local directory or Hub repo id) into a free slot; returns its name.
 
         Its type is found from the files (PEFT's peft_type, or a plugin's recognize_adapter) unless
         `type` names one. `pin` pins it as it is placed, so that no concurrent load can evict it
-        before its first use.
+        before its first use. `root`: where every file read must resolve (symlinks followed), e.g. a
+        server's --adapter-dir (`hub.resolve`); None trusts the files wherever they lead.
         """
         name = name or os.path.basename(os.path.normpath(str(subfolder or source)))
         with self._lock:
             self._check_new_name(name)
-        key, adapter = self._fetch(source, type, revision, subfolder, token, cache_dir, allow_pickle)
-        self._put(name, str(source), key, adapter, pin)
+        key, adapter, digest = self._fetch(source, type, revision, subfolder, token, cache_dir, allow_pickle, root)
+        self._put(name, str(source), key, adapter, digest, pin)
         return name
 
     def add(self, name: str, adapter: Adapter) -> str:
@@ -197,7 +209,7 @@ class Backbone:
             self._check_new_name(name)
         adapter = self.types.get(adapter.type).place(adapter, self.model)
         self._check(adapter)
-        self._put(name, adapter.source or "memory", ("memory", name, id(adapter)), adapter)
+        self._put(name, adapter.source or "memory", ("memory", name, id(adapter)), adapter, adapter_digest(adapter))
         return name
 
     def create(self, name: str, type: str = "lora", config: dict | None = None) -> str:
@@ -307,13 +319,13 @@ class Backbone:
             for path in record.heads:
                 self._heads[path].write(slot, adapter.modules_to_save[path])
 
-    def _put(self, name: str, source: str, key: tuple, adapter: Adapter, pin: bool = False) -> None:
-        with self._placing(key, adapter):
+    def _put(self, name: str, source: str, key: tuple, adapter: Adapter, digest: str, pin: bool = False) -> None:
+        with self._placing(key, adapter, digest):
             self._wait_for_training_steps()
             self._check_new_name(name)
             slot = self._free_slot(name)
             self._write(slot, adapter)
-            self._remember(name, slot, source, key, adapter)
+            self._remember(name, slot, source, key, adapter, digest)
             if pin:
                 self.table.pinned.add(name)
 
@@ -328,12 +340,14 @@ class Backbone:
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         allow_pickle: bool = False,
+        root: str | os.PathLike | None = None,
     ) -> None:
-        """Replaces `name`'s weights with those at `source` (any type); batches in flight finish on the old ones."""
+        """Replaces `name`'s weights with those at `source` (any type); batches in flight finish on the old
+        ones. `root` as for `load`."""
         with self._lock:
             self._check_not_training(name, "swap")
-        key, adapter = self._fetch(source, type, revision, subfolder, token, cache_dir, allow_pickle)
-        with self._placing(key, adapter):
+        key, adapter, digest = self._fetch(source, type, revision, subfolder, token, cache_dir, allow_pickle, root)
+        with self._placing(key, adapter, digest):
             self._wait_for_training_steps()
             self._check_not_training(name, "swap")  # it may have been unloaded or evicted while the files were read
             pinned = name in self.table.pinned
@@ -352,7 +366,7 @@ class Backbone:
                     del self._records[name]
                 raise
             self.table.remove(name)
-            self._remember(name, slot, str(source), key, adapter)
+            self._remember(name, slot, str(source), key, adapter, digest)
             if pinned:
                 self.table.pinned.add(name)
             log.info("swapped adapter %r: slot %d -> %d", name, old, slot)
@@ -467,23 +481,31 @@ class Backbone:
                 f"use swap({name!r}, ...) to replace its weights, or load under another name"
             )
 
-    def _fetch(self, source, type_name, revision, subfolder, token, cache_dir, allow_pickle) -> tuple[tuple, Adapter]:
-        """(key of the files, adapter): from the host cache when these very files were evicted, else
-        read and checked."""
-        directory = Path(resolve(source, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir))
+    def _fetch(
+        self, source, type_name, revision, subfolder, token, cache_dir, allow_pickle, root
+    ) -> tuple[tuple, Adapter, str]:
+        """(key of the files, adapter, its digest): from the host cache when these very files were
+        evicted, else read, checked and hashed."""
+        directory = Path(
+            resolve(source, revision=revision, subfolder=subfolder, token=token, cache_dir=cache_dir, root=root)
+        )
         key = source_key(directory)
-        adapter = self.host_cache.take(key)
-        if adapter is not None and type_name not in (None, adapter.type):
-            self.host_cache.put(key, adapter)  # the same files, read as another type
-            adapter = None
-        if adapter is None:
-            adapter_type = self.types.get(type_name) if type_name else self.types.recognize(directory)
-            adapter = adapter_type.place(adapter_type.read(directory, allow_pickle=allow_pickle), self.model)
-            self._check(adapter)
-        return key, adapter
+        cached = self.host_cache.pop(key)
+        if cached is not None and type_name not in (None, cached[0].type):
+            self.host_cache.put(key, *cached)  # the same files, read as another type
+            cached = None
+        if cached is not None:
+            adapter, digest = cached
+            return key, adapter, digest or adapter_digest(adapter)
+        if type_name is None:
+            _read_config_first(directory)
+        adapter_type = self.types.get(type_name) if type_name else self.types.recognize(directory)
+        adapter = adapter_type.place(adapter_type.read(directory, allow_pickle=allow_pickle), self.model)
+        self._check(adapter)
+        return key, adapter, adapter_digest(adapter)
 
     @contextlib.contextmanager
-    def _placing(self, key: tuple, adapter: Adapter) -> Iterator[None]:
+    def _placing(self, key: tuple, adapter: Adapter, digest: str) -> Iterator[None]:
         """The locked section that puts a checked adapter into a slot; if it is refused (no slot,
         name taken meanwhile) or fails (out of memory), the adapter goes back to the host cache
         instead of being lost."""
@@ -491,7 +513,7 @@ class Backbone:
             try:
                 yield
             except BaseException:
-                self.host_cache.put(key, adapter)
+                self.host_cache.put(key, adapter, digest)
                 raise
 
     def _check(self, adapter: Adapter) -> None:
@@ -547,7 +569,8 @@ class Backbone:
                 "batches in flight; unpin or unload an adapter, or create the Backbone with a "
                 "larger max_adapters"
             )
-        self.host_cache.put(self._records[victim].source_key, self._extract(victim).to("cpu"))
+        record = self._records[victim]
+        self.host_cache.put(record.source_key, self._extract(victim).to("cpu"), record.digest)
         slot = self.table.remove(victim)
         del self._records[victim]
         self.evictions += 1
@@ -584,7 +607,7 @@ class Backbone:
             self._heads[path] = head
         return self._heads[path]
 
-    def _remember(self, name: str, slot: int, source: str, key: tuple, adapter: Adapter) -> None:
+    def _remember(self, name: str, slot: int, source: str, key: tuple, adapter: Adapter, digest: str) -> None:
         self.table.assign(name, slot)
         adapter_type = self.types.get(adapter.type)
         self._records[name] = _Record(
@@ -597,6 +620,7 @@ class Backbone:
             nbytes=adapter.nbytes(),
             heads=tuple(adapter.modules_to_save),
             features=adapter_type.features(adapter),
+            digest=digest,
         )
 
     def _extract(self, name: str) -> Adapter:
@@ -606,4 +630,22 @@ class Backbone:
         heads = {path: self._heads[path].read(slot) for path in record.heads}
         return Adapter(
             type=record.type, config=dict(record.config), modules=modules, modules_to_save=heads, source=record.source
+        )
+
+
+def _read_config_first(directory: Path) -> None:
+    """Parses the directory's config file, if it has one, before the registry recognizes the directory:
+    the registry reads it leniently (a file it cannot read or parse counts as none, "no
+    adapter_config.json"; one nested too deep raises RecursionError; a peft_type that is a list or
+    an object, TypeError), so its real fault (unreadable, not JSON, too deep, not an object, a
+    peft_type that is not a string) is named here, with the file."""
+    file = directory / CONFIG_FILE
+    if not os.path.lexists(file):
+        return
+    config = read_json_object(file, resave="save the adapter again")
+    tag = config.get("peft_type")
+    if tag is not None and not isinstance(tag, str):
+        raise AdapterError(
+            f'{file}: peft_type must be a string naming the adapter\'s type (e.g. "LORA"), got {tag!r:.80}; '
+            "fix the config or save the adapter again"
         )

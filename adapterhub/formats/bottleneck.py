@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -245,7 +246,7 @@ def join_key(path: str, tensor: str, name: str) -> str:
 def read_bottleneck(directory: Path, adapter_type: str, allow_pickle: bool) -> Adapter:
     """Reads and checks an adapters bottleneck adapter; every problem is an AdapterError naming file and key."""
     file = directory / CONFIG_FILE
-    if not file.is_file():
+    if not os.path.lexists(file):  # else read_json_object says why it cannot be read
         raise AdapterError(
             f"no {CONFIG_FILE} in {directory}; an adapters bottleneck adapter directory holds "
             f"{CONFIG_FILE} and {WEIGHTS_FILE}: pass the directory that save_adapter wrote"

@@ -19,17 +19,56 @@ from safetensors.torch import load_file
 from ..errors import AdapterError
 
 CONFIG_FILE = "adapter_config.json"  # PEFT's and AdapterHub adapters' config file alike
+MAX_CONFIG_BYTES = 16 << 20  # a config is a few KB; more is not a config (and would all be read)
+MAX_DEPTH = 32  # levels of nested objects and lists in a config; real ones use 3 or 4
 
 
 def read_json_object(file: Path, resave: str) -> dict:
-    """A config file parsed, which must hold a JSON object; `resave` says how to get a good one."""
+    """A config file parsed, which must hold a JSON object; `resave` says how to get a good one.
+    Each way it can fail is an AdapterError naming the file and what is wrong with it: it cannot be
+    read (permissions, a directory), is too big, is not UTF-8 JSON, or nests deeper than MAX_DEPTH
+    (json and jsonschema recurse per level: RecursionError past Python's limit)."""
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{file} is not valid JSON ({e}); {resave} or fix the file") from e
+        with open(file, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise AdapterError(f"{file} cannot be read ({e.strerror}); check that it is a file you may read") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{file} is over {MAX_CONFIG_BYTES >> 20} MiB, too big for a config; {resave}")
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise AdapterError(f"{file} is nested too deep to parse (over {MAX_DEPTH} levels); {resave}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise AdapterError(f"{file} is not valid JSON ({e}); {resave} or fix the file") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{file}: expected a JSON object, got {type(config).__name__}; {resave}")
+    check_depth(config, file, resave)
     return config
+
+
+def check_depth(config: object, file: str | os.PathLike, fix: str) -> None:
+    """An AdapterError if `config` nests objects and lists deeper than MAX_DEPTH (or holds itself):
+    checked without recursion, before anything that recurses per level (jsonschema, json.dumps)."""
+    stack = [(config, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+        if children and depth > MAX_DEPTH:
+            raise AdapterError(f"{file} is nested too deep (over {MAX_DEPTH} levels of objects and lists); {fix}")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _non_finite(config: object) -> tuple[str, float] | None:
+    """The first (dotted key, value) in `config`, at any depth, that is a NaN or infinite float."""
+    stack: list[tuple[str, object]] = [("", config)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return key, value
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in reversed(list(items)))
+    return None
 
 
 def check_config(
@@ -41,7 +80,9 @@ def check_config(
 ) -> None:
     """An AdapterError naming the first key of `config` (read from `file`, or what `file` names) that
     breaks the JSON Schema `schema`, or holds a non-finite number; `fix` says what to do. `partial`:
-    a config its type completes with defaults (AdapterType.init), so a missing top-level key is fine."""
+    a config its type completes with defaults (AdapterType.init), so a missing top-level key is fine.
+    A config nested deeper than MAX_DEPTH is refused first: jsonschema recurses per level."""
+    check_depth(config, file, fix)
     errors = jsonschema.Draft202012Validator(schema).iter_errors(config)
     if partial:
         errors = (e for e in errors if not (e.validator == "required" and not e.absolute_path))
@@ -49,10 +90,11 @@ def check_config(
     if error is not None:
         key = ".".join(map(str, error.absolute_path))
         where = f"{key}: " if key else ""
-        raise AdapterError(f"{file}: {where}{error.message}; {fix}")
-    for key, value in config.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise AdapterError(f"{file}: {key} is {value}; it must be a finite number")
+        message = error.message if len(error.message) <= 300 else error.message[:300] + "... (cut)"
+        raise AdapterError(f"{file}: {where}{message}; {fix}")
+    found = _non_finite(config)
+    if found is not None:
+        raise AdapterError(f"{file}: {found[0]} is {found[1]}; it must be a finite number")
 
 
 def read_tensors(
@@ -62,6 +104,9 @@ def read_tensors(
     pickle only when allowed. `convert`: how the library that wrote it saves safetensors instead."""
     safetensors_file, pickle_file = files
     safetensors, pickled = directory / safetensors_file, directory / pickle_file
+    for file in (safetensors, pickled):
+        if os.path.lexists(file) and not file.is_file():
+            raise AdapterError(f"{file} is not a file (a folder, or a broken link); save the adapter again")
     if safetensors.is_file():
         try:
             return load_file(safetensors), safetensors
@@ -89,8 +134,12 @@ def check_values(file: Path, key: str, tensor: torch.Tensor) -> None:
     """Floating point and finite: a NaN/inf would silently poison every output it touches."""
     if not tensor.is_floating_point():
         raise AdapterError(f"{file}: {key} has dtype {tensor.dtype}, expected a floating-point tensor")
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
+    try:
+        finite = torch.isfinite(tensor)
+    except (NotImplementedError, RuntimeError):  # float8_e4m3fn has no isfinite
+        finite = torch.isfinite(tensor.float())
+    if not finite.all():
+        bad = int((~finite).sum())
         raise AdapterError(
             f"{file}: {key} has {bad} NaN/inf value(s) of {tensor.numel()}; the adapter diverged or was "
             "corrupted: use an earlier checkpoint"

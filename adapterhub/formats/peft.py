@@ -130,7 +130,7 @@ def read_peft(
 def read_config(directory: Path, peft_types: Iterable[str], schema: Mapping, known_keys: Iterable[str] = ()) -> dict:
     """adapter_config.json parsed and checked: JSON object, peft_type, the type's schema."""
     file = directory / CONFIG_FILE
-    if not file.is_file():
+    if not os.path.lexists(file):  # else read_json_object says why it cannot be read
         nested = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG_FILE}"))
         hint = f"; subfolders with one: {nested}: pass subfolder=" if nested else ""
         raise AdapterError(
