@@ -1,7 +1,8 @@
 """OpenAI's request bodies for /v1/completions and /v1/chat/completions, as the server accepts them.
 
 Fields the server cannot honour are refused (400 naming the field) rather than ignored, so that a
-client never silently gets something other than it asked for. `ignore_eos` is vLLM's extension.
+client never silently gets something other than it asked for. Types are strict, as the OpenAPI
+document says (no "1" for 1, no 0 for false). `ignore_eos` is vLLM's extension.
 Every value that could fail later, on the engine thread, is refused here instead: temperatures that
 vanish in fp32, seeds outside a generator's range, text that is not Unicode (a lone surrogate), and
 requests too big to be fair to other tenants (prompts per request, stop strings).
@@ -35,12 +36,12 @@ Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
 
 
 class _Generation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: Text
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
@@ -93,10 +94,11 @@ class _Generation(BaseModel):
 class CompletionRequest(_Generation):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 8}]},
     )
     prompt: Text | list[Text] | list[int] | list[list[int]]
-    echo: Literal[False] = False
+    echo: bool = False
     logprobs: None = None
     best_of: int | None = None
     suffix: None = None
@@ -107,6 +109,13 @@ class CompletionRequest(_Generation):
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > MAX_PROMPTS:
             raise ValueError(f"holds {len(prompt)} prompts; send at most {MAX_PROMPTS} per request")
         return prompt
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo):
+        if echo:
+            raise ValueError("echo is not supported by this server; leave it false")
+        return echo
 
     @model_validator(mode="after")
     def _best_of(self):
@@ -125,11 +134,13 @@ class CompletionRequest(_Generation):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: Text
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[TextPart]
     name: Text | None = None
@@ -141,6 +152,7 @@ class Message(BaseModel):
 class ChatRequest(_Generation):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
@@ -149,7 +161,14 @@ class ChatRequest(_Generation):
     )
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] = False
+    logprobs: bool = False
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs):
+        if logprobs:
+            raise ValueError("logprobs are not supported by this server; leave it false")
+        return logprobs
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -158,7 +177,7 @@ class ChatRequest(_Generation):
 class AdapterUpload(BaseModel):
     """POST /v1/adapters: load (or replace) an adapter under `name` from `source`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: Text = Field(min_length=1, max_length=256, pattern=r"^[^#@/\s\x00]+$")
     source: Text = Field(min_length=1, max_length=1024)
     revision: Text | None = Field(None, max_length=256)

@@ -112,6 +112,9 @@ def create_app(
     async def _http_error(request: Request, error: HTTPException):  # unknown route, wrong method
         response = error_response(error.status_code, f"{request.method} {request.url.path}: {error.detail}")
         response.headers.update(error.headers or {})
+        if error.status_code == 405:  # every method of the path (Starlette names only its first route's)
+            paths = [r for r in app.routes if getattr(r, "path_regex", None) and r.path_regex.match(request.url.path)]
+            response.headers["Allow"] = ", ".join(sorted({m for r in paths for m in r.methods or ()}))
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -233,7 +236,12 @@ def create_app(
             status_code=202 if in_flight else 200,
         )
 
-    generation_errors = ERROR_RESPONSES[400, 401, 403, 404, 429, 500, 503, 504]
+    generation_errors = {
+        200: {
+            "description": "the whole response (JSON), or with stream=true its chunks as server-sent events",
+            "content": {"application/json": {}, "text/event-stream": {}},
+        }
+    } | ERROR_RESPONSES[400, 401, 403, 404, 429, 500, 503, 504]
 
     @app.post("/v1/completions", responses=generation_errors)
     async def completions(body: CompletionRequest, request: Request):
