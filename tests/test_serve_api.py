@@ -268,6 +268,16 @@ def test_metrics_and_health(setup, http):
 def test_cli_refuses_a_bad_start(tmp_path: pathlib.Path):
     with pytest.raises(RuntimeError, match="expected NAME=SOURCE"):
         Server(["--base", "unused", "--adapter", "justaname"], cwd=tmp_path, timeout=60)
+    with pytest.raises(RuntimeError, match=r"--api-key: .*missing-keys\.json: no such file"):
+        Server(["--base", "unused", "--api-key", "missing-keys.json"], cwd=tmp_path, timeout=60)
+    with pytest.raises(RuntimeError, match=r"--api-key: .*empty"):
+        Server(["--base", "unused", "--api-key", " "], cwd=tmp_path, timeout=60)
+    leaky = tmp_path / "leaky"
+    leaky.mkdir()
+    (tmp_path / "secret").write_text("{}")
+    (leaky / "adapter_config.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(RuntimeError, match=r"--adapter leaky=.*outside"):
+        Server(["--base", "unused", "--adapter", f"leaky={leaky}"], cwd=tmp_path, timeout=60)
     served_llama().save_pretrained(tmp_path / "no-tokenizer")
     with pytest.raises(RuntimeError, match=r"no tokenizer could be loaded from it.*tokenizer\.save_pretrained"):
         Server(["--base", str(tmp_path / "no-tokenizer")], cwd=tmp_path, timeout=60)

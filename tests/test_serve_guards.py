@@ -129,6 +129,11 @@ def test_tenants_see_only_their_own_models_and_no_server_paths(setup, http):
     assert [m["id"] for m in http.get("/v1/models", headers=B).json()["data"]] == ["tiny", "a1"]
     listed = http.get("/v1/models", headers=ADMIN).text + http.get("/v1/adapters", headers=ADMIN).text
     assert root not in listed and "/adapters/" not in listed
+    digests = {a["id"]: a["digest"] for a in http.get("/v1/adapters", headers=ADMIN).json()["data"]}
+    assert len(digests["a0"]) == 64 and digests["a0"] != digests["a1"]
+    twin = http.post("/v1/adapters", json={"name": "twin", "source": "a0"}, headers=ADMIN)  # a0's files again
+    assert twin.status_code == 201 and twin.json()["digest"] == digests["a0"]
+    assert http.delete("/v1/adapters/twin", headers=ADMIN).status_code == 200
     _error(http.get("/metrics"), 401)
     _error(http.get("/metrics", headers=A), 403)
     assert http.get("/metrics", headers=ADMIN).status_code == 200

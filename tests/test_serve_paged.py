@@ -163,12 +163,14 @@ def test_prefix_cache_is_shared_only_within_one_adapter_version(dirs):
         engine.add_adapter("a0", str(dirs["a3"]))  # same name, new weights: a new version
         assert ask("a0", "hi") == (offline.complete("a3", system + "hi", 8, ignore_eos=True), 0)
         assert ask("a0", "yo")[1] == 2
+        engine.add_adapter("twin", str(dirs["a3"]))  # the same files under another name: the same digest
+        assert ask("twin", "yo") == (offline.complete("a3", system + "yo", 8, ignore_eos=True), 2)
         metrics = engine.metrics.render().decode()
         for line in (
-            "adapterhub_prefix_cache_hits_total 6.0",
+            "adapterhub_prefix_cache_hits_total 8.0",
             f"adapterhub_kv_blocks {float(engine.kv.blocks.count)}",
             "adapterhub_kv_blocks_used 0.0",
-            "adapterhub_prefix_cache_tokens_total 96.0",
+            "adapterhub_prefix_cache_tokens_total 128.0",
             "adapterhub_preemptions_total 0.0",
             "adapterhub_step_tokens_count",
         ):

@@ -220,7 +220,7 @@ def create_app(
             source = sources.resolve(upload.source)
         except AdapterError as error:
             raise ApiError(422, f"adapter {upload.name!r} was not loaded: {error}", "source") from None
-        return await backend.add_adapter(upload.name, source, upload.revision, upload.source)
+        return await backend.add_adapter(upload.name, source, upload.revision, upload.source, sources.root_of(source))
 
     @app.delete(
         "/v1/adapters/{name}",

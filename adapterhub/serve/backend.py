@@ -98,11 +98,19 @@ async def generate(
             request.cancel()
 
 
-def adapter_json(name: str, source: str, info=None) -> dict:
+def adapter_json(name: str, source: str, digest: str, info=None) -> dict:
     """An adapter as GET/POST /v1/adapters show it (`source`: its label, never a server path the client
-    did not give; `info`: its AdapterInfo while resident)."""
+    did not give; `digest`: the sha256 of its config and tensors, the same for the same files under
+    any name; `info`: its AdapterInfo while resident)."""
     resident = {"type": info.type, "rank": info.rank, "slot": info.slot, "bytes": info.nbytes} if info else {}
-    return {"id": name, "object": "adapter", "source": source, "resident": info is not None, **resident}
+    return {
+        "id": name,
+        "object": "adapter",
+        "source": source,
+        "digest": digest,
+        "resident": info is not None,
+        **resident,
+    }
 
 
 def source_label(source: str) -> str:
@@ -123,17 +131,21 @@ class LocalBackend:
         return generate(self.engine, adapter, body, self.replica, tenant)
 
     async def adapters(self) -> list[dict]:
-        return [adapter_json(name, label, info) for name, (label, info) in sorted(self.engine.listing().items())]
+        listing = sorted(self.engine.listing().items())
+        return [adapter_json(name, label, digest, info) for name, (label, digest, info) in listing]
 
-    async def add_adapter(self, name: str, source: str, revision: str | None, label: str) -> dict:
-        """Loads `source` (a resolved directory or Hub id) under `name`, shown as `label`."""
+    async def add_adapter(
+        self, name: str, source: str, revision: str | None, label: str, root: str | None = None
+    ) -> dict:
+        """Loads `source` (a resolved directory or Hub id) under `name`, shown as `label`, its files
+        kept inside `root`."""
         try:
-            info = await run_in_threadpool(self.engine.add_adapter, name, source, revision, label=label)
+            info = await run_in_threadpool(self.engine.add_adapter, name, source, revision, label=label, root=root)
         except NoFreeSlot as error:
             raise ApiError(503, f"{error} (waited {self.engine.limits.load_wait:g} s for one)", retry_after=5) from None
         except (AdapterError, OSError) as error:
             raise ApiError(422, f"adapter {name!r} was not loaded: {error}", "source") from None
-        return adapter_json(name, label, info)
+        return adapter_json(name, label, info.digest, info)
 
     async def remove_adapter(self, name: str) -> int:
         """Forgets `name`; waits up to `delete_timeout` for its requests in flight, and returns how many

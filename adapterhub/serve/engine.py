@@ -138,8 +138,10 @@ class _Entry:
     source: str
     revision: str | None
     resident: str
+    digest: str  # the content hash of its config and tensors: its prefix-cache version
     virtual: int = 0  # virtual tokens put before each row's prompt (prompt tuning)
     label: str = ""  # how listings show the source (never a server path the client did not give)
+    root: str | None = None  # the directory its files must resolve inside, at every (re)load
 
 
 class Engine:
@@ -193,7 +195,6 @@ class Engine:
         self._retired: set[str] = set()  # replaced or deleted: unloaded when no request uses them
         self._loading: dict[str, Future] = {}
         self._versions = itertools.count(1)
-        self._generation: Counter[str] = Counter()  # resident name -> loads of it (prefix-cache key part)
         self._rows: list[_Row] = []  # engine thread only, in admission order
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="adapterhub-load")
         self._stopping = False
@@ -228,14 +229,15 @@ class Engine:
     # ---- adapters ------------------------------------------------------------------------
     def adapters(self) -> dict[str, AdapterInfo | None]:
         """Public name -> its resident info, or None while it is evicted (it loads again when asked for)."""
-        return {name: info for name, (_, info) in self.listing().items()}
+        return {name: info for name, (_, _, info) in self.listing().items()}
 
-    def listing(self) -> dict[str, tuple[str, AdapterInfo | None]]:
-        """Public name -> (the label its source is shown as, its resident info or None), read in one go:
-        an adapter evicted or deleted meanwhile shows as not resident, never as an error."""
+    def listing(self) -> dict[str, tuple[str, str, AdapterInfo | None]]:
+        """Public name -> (the label its source is shown as, its content digest, its resident info or
+        None), read in one go: an adapter evicted or deleted meanwhile shows as not resident, never
+        as an error."""
         with self._lock:
             entries = dict(self._adapters)
-        return {name: (e.label, self._info(e.resident)) for name, e in entries.items()}
+        return {name: (e.label, e.digest, self._info(e.resident)) for name, e in entries.items()}
 
     def _info(self, resident: str) -> AdapterInfo | None:
         try:
@@ -244,19 +246,26 @@ class Engine:
             return None
 
     def add_adapter(
-        self, name: str, source: str, revision: str | None = None, *, label: str | None = None
+        self,
+        name: str,
+        source: str,
+        revision: str | None = None,
+        *,
+        label: str | None = None,
+        root: str | None = None,
     ) -> AdapterInfo:
         """Loads the adapter at `source` under `name` (blocking the caller, not the engine); a name in
         use is replaced: requests already bound to it finish on the old weights. When every slot is
         pinned by requests in flight, waits up to `limits.load_wait` seconds for one to drain, then
-        raises NoFreeSlot. `label`: how listings show the source (default: `source`)."""
+        raises NoFreeSlot. `label`: how listings show the source (default: `source`); `root`: the
+        directory its files must resolve inside, at this load and every reload (None: no check)."""
         if not name or "#" in name or name == self.base_name:
             raise AdapterError(
                 f"adapter name {name!r} is not allowed: use a non-empty name without '#' "
                 f"that differs from the base model's {self.base_name!r}"
             )
         resident = f"{name}#{next(self._versions)}"
-        info = self._load_waiting(resident, source, revision)  # pinned until it is known
+        info = self._load_waiting(resident, source, revision, root)  # pinned until it is known
         virtual = 0
         if not self.backbone.types.get(info.type).packed:  # prompt tuning: its virtual tokens lead each row
             prefix = self.backbone.virtual_tokens(resident)
@@ -270,19 +279,19 @@ class Engine:
         self.backbone.unpin(resident)
         with self._lock:
             old = self._adapters.get(name)
-            entry = _Entry(source, revision, resident, virtual, label or source)
+            entry = _Entry(source, revision, resident, info.digest, virtual, label or source, root)
             self._adapters[name] = self._residents[resident] = entry
             if old is not None:
                 self._retire(old.resident)
         return info
 
-    def _load_waiting(self, resident: str, source: str, revision: str | None) -> AdapterInfo:
+    def _load_waiting(self, resident: str, source: str, revision: str | None, root: str | None) -> AdapterInfo:
         """`_load`, waiting up to `limits.load_wait` for a slot while every slot is pinned (a request
         ending, an adapter unloaded or unpinned notifies)."""
         deadline = time.monotonic() + self.limits.load_wait
         while True:
             try:
-                return self._load(resident, source, revision)
+                return self._load(resident, source, revision, root)
             except NoFreeSlot:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -432,7 +441,7 @@ class Engine:
         now = time.perf_counter()
         for request in requests:
             with self._lock:
-                key = "" if request.resident is None else f"{request.resident}@{self._generation[request.resident]}"
+                key = "" if request.resident is None else self._residents[request.resident].digest
             virtual = [-1 - i for i in range(request.virtual)]  # placeholders: embeddings come from the slot
             try:
                 row = self._new_row(request, 0, KVState(key, virtual + request.prompt))
@@ -715,7 +724,6 @@ class Engine:
     def _unload(self, resident: str) -> None:
         self._retired.discard(resident)
         del self._residents[resident]
-        self._generation.pop(resident, None)
         with contextlib.suppress(AdapterError):  # evicted meanwhile (a load took its slot): nothing to unload
             self.backbone.unload(resident)
 
@@ -725,7 +733,7 @@ class Engine:
         if resident in self._loading or pinned + len(self._loading) >= self.backbone.max_adapters:
             return
         entry = self._residents[resident]
-        future = self._loader.submit(self._load, resident, entry.source, entry.revision)
+        future = self._loader.submit(self._load, resident, entry.source, entry.revision, entry.root)
         self._loading[resident] = future
         future.add_done_callback(lambda f: self._loaded(resident, f))
 
@@ -746,14 +754,13 @@ class Engine:
             request.emit(Failed(503, message))
             self._release(request)
 
-    def _load(self, resident: str, source: str, revision: str | None) -> AdapterInfo:
+    def _load(self, resident: str, source: str, revision: str | None, root: str | None) -> AdapterInfo:
         """Loads into a free slot (the Backbone evicts an unpinned adapter if none is free), pinned:
-        a concurrent load cannot evict it before its requests are admitted."""
+        a concurrent load cannot evict it before its requests are admitted. `root`: the directory
+        every file read must resolve inside (Backbone.load's containment)."""
         start = time.perf_counter()
-        with self._lock:  # prefix blocks cached under an earlier load of this name are never reused
-            self._generation[resident] += 1
         try:
-            self.backbone.load(source, name=resident, revision=revision, pin=True)
+            self.backbone.load(source, name=resident, revision=revision, pin=True, root=root)
         except Exception:
             self.metrics.loads.labels(result="error").inc()
             raise

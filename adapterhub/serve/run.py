@@ -211,13 +211,18 @@ def serve(args: argparse.Namespace) -> int:
     from .tenancy import Keys, Sources
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sources = Sources(args.adapter_dir, args.allow_hub)
     adapters = {}
     for item in args.adapter:
         name, _, source = item.partition("=")
         if not name or not source:
             print(f"adapterhub serve: --adapter {item!r}: expected NAME=SOURCE", file=sys.stderr)
             return 2
-        adapters[name] = str(Path(source).expanduser()) if Path(source).expanduser().exists() else source
+        try:
+            adapters[name] = sources.resolve_cli(source)  # its files checked against their root
+        except AdapterError as error:
+            print(f"adapterhub serve: --adapter {item}: {error}", file=sys.stderr)
+            return 2
     try:
         keys = Keys.from_option(args.api_key) if args.api_key else None
     except ValueError as error:
@@ -237,7 +242,6 @@ def serve(args: argparse.Namespace) -> int:
         "inductor" if args.compile else None,
         Limits(args.max_queue, args.max_queue_tokens, args.request_timeout, args.load_wait),
     )
-    sources = Sources(args.adapter_dir, args.allow_hub)
     if args.ray:
         from . import ray_app
 
@@ -249,7 +253,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     for adapter, source in adapters.items():
         try:
-            engine.add_adapter(adapter, source, label=source_label(source))
+            engine.add_adapter(adapter, source, label=source_label(source), root=sources.root_of(source))
         except AdapterError as error:
             print(f"adapterhub serve: --adapter {adapter}={source}: {error}", file=sys.stderr)
             return 2

@@ -227,6 +227,12 @@ class Sources:
             return self.resolve(text)
         return checked_repo_id(text)
 
+    def root_of(self, source: str) -> str:
+        """Backbone.load's `root=` for a source `resolve` or `resolve_cli` returned: a local directory's
+        root (`root`); a Hub repo id itself (the loader keeps a Hub repo's files inside its cache
+        folder, whatever `root` names)."""
+        return str(self.root(source)) if os.path.isabs(source) else source
+
     def root(self, directory: str) -> Path:
         """The root a local adapter directory's files must stay in: adapter_dir if it lies under it,
         else its Hub repo's cache folder if it is a snapshot, else the directory itself. For
