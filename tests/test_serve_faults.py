@@ -233,15 +233,24 @@ def test_a_burst_of_one_key_does_not_delay_another_key(dirs, offline):
         engine.stop()
 
 
+def _hold(engine: Engine) -> threading.Event:
+    """Submits a request for a0 whose first event holds the engine thread (a0 pinned, its row in
+    flight) until the returned event is set; returns once it holds."""
+    release, holding = threading.Event(), threading.Event()
+
+    def held(event):
+        holding.set()
+        release.wait(30)
+
+    engine.submit("a0", [5, 6, 7], Sampling(max_tokens=3, temperature=0, ignore_eos=True), held)
+    assert holding.wait(30)
+    return release
+
+
 def test_a_load_waits_for_a_slot_held_by_requests_in_flight(dirs, offline):
     engine = _engine(dirs, slots=1, adapters=("a0",), limits=Limits(load_wait=30)).start()
     try:
-        release = threading.Event()
-
-        def held(event):  # holds the engine thread (so a0 stays pinned) until released
-            release.wait(30)
-
-        engine.submit("a0", [5, 6, 7], Sampling(max_tokens=3, temperature=0, ignore_eos=True), held)
+        release = _hold(engine)
         loaded = []
         loader = threading.Thread(target=lambda: loaded.append(engine.add_adapter("a1", str(dirs["a1"]))))
         loader.start()
@@ -260,9 +269,8 @@ def test_a_load_waits_for_a_slot_held_by_requests_in_flight(dirs, offline):
 
 def test_a_load_gives_up_after_its_wait(dirs):
     engine = _engine(dirs, slots=1, adapters=("a0",), limits=Limits(load_wait=0.3)).start()
-    release = threading.Event()
+    release = _hold(engine)
     try:
-        engine.submit("a0", [5, 6, 7], Sampling(max_tokens=3, temperature=0), lambda e: release.wait(30))
         started = time.perf_counter()
         with pytest.raises(NoFreeSlot):
             engine.add_adapter("a1", str(dirs["a1"]))
