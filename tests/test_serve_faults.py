@@ -7,12 +7,13 @@ listings survive adapter churn."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 
 import pytest
 from serving import Offline, make_model_dir, served_llama
-from tiny_models import tiny_tokenizer
+from tiny_models import broken_copy, tiny_tokenizer
 
 import adapterhub.serve.engine as engine_module
 from adapterhub import Backbone, NoFreeSlot
@@ -193,11 +194,14 @@ def test_the_queue_is_bounded_with_a_fair_share_per_key(dirs):
         _submit(engine, None, [5, 6, 7], tenant="B")
     with pytest.raises(RequestError, match="more than the server queues"):  # could never fit: 400, not 429
         engine.submit_many(None, [[5]] * 5, GREEDY, lambda k, e: None, "C")
-    _submit(engine, None, [5] * 30, tenant="C")  # alone, a big prompt is admitted
+    assert engine.queue_depth() == 5
+    engine.stop()  # answers every queued request (503)
+
+    engine = _engine(dirs, adapters=(), limits=Limits(max_queue=4, max_queue_tokens=40))
+    _submit(engine, None, [5] * 30, tenant="C")  # while there is room, a key's first prompt may be big
     with pytest.raises(Overloaded):  # C's next one would pass the queue's 40 prompt tokens
         _submit(engine, None, [5] * 30, tenant="C")
-    assert engine.queue_depth() == 6
-    engine.stop()  # answers every queued request (503)
+    engine.stop()
 
 
 def test_keys_take_turns_to_join_the_batch():
@@ -375,3 +379,104 @@ def test_listings_survive_adapter_churn(dirs):
         worker.join(30)
         engine.stop()
     assert not errors, errors
+
+
+def test_a_reload_from_changed_files_gets_its_own_prefix_cache_version(dirs, offline, tmp_path):
+    x, y = tmp_path / "x", tmp_path / "y"
+    shutil.copytree(dirs["a0"], x)
+    shutil.copytree(dirs["a0"], y)
+    engine = _engine(dirs, slots=2, adapters=()).start()
+    system = "You are a careful assistant. Answer: "  # two full blocks
+
+    def ask(name: str) -> tuple[str, int]:
+        hits = engine.kv.blocks.hits
+        return _submit(engine, name, _ids(offline, system + "hi")).wait().text, engine.kv.blocks.hits - hits
+
+    try:
+        engine.add_adapter("x", str(x))
+        engine.add_adapter("y", str(y))
+        assert ask("y") == (offline.complete("a0", system + "hi", 8, ignore_eos=True), 0)  # y's blocks cached
+        for file in x.iterdir():  # x retrained in place while evicted
+            shutil.copy(dirs["a3"] / file.name, file)
+        engine.add_adapter("p", str(dirs["a1"]))
+        engine.add_adapter("q", str(dirs["a2"]))
+        assert ask("x") == (offline.complete("a3", system + "hi", 8, ignore_eos=True), 0)  # never y's blocks
+        assert engine.listing()["x"][1] != engine.listing()["y"][1]
+    finally:
+        engine.stop()
+
+
+def test_cancelled_requests_leave_the_queue_and_their_keys_share(dirs):
+    engine = _engine(dirs, adapters=(), limits=Limits(max_queue=2))  # not started: nothing drains
+    abandoned = engine.submit_many(None, [[5, 6], [7, 8]], GREEDY, lambda k, e: None, "A")
+    engine.cancel(abandoned)  # their client went away
+    assert engine.queue_depth() == 0
+    _submit(engine, None, [5, 6], tenant="A")  # A's retry is not refused for its own ghosts
+    engine.stop()
+
+
+def test_the_queue_overshoots_by_at_most_one_request_per_newcomer_key():
+    queue = FairQueue(8, 100)
+
+    class Waiting:
+        def __init__(self, tenant, cost):
+            self.tenant, self.cost, self.submitted = tenant, cost, 0.0
+
+    for _ in range(8):
+        queue.check("A", 1, 10, 1)
+        queue.add(Waiting("A", 10))
+    for key in "BCDEFGH":
+        with pytest.raises(Overloaded):  # full: a newcomer gets one request in, not its whole share
+            queue.check(key, 2, 10, 1)
+        with pytest.raises(Overloaded):  # nor more than its share of the tokens
+            queue.check(key, 1, 60, 1)
+        queue.check(key, 1, 10, 1)
+        queue.add(Waiting(key, 10))
+    assert len(queue) == 8 + 7 and queue.tokens <= 100 + 7 * 10
+
+
+def test_a_failing_row_does_not_change_another_requests_seeded_text(dirs, tmp_path):
+    def blow(tensors):  # finite weights whose logits overflow to NaN: sampling that row raises
+        for key in list(tensors):
+            if "lora_B" in key and ("q_proj" in key or "k_proj" in key):
+                tensors[key] = tensors[key] * 1e30 + 1e30
+
+    engine = _engine(dirs, adapters=("a1",))
+    engine.add_adapter("nan", str(broken_copy(dirs["a0"], tmp_path / "nan", tensors=blow)))
+    seeded = Sampling(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = _submit(engine, "a1", [5, 6, 7], seeded, "A")
+    engine.start()
+    try:
+        alone.wait()
+        with engine._lock:  # queued together, so that they share their steps
+            beside = _submit(engine, "a1", [5, 6, 7], seeded, "A")
+            failing = _submit(engine, "nan", [5, 6, 7], Sampling(max_tokens=12, temperature=1.0), "A")  # after it
+        assert isinstance(failing.wait().end, Failed)
+        assert beside.wait().text == alone.text
+    finally:
+        engine.stop()
+
+
+def test_a_reload_finishing_after_its_adapter_was_deleted_is_unloaded(dirs, monkeypatch):
+    engine = _engine(dirs, slots=2, adapters=("a0", "a1", "a2"))  # a0 evicted by a1 and a2
+    backbone, load = engine.backbone, engine.backbone.load
+    started = threading.Event()
+
+    def slow_load(*args, **kwargs):  # a slow disk: the delete comes while the reload runs
+        started.set()
+        time.sleep(1.0)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "load", slow_load)
+    engine.start()
+    try:
+        request = engine.submit("a0", [5, 6], GREEDY, lambda e: None)
+        assert started.wait(30)
+        engine.cancel([request])
+        engine.remove_adapter("a0", timeout=0)
+        deadline = time.monotonic() + 30
+        while engine._loading and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(name.startswith("a0#") for name in backbone.names), backbone.names
+    finally:
+        engine.stop()

@@ -59,7 +59,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("guards")
     dirs = make_model_dir(root)
     server = Server(
-        _args(root, dirs, "--max-batch", "2", "--max-step-tokens", "16", "--max-queue", "4", "--request-timeout", "8"),
+        _args(root, dirs, "--max-batch", "2", "--max-step-tokens", "16", "--max-queue", "4", "--request-timeout", "30"),
         cwd=root,
     )
     yield server, root, dirs
@@ -121,6 +121,16 @@ def test_framework_errors_come_in_openai_shape(http):
     assert http.get("/health").status_code == 200  # and the server is still there
 
 
+def test_no_key_and_oversized_bodies_are_refused_before_parsing(http):
+    invalid = {"model": "a0", "prompt": "hi", "temperature": 7}
+    assert _error(http.post("/v1/completions", json=invalid), 401)  # the key first, not the body's fault
+    huge = b'{"model": "a0", "prompt": [' + b"1," * (5 * 2**20) + b"1]}"  # 10 MB of token ids
+    started = time.monotonic()
+    too_big = http.post("/v1/completions", content=huge, headers={**ADMIN, "content-type": "application/json"})
+    assert "8388608 bytes" in _error(too_big, 413)["message"] and time.monotonic() - started < 10
+    assert http.get("/health").status_code == 200
+
+
 def test_tenants_see_only_their_own_models_and_no_server_paths(setup, http):
     root = str(setup[1])
     unknown = _error(http.post("/v1/completions", json={"model": "nope", "prompt": "hi"}, headers=A), 404)
@@ -143,7 +153,7 @@ def test_tenants_see_only_their_own_models_and_no_server_paths(setup, http):
 
 
 def test_a_burst_gets_429_with_retry_after_while_another_key_gets_in(http):
-    body = {"model": "tiny", "prompt": "hi", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         burst = [pool.submit(http.post, "/v1/completions", json=body, headers=A) for _ in range(12)]
         time.sleep(0.3)  # A's burst is queued
@@ -151,7 +161,7 @@ def test_a_burst_gets_429_with_retry_after_while_another_key_gets_in(http):
         answers = [f.result() for f in burst]
         assert other.result().status_code == 200, other.result().text
     refused = [r for r in answers if r.status_code == 429]
-    assert refused and all(r.status_code in (200, 429) for r in answers)
+    assert refused and all(r.status_code in (200, 429, 504) for r in answers)  # 504: a slow machine's deadline
     for response in refused:
         assert _error(response, 429)["type"] == "rate_limit_exceeded"
         assert 1 <= int(response.headers["retry-after"]) <= 60
@@ -182,16 +192,45 @@ def test_a_whole_response_stops_generating_when_its_client_disconnects(http):
     assert _generated(http) == before
 
 
-def test_a_request_past_the_deadline_gets_504(http):
-    assert _idle(http)
-    body = {"model": "a0", "prompt": "hi", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+def test_a_request_past_the_deadline_gets_504(tmp_path):
+    dirs = make_model_dir(tmp_path)
+    server = Server(_args(tmp_path, dirs, "--request-timeout", "1"), cwd=tmp_path)
+    with httpx.Client(base_url=server.url.removesuffix("/v1"), timeout=60) as http:
+        try:
+            _deadline(http)
+        finally:
+            server.stop()
+
+
+def _deadline(http) -> None:
+    body = {"model": "a0", "prompt": "hi", "max_tokens": 4000, "temperature": 0, "ignore_eos": True}
     started = time.monotonic()
     response = http.post("/v1/completions", json=body, headers=ADMIN)
-    assert _error(response, 504)["type"] == "timeout" and 8 <= time.monotonic() - started < 40
+    assert _error(response, 504)["type"] == "timeout" and 1 <= time.monotonic() - started < 30
     assert _idle(http, 5)
     streamed = http.post("/v1/completions", json={**body, "stream": True}, headers=ADMIN)  # the error is the last event
     events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and json.loads(events[-2].removeprefix("data: "))["error"]["code"] == 504
+
+
+def test_sigterm_past_the_drain_timeout_answers_503(tmp_path):
+    dirs = make_model_dir(tmp_path)
+    server = Server(_args(tmp_path, dirs, "--drain-timeout", "1"), cwd=tmp_path)
+    try:
+        body = {"model": "a0", "prompt": "hi", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            whole = pool.submit(httpx.post, server.url + "/completions", json=body, headers=ADMIN, timeout=60)
+            streamed = pool.submit(
+                httpx.post, server.url + "/completions", json={**body, "stream": True}, headers=ADMIN, timeout=60
+            )
+            time.sleep(1.0)
+            server.process.send_signal(signal.SIGTERM)
+            assert _error(whole.result(), 503)["message"].startswith("the server stopped")
+            events = [line for line in streamed.result().text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2].removeprefix("data: "))["error"]["code"] == 503
+        assert server.process.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        server.stop()
 
 
 def test_sigterm_drains_the_requests_in_flight_then_exits(tmp_path):

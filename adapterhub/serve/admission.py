@@ -3,8 +3,9 @@ key's fair share of that room, and the order waiting requests join in.
 
 A request is refused (`Overloaded`: HTTP 429 with Retry-After) when its key already holds its fair
 share of the queue (the room divided by the keys with requests waiting, itself counted), or when
-the queue is full; a key with nothing waiting may always queue a request within its share, so one
-tenant's burst never locks the others out. Waiting requests join the batch round robin over keys:
+the queue is full; a key with nothing waiting may still queue one request within its share when the
+queue is full, so one tenant's burst never locks the others out (the queue then holds at most
+max_requests plus one request per such key). Waiting requests join the batch round robin over keys:
 the key with the fewest rows in flight first, then the one served longest ago; oldest request first
 within a key.
 """
@@ -75,9 +76,12 @@ class FairQueue:
         keys = len(self._requests) + (tenant not in self._requests)  # keys waiting, this one counted
         share, token_share = max(1, self.max_requests // keys), max(1, self.max_tokens // keys)
         mine, my_tokens = self._requests[tenant], self._tokens[tenant]
-        fits_share = mine + count <= share and (my_tokens + tokens <= token_share or not mine)
         full = len(self) + count > self.max_requests or self.tokens + tokens > self.max_tokens
-        if not fits_share or (mine and full):
+        if full:  # only a key with nothing waiting still gets one request (within its share) in
+            fits = not mine and count == 1 and tokens <= token_share
+        else:  # a key's first request may be bigger than its token share while there is room
+            fits = mine + count <= share and (my_tokens + tokens <= token_share or not mine)
+        if not fits:
             seconds = max(1, min(60, math.ceil(retry_after)))
             raise Overloaded(
                 f"the server is at capacity: {len(self)} requests ({self.tokens} prompt tokens) wait to run, "

@@ -39,6 +39,7 @@ from .openapi import ERROR_RESPONSES, error_body, openapi_document
 from .tenancy import Keys, Sources
 
 REPLICA_HEADER = "x-adapterhub-replica"
+MAX_BODY = 8 * 2**20  # bytes: 256 prompts of a few thousand tokens each fit
 log = logging.getLogger("adapterhub.serve")
 
 
@@ -50,16 +51,22 @@ def error_response(status: int, message: str, param: str | None = None, retry_af
 
 
 class _Guard:
-    """ASGI middleware: counts each answer by endpoint and status, and answers an exception that
-    escapes a route with an OpenAI-shaped 500 instead of a dropped connection. Pure ASGI (not
-    `@app.middleware`), so that a route still sees its client disconnect."""
+    """ASGI middleware, in front of every route: refuses an unknown key (401) and a body over
+    `max_body` bytes (413) before anything is parsed, counts each answer by endpoint and status, and
+    answers an exception that escapes a route with an OpenAI-shaped 500 instead of a dropped
+    connection. Pure ASGI (not `@app.middleware`), so that a route still sees its client disconnect."""
 
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics, keys: Keys | None, max_body: int):
+        self.app, self.metrics, self.keys, self.max_body = app, metrics, keys, max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        refusal, receive = await self._admit(scope, receive)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            self.metrics.requests.labels(endpoint="refused", status=str(refusal.status_code)).inc()
+            return
         status = None
 
         async def sending(message):
@@ -81,6 +88,38 @@ class _Guard:
             label = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(endpoint=label, status=str(status or 500)).inc()
 
+    async def _admit(self, scope, receive):
+        """(an error response or None, the receive to hand on): the key checked, the body read whole
+        up to max_body bytes and replayed to the route."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.keys is not None and scope["path"] != "/health":
+            try:
+                self.keys.names_for(headers.get("authorization"))
+            except Denied as denied:
+                return error_response(denied.status, str(denied)), receive
+        too_big = error_response(413, f"the body is larger than the server's limit of {self.max_body} bytes")
+        if int(headers.get("content-length") or 0) > self.max_body:
+            return too_big, receive
+        body, more = b"", scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None, _replay([message], receive)  # gone already: the route sees the disconnect
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return too_big, receive
+        return None, _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+
+
+def _replay(messages: list[dict], receive):
+    """A receive that gives `messages` first, then the client's own (its disconnect)."""
+
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+
+    return replayed
+
 
 def _field_part(part: str | int) -> bool:
     """Whether a validation error's location part names a field or an index (not a union member's
@@ -89,11 +128,17 @@ def _field_part(part: str | int) -> bool:
 
 
 def create_app(
-    backend, *, keys: Keys | None = None, sources: Sources | None = None, metrics_route: bool = True
+    backend,
+    *,
+    keys: Keys | None = None,
+    sources: Sources | None = None,
+    metrics_route: bool = True,
+    max_body: int = MAX_BODY,
 ) -> FastAPI:
     """The app serving `backend` (a LocalBackend, or ray_app's RayBackend); shuts it down with the app.
     `sources` (default: none allowed) says where POST /v1/adapters may load from; `metrics_route`:
-    serve /metrics here (False when a separate --metrics-port serves it)."""
+    serve /metrics here (False when a separate --metrics-port serves it); `max_body`: the largest
+    request body in bytes (413 past it)."""
     sources = sources or Sources()
 
     @asynccontextmanager
@@ -126,7 +171,7 @@ def create_app(
         param = ".".join(str(p) for p in first["loc"][1:] if _field_part(p)) or None
         return error_response(400, f"{param or 'body'}: {first['msg']}", param)
 
-    app.add_middleware(_Guard, metrics=metrics)
+    app.add_middleware(_Guard, metrics=metrics, keys=keys, max_body=max_body)
 
     def authorize(request: Request, model: str | None) -> None:
         """Denied keys get 401/403; a model the key may not use is answered as one that does not
@@ -211,7 +256,7 @@ def create_app(
         authorize(request, None)
         return {"object": "list", "data": await backend.adapters()}
 
-    @app.post("/v1/adapters", status_code=201, responses=ERROR_RESPONSES[400, 401, 403, 422, 503])
+    @app.post("/v1/adapters", status_code=201, responses=ERROR_RESPONSES[400, 401, 403, 413, 422, 503])
     async def add_adapter(upload: AdapterUpload, request: Request):
         authorize(request, None)
         if upload.name == backend.base_name:
@@ -241,7 +286,7 @@ def create_app(
             "description": "the whole response (JSON), or with stream=true its chunks as server-sent events",
             "content": {"application/json": {}, "text/event-stream": {}},
         }
-    } | ERROR_RESPONSES[400, 401, 403, 404, 429, 500, 503, 504]
+    } | ERROR_RESPONSES[400, 401, 403, 404, 413, 429, 500, 503, 504]
 
     @app.post("/v1/completions", responses=generation_errors)
     async def completions(body: CompletionRequest, request: Request):

@@ -57,7 +57,7 @@ async def generate(
     """One engine request per prompt of `body`, queued all at once against `tenant`'s share; see the
     module docstring. The requests are cancelled if the consumer stops early (a client that went
     away) or the engine's `request_timeout` passes."""
-    prompts, max_tokens = prompts_of(engine, body)
+    prompts, max_tokens = await asyncio.to_thread(prompts_of, engine, body)  # long texts: off the event loop
     sampling = body.sampling(max_tokens)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -72,7 +72,7 @@ async def generate(
     except RequestError as error:
         raise ApiError(400, str(error), "prompt") from None
     except Overloaded as error:
-        raise ApiError(429, str(error), retry_after=error.retry_after) from None
+        raise ApiError(error.status, str(error), retry_after=error.retry_after) from None
     timeout = engine.limits.request_timeout
     deadline = None if timeout is None else loop.time() + timeout
     try:
@@ -94,8 +94,7 @@ async def generate(
                 unfinished -= 1
             yield offset + event.choice, event
     finally:
-        for request in requests:
-            request.cancel()
+        engine.cancel(requests)  # a no-op for those that finished
 
 
 def adapter_json(name: str, source: str, digest: str, info=None) -> dict:

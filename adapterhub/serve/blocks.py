@@ -5,8 +5,8 @@ block table). A block is referenced by every sequence that reads it: sequences w
 prefix, and the choices of one request (n > 1), share its full blocks.
 
 A full block is published under a key that chains the adapter version the tokens ran under (the
-resident name and load, "name#k@load": new for every load of new weights; "" for the base model)
-with every token of the sequence up to the block's end:
+content digest of the weights in the slot: the same for the same files under any name, new for any
+other weights; "" for the base model) with every token of the sequence up to the block's end:
 
     key_0 = H(H(adapter), tokens[0:16]);   key_i = H(key_{i-1}, tokens[16 i : 16 (i + 1)])
 

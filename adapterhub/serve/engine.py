@@ -199,6 +199,7 @@ class Engine:
         self._loader = ThreadPoolExecutor(2, thread_name_prefix="adapterhub-load")
         self._stopping = False
         self._draining = False  # stop() was called: no new requests
+        self._stop_lock = threading.Lock()
         self._device = next(self.model.parameters()).device
         self._step_model = CompiledStep(self.model, compile) if compile else self.model
         self._pad = CompiledStep.PAD if compile else 0  # padding tokens per step
@@ -213,6 +214,10 @@ class Engine:
     def stop(self, drain: float = 0.0) -> None:
         """Stops taking requests, lets those in flight and queued finish for up to `drain` seconds,
         then stops the engine thread; whatever is left is answered Failed(503)."""
+        with self._stop_lock:  # a signal's drain and the app's shutdown may both call it
+            self._stop(drain)
+
+    def _stop(self, drain: float) -> None:
         with self._lock:
             self._draining = True
             self._lock.wait_for(lambda: not self._queue and not self._rows, drain)
@@ -238,6 +243,10 @@ class Engine:
         with self._lock:
             entries = dict(self._adapters)
         return {name: (e.label, e.digest, self._info(e.resident)) for name, e in entries.items()}
+
+    def _digest(self, resident: str) -> str:
+        """The content digest of the resident weights (the prefix cache's version of them)."""
+        return self.backbone.info(resident).digest
 
     def _info(self, resident: str) -> AdapterInfo | None:
         try:
@@ -349,7 +358,7 @@ class Engine:
             raise RequestError(f"n={sampling.n} is more than the server's batch of {self.max_batch} rows")
         with self._lock:
             if self._draining:
-                raise Overloaded("the server is shutting down; retry on another replica or after it restarts", 5)
+                raise Overloaded("the server is shutting down; retry on another replica or after it restarts", 5, 503)
             entry = None if adapter is None else self._entry(adapter)
             resident, virtual = (None, 0) if entry is None else (entry.resident, entry.virtual)
             for prompt in prompts:
@@ -376,6 +385,17 @@ class Engine:
                 self._queue.add(request)
             self._lock.notify_all()
         return requests
+
+    def cancel(self, requests: list[Request]) -> None:
+        """Stops `requests` (their client went away or their deadline passed): queued ones leave the
+        queue at once, running ones at the next step."""
+        with self._lock:
+            for request in requests:
+                request.cancel()
+                if request in self._queue:
+                    self._queue.remove(request)
+                    self._release(request)
+            self._lock.notify_all()
 
     def _check_length(self, prompt: int, virtual: int, max_tokens: int) -> None:
         """A RequestError if the row would not fit the model's context or, alone, the KV cache."""
@@ -410,11 +430,11 @@ class Engine:
         unforked = sum(r.request.sampling.n - 1 for r in self._rows if r.choice == 0 and r.count == 0)
         taken, rows = [], len(self._rows) + unforked  # rows in flight and the choices still to fork
         running = Counter(row.request.tenant for row in self._rows)
-        for request in self._queue.fair_order(running):
-            if request.cancelled:
+        for request in self._queue:
+            if request.cancelled:  # all of them, so that none still counts against its key
                 self._queue.remove(request)
                 self._release(request)
-                continue
+        for request in self._queue.fair_order(running):
             if rows + request.sampling.n > self.max_batch:
                 break
             if request.resident is not None and not self._pin(request.resident):
@@ -441,7 +461,8 @@ class Engine:
         now = time.perf_counter()
         for request in requests:
             with self._lock:
-                key = "" if request.resident is None else self._residents[request.resident].digest
+                # The digest of the weights in the slot now (pinned): a reload of changed files gets its own.
+                key = "" if request.resident is None else self._digest(request.resident)
             virtual = [-1 - i for i in range(request.virtual)]  # placeholders: embeddings come from the slot
             try:
                 row = self._new_row(request, 0, KVState(key, virtual + request.prompt))
@@ -616,10 +637,14 @@ class Engine:
                 [r.generator for r in rows],
             ).tolist()
 
+        states = [None if r.generator is None else r.generator.get_state() for r in rows]
         try:
             return sample(slice(None), rows)
         except Exception:
             log.warning("sampling %d rows failed; sampling them one by one", len(rows), exc_info=True)
+        for row, state in zip(rows, states):  # rows drawn before the failure draw again from where they were
+            if state is not None:
+                row.generator.set_state(state)
         tokens: list[int | Exception] = []
         for i, row in enumerate(rows):
             try:
@@ -741,10 +766,19 @@ class Engine:
         with self._lock:
             del self._loading[resident]
             error = future.exception()
+            entry = self._residents.get(resident)
             if error is not None and not isinstance(error, NoFreeSlot):
                 self._fail_queued(resident, f"reloading adapter {resident.split('#')[0]!r} failed: {error}")
-            elif error is None and not self._users[resident]:  # its requests went away meanwhile
-                self.backbone.unpin(resident)
+            elif error is None and entry is None:  # deleted (and its last request gone) while it reloaded
+                with contextlib.suppress(AdapterError):
+                    self.backbone.unload(resident)
+            elif error is None:
+                digest = future.result().digest
+                if digest != entry.digest:  # its files changed on disk since it was added: what runs now
+                    log.warning("adapter %r reloaded from changed files (digest %s)", resident, digest[:12])
+                    entry.digest = digest
+                if not self._users[resident]:  # its requests went away meanwhile
+                    self.backbone.unpin(resident)
             self._lock.notify_all()
 
     def _fail_queued(self, resident: str, message: str) -> None:

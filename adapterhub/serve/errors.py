@@ -27,14 +27,15 @@ class RequestError(ValueError):
 
 
 class Overloaded(Exception):
-    """No room for a request now (the queue is full, or its key holds its share): retry later."""
+    """No room for a request now (the queue is full, or its key holds its share: 429; the server is
+    shutting down: 503): retry after `retry_after` seconds."""
 
-    def __init__(self, message: str, retry_after: int):
+    def __init__(self, message: str, retry_after: int, status: int = 429):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.status = retry_after, status
 
     def __reduce__(self):
-        return Overloaded, (str(self), self.retry_after)
+        return Overloaded, (str(self), self.retry_after, self.status)
 
 
 class Denied(Exception):

@@ -11,6 +11,7 @@ import argparse
 import logging
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -134,6 +135,13 @@ def add_parser(commands) -> None:
         help="on SIGTERM/SIGINT: seconds the requests in flight may take to finish before they are failed (503)",
     )
     parser.add_argument(
+        "--max-body-bytes",
+        dest="max_body_bytes",
+        type=_size,
+        default=8 * 2**20,
+        help="the largest request body (413 past it), e.g. 8MiB",
+    )
+    parser.add_argument(
         "--metrics-port",
         dest="metrics_port",
         type=int,
@@ -191,7 +199,7 @@ def _size(text: str) -> int:
     except (ValueError, KeyError):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 4GiB, 512MB or 1000000") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: the KV cache needs a positive size")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive size")
     return int(value)
 
 
@@ -257,7 +265,13 @@ def serve(args: argparse.Namespace) -> int:
         except AdapterError as error:
             print(f"adapterhub serve: --adapter {adapter}={source}: {error}", file=sys.stderr)
             return 2
-    app = create_app(LocalBackend(engine.start()), keys=keys, sources=sources, metrics_route=args.metrics_port is None)
+    app = create_app(
+        LocalBackend(engine.start()),
+        keys=keys,
+        sources=sources,
+        metrics_route=args.metrics_port is None,
+        max_body=args.max_body_bytes,
+    )
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -267,8 +281,26 @@ def serve(args: argparse.Namespace) -> int:
     sock.bind((args.host, args.port))
     sock.listen(2048)
     ready(f"http://{args.host}:{sock.getsockname()[1]}/v1", engine.base_name, list(adapters))
-    # SIGTERM/SIGINT: uvicorn stops accepting, waits up to --drain-timeout for the requests in flight,
-    # then the app's shutdown stops the engine, which fails (503) whatever is left.
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout)
-    uvicorn.Server(config).run(sockets=[sock])
+    # SIGTERM/SIGINT: uvicorn stops accepting; the engine lets the requests in flight finish for up to
+    # --drain-timeout, then answers the rest 503, which their routes send before uvicorn's own (later)
+    # deadline would cut the connections.
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout + 10)
+    _draining_server()(config, engine, args.drain_timeout).run(sockets=[sock])
     return 0
+
+
+def _draining_server():
+    """uvicorn's Server class that, at the first exit signal, also starts the engine's drain."""
+    import uvicorn
+
+    class Draining(uvicorn.Server):
+        def __init__(self, config, engine, drain: float):
+            super().__init__(config)
+            self.engine, self.drain = engine, drain
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                threading.Thread(target=self.engine.stop, args=(self.drain,), name="adapterhub-drain").start()
+            super().handle_exit(sig, frame)
+
+    return Draining
