@@ -18,7 +18,6 @@ disconnects is cancelled as a streamed one is.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -32,6 +31,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import AdapterError
+from . import embeddings, vllm_api
+from .access import Access
 from .api import AdapterUpload, ChatRequest, CompletionRequest
 from .engine import Finished, Token
 from .errors import ApiError, Denied
@@ -173,40 +174,8 @@ def create_app(
 
     app.add_middleware(_Guard, metrics=metrics, keys=keys, max_body=max_body)
 
-    def authorize(request: Request, model: str | None) -> None:
-        """Denied keys get 401/403; a model the key may not use is answered as one that does not
-        exist (404), so that a tenant cannot learn which models other tenants have."""
-        if keys is not None:
-            try:
-                keys.check(request.headers.get("authorization"), model)
-            except Denied as denied:
-                if denied.status == 403 and model is not None:
-                    raise ApiError(
-                        404, f"no model named {model!r}; GET /v1/models lists the models your key may use", "model"
-                    ) from None
-                raise ApiError(denied.status, str(denied)) from None
-
-    def known_key(request: Request) -> None:
-        if keys is not None:
-            try:
-                keys.names_for(request.headers.get("authorization"))
-            except Denied as denied:
-                raise ApiError(denied.status, str(denied)) from None
-
-    def tenant(request: Request) -> str:
-        """The key's fingerprint (admission's fair share is per key); "" without keys."""
-        if keys is None:
-            return ""
-        key = (request.headers.get("authorization") or "").split(None, 1)[-1].strip()
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-    def visible(request: Request, names: list[str]) -> list[str]:
-        if keys is None:
-            return names
-        try:
-            return keys.visible(request.headers.get("authorization"), names)
-        except Denied as denied:
-            raise ApiError(denied.status, str(denied)) from None
+    access = Access(keys)
+    authorize, known_key, tenant, visible = access.authorize, access.known_key, access.tenant, access.visible
 
     @app.get("/health")
     async def health():
@@ -298,6 +267,8 @@ def create_app(
         authorize(request, body.model)
         return await _respond(backend, body, request, tenant(request), chat=True)
 
+    vllm_api.add_routes(app, backend, access, sources)
+    embeddings.add_routes(app, backend, access, sources)
     return app
 
 
