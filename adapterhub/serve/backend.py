@@ -124,6 +124,7 @@ class LocalBackend:
     def __init__(self, engine: Engine, delete_timeout: float = 60.0):
         self.engine, self.delete_timeout = engine, delete_timeout
         self.base_name, self.metrics = engine.base_name, engine.metrics
+        self.tokenizer, self.context = engine.tokenizer, engine.context  # what /tokenize and its kin answer from
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
 
     def generate(self, adapter: str | None, body: CompletionRequest | ChatRequest, tenant: str = "") -> AsyncIterator:
