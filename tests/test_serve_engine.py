@@ -218,6 +218,8 @@ def test_text_stream_holds_back_possible_stops():
 def test_next_tokens_per_row():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0], [0.0, 0.0, 5.0]])
     generators = [None, torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)]
-    assert next_tokens(logits, [0, 1.0, 1.0], [1, 1e-6, 1], generators).tolist()[:2] == [1, 0]
-    draws = {next_tokens(logits[2:], [2.0], [1.0], [torch.Generator().manual_seed(s)]).item() for s in range(40)}
+    samplings = [Sampling(1, temperature=0), Sampling(1, top_p=1e-6), Sampling(1)]
+    assert next_tokens(logits, samplings, generators).tolist()[:2] == [1, 0]
+    hot = [Sampling(1, temperature=2.0)]
+    draws = {next_tokens(logits[2:], hot, [torch.Generator().manual_seed(s)]).item() for s in range(40)}
     assert draws == {0, 1, 2}  # temperature 2 flattens: every token comes up

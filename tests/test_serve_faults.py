@@ -112,10 +112,10 @@ def test_a_failing_forward_fails_only_its_request(dirs, offline):
 def test_a_failing_sample_fails_only_its_request(dirs, offline, monkeypatch):
     real = engine_module.next_tokens
 
-    def next_tokens(logits, temperatures, top_ps, generators):
-        if 0.777 in temperatures:
+    def next_tokens(logits, samplings, generators):
+        if any(s.temperature == 0.777 for s in samplings):
             raise RuntimeError("injected sampling fault")
-        return real(logits, temperatures, top_ps, generators)
+        return real(logits, samplings, generators)
 
     monkeypatch.setattr(engine_module, "next_tokens", next_tokens)
     engine = _engine(dirs)

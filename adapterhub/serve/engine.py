@@ -49,6 +49,7 @@ from ..errors import AdapterError, NoFreeSlot
 from .admission import FairQueue, Limits
 from .errors import Overloaded, RequestError, UnknownAdapter
 from .kv_cache import KVCache, KVState, default_budget
+from .logits import RowView, TokenLogprobs, logprobs_of, process
 from .metrics import Metrics
 from .paged import CompiledStep, Step, use_paged_attention
 from .sampling import Sampling, TextStream, next_tokens
@@ -66,18 +67,31 @@ def end_of_sequence(model, tokenizer) -> set[int]:
 
 @dataclass(frozen=True)
 class Token:
-    """Text a choice produced (may be empty when a token only completes a character later)."""
+    """Text a choice produced (may be empty when a token only completes a character later), and the
+    logprobs of the tokens generated since its last event (when the request asks for logprobs)."""
 
     choice: int
     text: str
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(frozen=True)
 class Finished:
     choice: int
-    reason: str  # "stop" (end of sequence or a stop string) or "length"
+    reason: str  # "stop" (end of sequence, a stop string or token, or a grammar's end) or "length"
     tokens: int  # completion tokens of this choice
     token_ids: tuple[int, ...] = ()  # those tokens
+    logprobs: tuple[TokenLogprobs, ...] = ()  # of the tokens not yet reported in a Token
+    cumulative_logprob: float | None = None  # of all its tokens (when the request asks for logprobs)
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Each prompt token's logprob given the tokens before it (None for the first), sent once per
+    request before its first token, when the request asks for prompt logprobs."""
+
+    entries: tuple[TokenLogprobs | None, ...]
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,7 +100,7 @@ class Failed:
     message: str
 
 
-Event = Token | Finished | Failed
+Event = Token | Finished | Failed | PromptLogprobs
 
 
 @dataclass
@@ -129,8 +143,17 @@ class _Row:
     stream: TextStream
     generator: torch.Generator | None
     kv: KVState
+    matcher: object | None = None  # its grammar's state (grammar.Matcher) when the request constrains output
     count: int = 0  # tokens generated
     done: bool = False
+    pending: list[TokenLogprobs] = field(default_factory=list)  # logprobs of tokens whose text is not sent yet
+    cumulative: float = 0.0  # sum of its tokens' logprobs
+    prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # prompt index -> entry (choice 0)
+
+    @property
+    def prompt_done(self) -> bool:
+        """Every prompt token (and virtual token) is in the cache: the row samples at this step's end."""
+        return self.kv.computed >= self.request.virtual + len(self.request.prompt)
 
 
 @dataclass
@@ -204,7 +227,20 @@ class Engine:
         self._step_model = CompiledStep(self.model, compile) if compile else self.model
         self._pad = CompiledStep.PAD if compile else 0  # padding tokens per step
         self._thread = threading.Thread(target=self._loop, name="adapterhub-engine", daemon=True)
+        self._grammars = None
+        self._grammars_lock = threading.Lock()
         self.metrics.watch(self)
+
+    @property
+    def grammars(self):
+        """The grammar engine for this tokenizer and vocabulary (grammar.Grammars), built on first use:
+        requests compile their constraints with it, rows get their matchers from it."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from .grammar import Grammars
+
+                self._grammars = Grammars(self.tokenizer, self.vocab, self.eos)
+            return self._grammars
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> Engine:
@@ -356,6 +392,12 @@ class Engine:
                 raise RequestError(f"the prompt holds token ids outside the vocabulary [0, {self.vocab})")
         if sampling.n > self.max_batch:
             raise RequestError(f"n={sampling.n} is more than the server's batch of {self.max_batch} rows")
+        for what, ids in (
+            ("logit_bias", [t for t, _ in sampling.logit_bias]),
+            ("stop_token_ids", sampling.stop_token_ids),
+        ):
+            if ids and (min(ids) < 0 or max(ids) >= self.vocab):
+                raise RequestError(f"{what} names token ids outside the vocabulary [0, {self.vocab})")
         with self._lock:
             if self._draining:
                 raise Overloaded("the server is shutting down; retry on another replica or after it restarts", 5, 503)
@@ -464,8 +506,9 @@ class Engine:
                 # The digest of the weights in the slot now (pinned): a reload of changed files gets its own.
                 key = "" if request.resident is None else self._digest(request.resident)
             virtual = [-1 - i for i in range(request.virtual)]  # placeholders: embeddings come from the slot
+            state = KVState(key, virtual + request.prompt, shares=request.sampling.prompt_logprobs is None)
             try:
-                row = self._new_row(request, 0, KVState(key, virtual + request.prompt))
+                row = self._new_row(request, 0, state)
             except Exception as error:
                 self._fail(request, f"the request could not start: {type(error).__name__}: {error}")
                 continue
@@ -479,7 +522,9 @@ class Engine:
         if request.sampling.temperature > 0:
             seed = random.getrandbits(63) if seed is None else (seed + choice) % 2**64  # manual_seed's range
             generator = torch.Generator().manual_seed(seed)
-        return _Row(request, choice, TextStream(self.tokenizer, request.sampling.stop), generator, kv)
+        grammar = request.sampling.grammar
+        matcher = None if grammar is None else self.grammars.matcher(grammar)
+        return _Row(request, choice, TextStream(self.tokenizer, request.sampling.stop), generator, kv, matcher)
 
     def _preempt(self, row: _Row) -> None:
         self.kv.free(row.kv)
@@ -514,26 +559,45 @@ class Engine:
     def _run(self, plan: list[tuple[_Row, int]]) -> None:
         """The forward of `plan`, then its bookkeeping and sampling; only the forward may raise, and
         then nothing has changed but K/V writes a rerun repeats."""
-        ids, keep, sampled = [], [], []
+        ids, keep, sampled, scored = [], [], [], []  # keep: places whose logits are needed
         for row, count in plan:
             start = row.kv.computed
+            base = len(ids) - start  # the place of the row's token 0 in the step
             ids += row.kv.tokens[start : start + count]
+            if row.choice == 0 and row.request.sampling.prompt_logprobs is not None:
+                first = row.request.virtual  # where prompt token 0 is; place p's logits score token p + 1
+                for place in range(max(start, first), min(start + count, first + len(row.request.prompt) - 1)):
+                    scored.append((row, place + 1 - first, len(keep)))
+                    keep.append(base + place)
             if start + count == len(row.kv.tokens):
+                sampled.append((row, len(keep)))
                 keep.append(len(ids) - 1)
-                sampled.append(row)
         step = self.kv.step([(row.kv, count) for row, count in plan], self._pad)
         names = [None if row.request.virtual else row.request.resident for row, _ in plan]
         with self._routed(names, [count for _, count in plan]), torch.inference_mode():
             # Slots on the output layer (any adapter's, ever) route every token: it must see them all.
             every = self.backbone.has_slots(self._output_path)
             logits = self._forward(ids, step, keep, self._virtual_embeddings(plan), every)
+        if scored:
+            self._score_prompts(scored, logits)
         for row, count in plan:
             row.kv.computed += count
             self.kv.publish(row.kv)
         self.metrics.batch_rows.observe(len(plan))
         self.metrics.step_tokens.observe(len(ids))
         if sampled:
-            self._advance(*self._fork(sampled, logits))
+            rows = [row for row, _ in sampled]
+            if scored:
+                logits = logits[torch.tensor([at for _, at in sampled], device=logits.device)]
+            self._advance(*self._fork(rows, logits))
+
+    def _score_prompts(self, scored: list[tuple[_Row, int, int]], logits: torch.Tensor) -> None:
+        """Records prompt token j's logprob (and alternatives) for each (row, j, place in logits)."""
+        at = torch.tensor([i for _, _, i in scored], device=logits.device)
+        tokens = torch.tensor([row.request.prompt[j] for row, j, _ in scored], device=logits.device)
+        entries = logprobs_of(logits[at], tokens, [row.request.sampling.prompt_logprobs for row, _, _ in scored])
+        for (row, j, _), entry in zip(scored, entries):
+            row.prompt_logprobs[j] = entry
 
     def _routed(self, names: list[str | None], lengths: list[int]):
         """Backbone.use for a step of `lengths[i]` tokens of resident `names[i]` each, and its padding
@@ -606,16 +670,29 @@ class Engine:
         return targets, logits[torch.tensor(index, device=logits.device)]
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Samples one token per row (logits (len(rows), vocab)), sends the text, finishes rows."""
+        """Samples one token per row (logits (len(rows), vocab)), sends the text, finishes rows.
+        A request's prompt logprobs go out before its first token; rows that generate nothing
+        (max_tokens 0: the prompt scored only) finish here."""
+        for row in rows:
+            if row.count == 0 and row.choice == 0 and row.request.sampling.prompt_logprobs is not None:
+                entries = (None, *(row.prompt_logprobs.get(j) for j in range(1, len(row.request.prompt))))
+                row.request.emit(PromptLogprobs(entries))
+        if any(row.request.sampling.max_tokens == 0 for row in rows):
+            keep = [i for i, row in enumerate(rows) if row.request.sampling.max_tokens > 0]
+            for row in rows:
+                if row.request.sampling.max_tokens == 0:
+                    self._finish(row, "length", "")
+            rows, logits = [rows[i] for i in keep], logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
         tokens = self._sample(rows, logits)
+        entries = self._logprobs(rows, logits, tokens)
         self.metrics.tokens(len(rows))
-        for row, token in zip(rows, tokens):
+        for row, token, entry in zip(rows, tokens, entries):
             if row.done:  # its request failed meanwhile (another of its choices)
                 continue
             try:
                 if isinstance(token, Exception):
                     raise token
-                self._next(row, token)
+                self._next(row, token, entry)
             except Exception as error:
                 log.exception("a row failed while sampling or streaming; its request gets an error")
                 self._fail(row.request, f"generating failed: {type(error).__name__}: {error}")
@@ -626,16 +703,18 @@ class Engine:
             self._rows = [row for row in self._rows if not row.done]
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
-        """Each row's next token, sampled for all rows at once; if that fails, row by row, a row that
-        fails alone getting its exception instead of a token."""
+        """Each row's next token, sampled for all rows at once (its penalties, bias and grammar
+        applied: logits.process); if that fails, row by row, a row that fails alone getting its
+        exception instead of a token."""
 
         def sample(index: slice, rows: list[_Row]) -> list[int]:
-            return next_tokens(
-                logits[index],
-                [r.request.sampling.temperature for r in rows],
-                [r.request.sampling.top_p for r in rows],
-                [r.generator for r in rows],
-            ).tolist()
+            views = [
+                RowView(r.request.sampling, r.request.prompt, r.kv.tokens[len(r.kv.tokens) - r.count :]) for r in rows
+            ]
+            masked = [i for i, r in enumerate(rows) if r.matcher is not None]
+            bitmask = self.grammars.fill([rows[i].matcher for i in masked]) if masked else None
+            processed = process(logits[index], views, self.eos, masked, bitmask)
+            return next_tokens(processed, [r.request.sampling for r in rows], [r.generator for r in rows]).tolist()
 
         states = [None if r.generator is None else r.generator.get_state() for r in rows]
         try:
@@ -653,27 +732,64 @@ class Engine:
                 tokens.append(error)
         return tokens
 
-    def _next(self, row: _Row, token: int) -> None:
-        """The row's next token: its text sent, the row finished at a stop or its length."""
+    def _logprobs(self, rows: list[_Row], logits: torch.Tensor, tokens: list) -> list[TokenLogprobs | None]:
+        """The chosen tokens' logprobs under the raw logits, for rows whose request asks for them."""
+        asked = [
+            i
+            for i, (r, t) in enumerate(zip(rows, tokens))
+            if r.request.sampling.logprobs is not None and isinstance(t, int)
+        ]
+        out: list[TokenLogprobs | None] = [None] * len(rows)
+        if asked:
+            index = torch.tensor(asked, dtype=torch.long, device=logits.device)
+            chosen = torch.tensor([tokens[i] for i in asked], dtype=torch.long, device=logits.device)
+            for i, entry in zip(
+                asked, logprobs_of(logits[index], chosen, [rows[i].request.sampling.logprobs for i in asked])
+            ):
+                out[i] = entry
+        return out
+
+    def _next(self, row: _Row, token: int, entry: TokenLogprobs | None = None) -> None:
+        """The row's next token: its text sent, the row finished at an end (of sequence, a stop
+        string or token, its grammar) or its length."""
         row.count += 1
         row.kv.tokens.append(token)
+        if entry is not None:
+            row.pending.append(entry)
+            row.cumulative += entry.logprob
         sampling = row.request.sampling
-        if token in self.eos and not sampling.ignore_eos:
+        if (token in self.eos and not sampling.ignore_eos) or token in sampling.stop_token_ids:
             self._finish(row, "stop", row.stream.add(None))
             return
+        if row.matcher is not None:
+            row.matcher.accept(token)
         piece = row.stream.add(token)
         if row.stream.stopped:
             self._finish(row, "stop", piece)
+        elif row.matcher is not None and row.matcher.done():
+            self._finish(row, "stop", piece + row.stream.add(None))
         elif row.count >= sampling.max_tokens:
             self._finish(row, "length", piece + row.stream.add(None))
         elif piece:
-            row.request.emit(Token(row.choice, piece))
+            row.request.emit(Token(row.choice, piece, tuple(row.pending)))
+            row.pending.clear()
 
     def _finish(self, row: _Row, reason: str, piece: str) -> None:
         row.done = True
         if piece:
-            row.request.emit(Token(row.choice, piece))
-        row.request.emit(Finished(row.choice, reason, row.count, tuple(row.kv.tokens[-row.count :])))
+            row.request.emit(Token(row.choice, piece, tuple(row.pending)))
+            row.pending.clear()
+        sampling = row.request.sampling
+        row.request.emit(
+            Finished(
+                row.choice,
+                reason,
+                row.count,
+                tuple(row.kv.tokens[len(row.kv.tokens) - row.count :]),
+                tuple(row.pending),
+                row.cumulative if sampling.logprobs is not None else None,
+            )
+        )
         row.request.unfinished -= 1
         if not row.request.unfinished:
             seconds = time.perf_counter() - row.request.submitted

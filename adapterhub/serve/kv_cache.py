@@ -32,6 +32,7 @@ class KVState:
     keys: list[bytes] = field(default_factory=list)  # prefix keys of its published blocks (blocks[:len(keys)])
     looked_up: bool = False  # its prefix was looked up since it last held no block
     counted: bool = False  # its first lookup was counted in KVCache.reused_tokens
+    shares: bool = True  # may take cached prefix blocks (False: every token's logits are needed, prompt logprobs)
 
     def remaining(self) -> int:
         return len(self.tokens) - self.computed
@@ -73,7 +74,7 @@ class KVCache:
     def reuse_prefix(self, row: KVState) -> int:
         """Takes the cached blocks of the row's longest known prefix (leaving at least its last token
         to compute, whose logits it needs), once per row that holds no block; returns the tokens reused."""
-        if not self.prefix_cache or row.blocks or row.looked_up:
+        if not self.prefix_cache or not row.shares or row.blocks or row.looked_up:
             return 0
         row.looked_up = True
         for key in block_keys(row.adapter, row.tokens[: len(row.tokens) - 1], BLOCK_SIZE):

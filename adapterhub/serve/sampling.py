@@ -11,45 +11,54 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .logits import truncate
+
 
 @dataclass(frozen=True)
 class Sampling:
-    """What a request asks of generation (OpenAI's parameters)."""
+    """What a request asks of generation (OpenAI's parameters, and vLLM's extensions)."""
 
-    max_tokens: int
+    max_tokens: int  # 0: none (with prompt_logprobs: score the prompt only, as lm-eval's echo requests do)
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    n: int = 1
+    n: int = 1  # choices generated (best_of when it is more than the choices returned)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's (1: none)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    top_k: int = 0  # vLLM's (0: all tokens)
+    min_p: float = 0.0  # vLLM's
+    min_tokens: int = 0  # vLLM's: no end of sequence or stop token before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: tokens that end the choice like end of sequence
+    logprobs: int | None = None  # per generated token: its logprob and this many alternatives; None: none
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first; None: none
+    grammar: object | None = field(default=None, compare=False)  # a grammar.Compiled the output must match
 
 
 def next_tokens(
-    logits: torch.Tensor, temperatures: list[float], top_ps: list[float], generators: list[torch.Generator | None]
+    logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None]
 ) -> torch.Tensor:
-    """(B,) next token per row from logits (B, vocab) fp32; a row's generator is used for it alone."""
+    """(B,) next token per row from processed logits (B, vocab) fp32 (logits.process): the argmax for
+    greedy rows, a draw from the truncated distribution (logits.truncate) for the others, each with
+    its own generator."""
     chosen = logits.argmax(-1)  # (B,)
-    sampled = [i for i, t in enumerate(temperatures) if t > 0]
+    sampled = [i for i, s in enumerate(samplings) if s.temperature > 0]
     if sampled:
-        index = torch.tensor(sampled, device=logits.device)
-        temps = torch.tensor([temperatures[i] for i in sampled], device=logits.device)[:, None]
-        probs = torch.softmax(logits[index] / temps, -1)  # (S, vocab)
-        probs = _top_p(probs, torch.tensor([top_ps[i] for i in sampled], device=logits.device))
+        device = logits.device
+        rows = [samplings[i] for i in sampled]
+        probs = truncate(
+            logits[torch.tensor(sampled, device=device)],
+            torch.tensor([s.temperature for s in rows], device=device),
+            torch.tensor([s.top_k for s in rows], device=device),
+            torch.tensor([s.min_p for s in rows], device=device),
+            torch.tensor([s.top_p for s in rows], device=device),
+        )
         for row, p in zip(sampled, probs):
             chosen[row] = torch.multinomial(p.cpu(), 1, generator=generators[row])[0].to(chosen.device)
     return chosen
-
-
-def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """probs (S, vocab) keeping, per row, the most likely tokens whose mass first reaches top_p (S,)."""
-    if bool((top_p >= 1).all()):
-        return probs
-    ordered, order = probs.sort(-1, descending=True)
-    before = ordered.cumsum(-1) - ordered  # mass of the more likely tokens
-    # The most likely token always stays, even when top_p underflows to 0 in the logits' dtype.
-    ordered = ordered.masked_fill((before >= top_p[:, None]) & (before > 0), 0)
-    return torch.zeros_like(probs).scatter_(-1, order, ordered)
 
 
 @dataclass
