@@ -10,6 +10,8 @@ requests too big to be fair to other tenants (prompts per request, stop strings)
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +19,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from .sampling import Sampling
 
 MAX_STOPS = 4
+MAX_STOP_TOKENS = 64  # stop_token_ids
+MAX_LOGIT_BIAS = 1024  # tokens in logit_bias (OpenAI allows 300)
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
+MAX_PATTERN_CHARS = 16384  # guided_regex
+MAX_CHOICES = 256  # guided_choice
+MAX_TOOLS = 128
 MAX_STOP_CHARS = 256  # each stop string's length: held-back text is checked against each at every token
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MIN_TEMPERATURE = 1e-4  # below this (but 0, greedy) logits / temperature overflow or the temperature is 0 in fp32
@@ -38,6 +46,29 @@ Text = Annotated[str, AfterValidator(_unicode)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk
+
+
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or json_schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
 
 
 class _Generation(BaseModel):
@@ -53,9 +84,25 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    metadata: dict[Text, Text] | None = Field(None, max_length=16)  # tags for stored completions: none are stored
+    store: bool = False
+    # vLLM's extensions
     ignore_eos: bool = False
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    top_k: int = Field(0, ge=-1, le=2**31 - 1)  # -1 or 0: every token
+    min_p: float = Field(0.0, ge=0, le=1)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKENS)
+    guided_json: dict | Text | None = None
+    guided_regex: Text | None = Field(None, max_length=MAX_PATTERN_CHARS)
+    guided_choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
+    # LoRAX's: the adapter by id (instead of `model`), loaded just in time from `adapter_source`
+    adapter_id: Text | None = Field(None, min_length=1, max_length=256)
+    adapter_source: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -72,23 +119,76 @@ class _Generation(BaseModel):
             raise ValueError(f"use 0 for greedy decoding, or at least {MIN_TEMPERATURE:g} (smaller overflows)")
         return value
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalty(cls, value):
-        if value != 0:
-            raise ValueError("penalties are not supported by this server; leave them at 0")
-        return value
+    def _logit_bias(cls, bias):
+        if bias is None:
+            return bias
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"holds {len(bias)} tokens; at most {MAX_LOGIT_BIAS}")
+        for token, value in bias.items():
+            if not token.isdigit() or len(token) > 9:
+                raise ValueError(f"key {token!r} is not a token id (a string of digits, as OpenAI's API has them)")
+            if not -100 <= value <= 100:
+                raise ValueError(f"token {token}: the bias {value} is outside [-100, 100]")
+        return bias
 
-    def sampling(self, max_tokens: int) -> Sampling:
+    @field_validator("store")
+    @classmethod
+    def _no_store(cls, store):
+        if store:
+            raise ValueError("this server does not store completions; leave store false")
+        return store
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        named = [f for f in ("guided_json", "guided_regex", "guided_choice") if getattr(self, f) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            named.append("response_format")
+        if len(named) > 1:
+            raise ValueError(f"{' and '.join(named)} each constrain the output; send one of them")
+        return self
+
+    def constraint(self) -> tuple[str, str | tuple[str, ...] | None] | None:
+        """(grammar kind, value) the output must match (grammar.Constraint's fields), or None."""
+        if self.guided_json is not None:
+            schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            return "json_schema", schema
+        if self.guided_regex is not None:
+            return "regex", self.guided_regex
+        if self.guided_choice is not None:
+            return "choice", tuple(self.guided_choice)
+        form = self.response_format
+        if form is None or form.type == "text":
+            return None
+        if form.type == "json_object" or form.json_schema.schema_ is None:
+            return "json_object", None
+        return "json_schema", json.dumps(form.json_schema.schema_)
+
+    def sampling(self, max_tokens: int, *, n: int | None = None, logprobs: int | None = None) -> Sampling:
+        """The engine's parameters; `n`: rows to generate (best_of), `logprobs`: alternatives per token."""
         return Sampling(
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             stop=tuple(self.stop or ()),
             seed=self.seed,
-            n=self.n,
+            n=n or self.n,
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=tuple((int(t), b) for t, b in (self.logit_bias or {}).items()),
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
+            min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            logprobs=logprobs,
         )
+
+    @property
+    def usage_every_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_Generation):
@@ -98,10 +198,11 @@ class CompletionRequest(_Generation):
         json_schema_extra={"examples": [{"model": "SmolLM2-135M-Instruct", "prompt": "Hello", "max_tokens": 8}]},
     )
     prompt: Text | list[Text] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, le=2**31 - 1)  # 0: the prompt only (with echo and logprobs: scored)
     echo: bool = False
-    logprobs: None = None
-    best_of: int | None = None
-    suffix: None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=64)
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -110,17 +211,19 @@ class CompletionRequest(_Generation):
             raise ValueError(f"holds {len(prompt)} prompts; send at most {MAX_PROMPTS} per request")
         return prompt
 
-    @field_validator("echo")
+    @field_validator("suffix")
     @classmethod
-    def _no_echo(cls, echo):
-        if echo:
-            raise ValueError("echo is not supported by this server; leave it false")
-        return echo
+    def _no_suffix(cls, suffix):
+        if suffix:
+            raise ValueError("suffix (fill-in-the-middle) is not supported: the served models have no infill format")
+        return suffix
 
     @model_validator(mode="after")
     def _best_of(self):
-        if self.best_of not in (None, self.n):
-            raise ValueError("best_of other than n is not supported")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and (self.best_of or self.n) > self.n:
+            raise ValueError("best_of greater than n cannot be streamed (the best are known only at the end)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -132,21 +235,85 @@ class CompletionRequest(_Generation):
             raise ValueError("prompt is empty")
         return list(p)
 
+    def request_sampling(self, max_tokens: int) -> Sampling:
+        """The engine's parameters: best_of rows (their logprobs kept to rank them), and the prompt's
+        logprobs for echo with logprobs."""
+        rows = self.best_of or self.n
+        logprobs = self.logprobs if self.logprobs is not None or rows == self.n else 0
+        prompt_logprobs = self.logprobs if self.echo else None
+        return replace(self.sampling(max_tokens, n=rows, logprobs=logprobs), prompt_logprobs=prompt_logprobs)
+
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"]
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: Text | None = None  # tool
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def wire(self) -> dict:
+        """The message as OpenAI's wire format has it (what tools.chat_prompt takes), content parts kept."""
+        return self.model_dump(exclude_none=True, by_alias=True)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Text = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Text | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Generation):
@@ -162,16 +329,25 @@ class ChatRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, logprobs):
-        if logprobs:
-            raise ValueError("logprobs are not supported by this server; leave it false")
-        return logprobs
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs true")
+        return self
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def tool_dicts(self) -> tuple[list[dict] | None, str | dict | None]:
+        """(tools, tool_choice) in OpenAI's wire shape, for tools.py."""
+        tools = None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools]
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        return tools, choice
 
 
 class AdapterUpload(BaseModel):

@@ -17,29 +17,26 @@ disconnects is cancelled as a streamed one is.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ..errors import AdapterError
 from . import embeddings, vllm_api
 from .access import Access
 from .api import AdapterUpload, ChatRequest, CompletionRequest
-from .engine import Finished, Token
 from .errors import ApiError, Denied
 from .openapi import ERROR_RESPONSES, error_body, openapi_document
+from .responses import respond
 from .tenancy import Keys, Sources
 
-REPLICA_HEADER = "x-adapterhub-replica"
 MAX_BODY = 8 * 2**20  # bytes: 256 prompts of a few thousand tokens each fit
 log = logging.getLogger("adapterhub.serve")
 
@@ -260,124 +257,13 @@ def create_app(
     @app.post("/v1/completions", responses=generation_errors)
     async def completions(body: CompletionRequest, request: Request):
         authorize(request, body.model)
-        return await _respond(backend, body, request, tenant(request), chat=False)
+        return await respond(backend, body, request, tenant(request), chat=False)
 
     @app.post("/v1/chat/completions", responses=generation_errors)
     async def chat(body: ChatRequest, request: Request):
         authorize(request, body.model)
-        return await _respond(backend, body, request, tenant(request), chat=True)
+        return await respond(backend, body, request, tenant(request), chat=True)
 
     vllm_api.add_routes(app, backend, access, sources)
     embeddings.add_routes(app, backend, access, sources)
     return app
-
-
-async def _respond(backend, body: CompletionRequest | ChatRequest, request: Request, tenant: str, *, chat: bool):
-    events = backend.generate(None if body.model == backend.base_name else body.model, body, tenant)
-    start = await anext(events)  # errors before the first token (unknown model, too long) are plain JSON errors
-    headers = {REPLICA_HEADER: start.replica}
-    head = {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "created": int(time.time()),
-        "model": body.model,
-    }
-    usage = _Usage(start.prompt_tokens)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _sse(events, head, usage, chat, include_usage, body.n), headers=headers, media_type="text/event-stream"
-        )
-    texts, reasons = await _collect(events, request, usage)
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": texts.get(i, "")},
-            "logprobs": None,
-            "finish_reason": reasons[i],
-        }
-        if chat
-        else {"index": i, "text": texts.get(i, ""), "logprobs": None, "finish_reason": reasons[i]}
-        for i in sorted(reasons)
-    ]
-    return JSONResponse(
-        {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices, "usage": usage.json()},
-        headers=headers,
-    )
-
-
-async def _collect(events, request: Request, usage: _Usage) -> tuple[dict[int, str], dict[int, str]]:
-    """(text, finish reason) per choice of a whole response; the generation is cancelled (its rows
-    leave the batch) if the client disconnects first."""
-    texts: dict[int, str] = {}
-    reasons: dict[int, str] = {}
-
-    async def consume():
-        async for index, event in events:
-            if isinstance(event, Token):
-                texts[index] = texts.get(index, "") + event.text
-            elif isinstance(event, Finished):
-                reasons[index] = event.reason
-                usage.completion += event.tokens
-
-    async def gone():  # the body is read: the next message the client's channel gives is its disconnect
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    generation, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait({generation, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not generation.done():  # the client went away (or this task was cancelled): stop generating
-            generation.cancel()
-            await asyncio.gather(generation, return_exceptions=True)
-    if generation.cancelled():
-        raise ApiError(499, "the client disconnected before the response was complete; generation stopped")
-    generation.result()  # a failure's ApiError
-    return texts, reasons
-
-
-class _Usage:
-    def __init__(self, prompt: int):
-        self.prompt, self.completion = prompt, 0
-
-    def json(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": self.prompt + self.completion,
-        }
-
-
-async def _sse(events, head: dict, usage: _Usage, chat: bool, include_usage: bool, n: int):
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(choices: list, **extra) -> str:
-        return f"data: {json.dumps({**head, 'object': obj, 'choices': choices, **extra})}\n\n"
-
-    try:
-        if chat:
-            yield chunk(
-                [
-                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                    for i in range(n)
-                ]
-            )
-        async for index, event in events:
-            if isinstance(event, Token) and event.text:
-                delta = {"delta": {"content": event.text}} if chat else {"text": event.text}
-                yield chunk([{"index": index, **delta, "logprobs": None, "finish_reason": None}])
-            elif isinstance(event, Finished):
-                usage.completion += event.tokens
-                delta = {"delta": {}} if chat else {"text": ""}
-                yield chunk([{"index": index, **delta, "logprobs": None, "finish_reason": event.reason}])
-        if include_usage:
-            yield chunk([], usage=usage.json())
-    except ApiError as error:  # the stream has started: the error is its last event
-        yield f"data: {json.dumps(error_body(error.status, str(error)))}\n\n"
-    except Exception as error:  # a bug: still the stream's last event, in OpenAI's shape
-        log.exception("a stream failed")
-        yield f"data: {json.dumps(error_body(500, f'the server failed on this request ({type(error).__name__})'))}\n\n"
-    finally:
-        await events.aclose()
-    yield "data: [DONE]\n\n"

@@ -13,17 +13,22 @@ to wait), 504 past the engine's request deadline, 500/503 what the engine failed
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import os
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi.concurrency import run_in_threadpool
 
 from ..errors import AdapterError, NoFreeSlot
+from . import tools
 from .api import ChatRequest, CompletionRequest
-from .engine import Engine, Failed, Finished, Token
+from .engine import Engine, Failed, Finished, PromptLogprobs, Token
 from .errors import ApiError, Overloaded, RequestError, UnknownAdapter
+from .logits import TokenLogprobs
+from .sampling import Sampling
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -32,6 +37,20 @@ COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 class Start:
     prompt_tokens: int
     replica: str
+    prompts: tuple[tuple[int, ...], ...] = ()  # each prompt's token ids
+    prompt_texts: tuple[str, ...] = ()  # each prompt as text (echo)
+    tools: bool = False  # the answer may hold tool calls (chat with tools, tool_choice other than none)
+    forced: bool = False  # the answer is constrained to be tool calls (tool_choice required or named)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A token's logprob as responses show it: its text, bytes, and the likeliest alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
 
 
 def prompts_of(engine: Engine, body: CompletionRequest | ChatRequest) -> tuple[list[list[int]], int]:
@@ -42,28 +61,80 @@ def prompts_of(engine: Engine, body: CompletionRequest | ChatRequest) -> tuple[l
             prompts = [tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in body.prompts()]
         except ValueError as error:
             raise ApiError(400, str(error), "prompt") from None
-        return prompts, body.max_tokens or COMPLETION_DEFAULT_TOKENS
+        return prompts, COMPLETION_DEFAULT_TOKENS if body.max_tokens is None else body.max_tokens
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, f"{engine.base_name}'s tokenizer has no chat template; use /v1/completions", "messages")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    tool_list, choice = body.tool_dicts()
+    try:
+        text = tools.chat_prompt(tokenizer, [m.wire() for m in body.messages], tool_list, choice)
+    except ValueError as error:
+        raise ApiError(400, str(error), "messages") from None
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     return [prompt], body.limit() or max(engine.context - len(prompt), 1)  # OpenAI: the rest of the context
 
 
+def _constraint(body: CompletionRequest | ChatRequest) -> tuple[tuple[str, object] | None, str | None, bool]:
+    """(the grammar constraint, the field it comes from, whether it forces tool calls)."""
+    if isinstance(body, ChatRequest) and body.tools:
+        tool_list, choice = body.tool_dicts()
+        try:
+            tools.check_tools(tool_list, choice)
+        except ValueError as error:
+            raise ApiError(400, str(error), "tools") from None
+        schema = tools.tool_call_schema(tool_list, choice)
+        if schema is not None:
+            if body.constraint() is not None:
+                raise ApiError(
+                    400, "tool_choice forces a tool call; it cannot be combined with response_format", "tool_choice"
+                )
+            return ("json_schema", json.dumps(schema)), "tool_choice", True
+    elif isinstance(body, ChatRequest) and body.tool_choice not in (None, "none", "auto"):
+        raise ApiError(400, "tool_choice names a tool but no tools were given", "tool_choice")
+    for field in ("guided_json", "guided_regex", "guided_choice"):
+        if getattr(body, field) is not None:
+            return body.constraint(), field, False
+    return body.constraint(), "response_format", False
+
+
+def _sampling(engine: Engine, body: CompletionRequest | ChatRequest, max_tokens: int) -> tuple[Sampling, bool]:
+    """The engine's parameters for `body` (its grammar compiled: a bad schema is a 400 here, before
+    anything is queued), and whether its answer is forced to be tool calls."""
+    if isinstance(body, CompletionRequest):
+        sampling = body.request_sampling(max_tokens)
+    else:
+        sampling = body.sampling(max_tokens, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    constraint, field, forced = _constraint(body)
+    if constraint is None:
+        return sampling, forced
+    from .grammar import Constraint, GrammarError
+
+    try:
+        compiled = engine.grammars.compile(Constraint(*constraint))
+    except GrammarError as error:
+        raise ApiError(400, f"{field}: {error}", field) from None
+    return replace(sampling, grammar=compiled), forced
+
+
+def _prepare(engine: Engine, body: CompletionRequest | ChatRequest) -> tuple[list[list[int]], Sampling, bool]:
+    prompts, max_tokens = prompts_of(engine, body)
+    sampling, forced = _sampling(engine, body, max_tokens)
+    return prompts, sampling, forced
+
+
 async def generate(
     engine: Engine, adapter: str | None, body: CompletionRequest | ChatRequest, replica: str, tenant: str = ""
-) -> AsyncIterator[Start | tuple[int, Token | Finished]]:
+) -> AsyncIterator[Start | tuple[int, Token | Finished | PromptLogprobs]]:
     """One engine request per prompt of `body`, queued all at once against `tenant`'s share; see the
     module docstring. The requests are cancelled if the consumer stops early (a client that went
-    away) or the engine's `request_timeout` passes."""
-    prompts, max_tokens = await asyncio.to_thread(prompts_of, engine, body)  # long texts: off the event loop
-    sampling = body.sampling(max_tokens)
+    away) or the engine's `request_timeout` passes. With best_of above n, the n choices of highest
+    cumulative logprob come at the end. Logprobs come as `Scored` entries."""
+    prompts, sampling, forced = await asyncio.to_thread(_prepare, engine, body)  # long texts, grammars: off the loop
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    rows = sampling.n
 
     def deliver(k: int, event) -> None:  # on the engine thread
-        loop.call_soon_threadsafe(queue.put_nowait, (k * sampling.n, event))
+        loop.call_soon_threadsafe(queue.put_nowait, (k * rows, event))
 
     try:
         requests = engine.submit_many(adapter, prompts, sampling, deliver, tenant)
@@ -75,26 +146,82 @@ async def generate(
         raise ApiError(error.status, str(error), retry_after=error.retry_after) from None
     timeout = engine.limits.request_timeout
     deadline = None if timeout is None else loop.time() + timeout
+    scored = _scorer(engine.tokenizer, prompts, rows)
     try:
-        yield Start(sum(len(p) for p in prompts), replica)
-        unfinished = len(prompts) * sampling.n
-        while unfinished:
-            left = None if deadline is None else deadline - loop.time()
-            try:
-                offset, event = await asyncio.wait_for(queue.get(), left)
-            except TimeoutError:
-                raise ApiError(
-                    504,
-                    f"the request did not finish within the server's request timeout of {timeout:g} s "
-                    "(--request-timeout); ask for fewer tokens or retry later",
-                ) from None
-            if isinstance(event, Failed):
-                raise ApiError(event.status, event.message)
-            if isinstance(event, Finished):
-                unfinished -= 1
-            yield offset + event.choice, event
+        echo = isinstance(body, CompletionRequest) and body.echo
+        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in body.prompts()] if echo else []
+        tooled = isinstance(body, ChatRequest) and bool(body.tools) and body.tool_choice != "none"
+        yield Start(sum(len(p) for p in prompts), replica, tuple(map(tuple, prompts)), tuple(texts), tooled, forced)
+        events = _events(queue, len(prompts) * rows, deadline, timeout)
+        if rows > body.n:
+            events = _best(events, rows, body.n, keep_logprobs=getattr(body, "logprobs", None) is not None)
+        async for index, event in events:
+            yield index, scored(index, event)
     finally:
         engine.cancel(requests)  # a no-op for those that finished
+
+
+async def _events(queue: asyncio.Queue, unfinished: int, deadline: float | None, timeout: float | None):
+    """(choice index, event) until every choice finished; ApiError for a failure or the deadline."""
+    loop = asyncio.get_running_loop()
+    while unfinished:
+        left = None if deadline is None else deadline - loop.time()
+        try:
+            offset, event = await asyncio.wait_for(queue.get(), left)
+        except TimeoutError:
+            raise ApiError(
+                504,
+                f"the request did not finish within the server's request timeout of {timeout:g} s "
+                "(--request-timeout); ask for fewer tokens or retry later",
+            ) from None
+        if isinstance(event, Failed):
+            raise ApiError(event.status, event.message)
+        if isinstance(event, Finished):
+            unfinished -= 1
+        yield offset + event.choice, event
+
+
+async def _best(events, rows: int, n: int, *, keep_logprobs: bool):
+    """best_of: each prompt's `rows` choices collected, the `n` of highest cumulative logprob sent
+    (re-indexed k * n + rank), as whole choices; logprobs dropped unless the request asked for them."""
+    collected: dict[int, list] = {}
+    async for index, event in events:
+        if isinstance(event, PromptLogprobs):  # the prompt's, whichever choices win
+            yield index // rows * n, event
+        else:
+            collected.setdefault(index, []).append(event)
+    for k in range(len(collected) // rows):
+        ranked = sorted(range(k * rows, (k + 1) * rows), key=lambda i: -(collected[i][-1].cumulative_logprob or 0.0))[
+            :n
+        ]
+        for rank, index in enumerate(ranked):
+            for event in collected[index]:
+                yield k * n + rank, event if keep_logprobs else replace(event, logprobs=())
+
+
+def _scorer(tokenizer, prompts: list[list[int]], rows: int):
+    """(index, event) -> the event with its TokenLogprobs as Scored (token texts decoded once per id);
+    prompt k's PromptLogprobs (index k * rows) get its first token too, unscored. A token's bytes
+    are those of its decoded text (a piece of a character decodes to U+FFFD)."""
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def text(token: int) -> tuple[str, tuple[int, ...]]:
+        piece = tokenizer.decode([token])
+        return piece, tuple(piece.encode("utf-8", "surrogatepass"))
+
+    def one(entry: TokenLogprobs) -> Scored:
+        piece, raw = text(entry.token)
+        return Scored(piece, entry.logprob, raw, tuple((text(t)[0], lp, text(t)[1]) for t, lp in entry.top))
+
+    def scored(index: int, event):
+        if isinstance(event, PromptLogprobs):
+            piece, raw = text(prompts[index // rows][0])
+            return replace(event, entries=(Scored(piece, None, raw), *map(one, event.entries[1:])))
+        if isinstance(event, Token | Finished) and event.logprobs:
+            return replace(event, logprobs=tuple(map(one, event.logprobs)))
+        return event
+
+    return scored
 
 
 def adapter_json(name: str, source: str, digest: str, info=None) -> dict:

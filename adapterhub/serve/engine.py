@@ -73,6 +73,7 @@ class Token:
     choice: int
     text: str
     logprobs: tuple[TokenLogprobs, ...] = ()
+    count: int = 0  # tokens the choice has generated so far
 
 
 @dataclass(frozen=True)
@@ -771,13 +772,13 @@ class Engine:
         elif row.count >= sampling.max_tokens:
             self._finish(row, "length", piece + row.stream.add(None))
         elif piece:
-            row.request.emit(Token(row.choice, piece, tuple(row.pending)))
+            row.request.emit(Token(row.choice, piece, tuple(row.pending), row.count))
             row.pending.clear()
 
     def _finish(self, row: _Row, reason: str, piece: str) -> None:
         row.done = True
         if piece:
-            row.request.emit(Token(row.choice, piece, tuple(row.pending)))
+            row.request.emit(Token(row.choice, piece, tuple(row.pending), row.count))
             row.pending.clear()
         sampling = row.request.sampling
         row.request.emit(
