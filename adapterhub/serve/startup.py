@@ -1,5 +1,6 @@
 """Starting a server: the settings one engine is built from (a process of `adapterhub serve`, or one
-Ray replica), the line that says it is ready, and a free port to listen on."""
+Ray replica; `build_embed`: an EmbedEngine on an encoder), the line that says it is ready, and a free
+port to listen on."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from .admission import Limits
 
 if TYPE_CHECKING:
+    from .embed_engine import EmbedEngine
     from .engine import Engine
 
 READY = "adapterhub serve: ready on"  # the line printed once the server accepts requests (tests wait for it)
@@ -42,7 +44,7 @@ class EngineSettings:
 
     def build(self) -> Engine:
         """The base model (the embedded SmolLM2, a directory or a Hub id) in a Backbone, in an Engine (not started)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from ..backbone import Backbone
         from .engine import Engine
@@ -53,14 +55,7 @@ class EngineSettings:
 
             model, tokenizer = load_default(dtype)
         else:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(self.base)
-            except (OSError, ValueError) as error:
-                raise ValueError(
-                    f"--base {self.base}: no tokenizer could be loaded from it ({str(error).splitlines()[0]}); the "
-                    "server tokenizes prompts itself: save the model's tokenizer beside it "
-                    "(tokenizer.save_pretrained), with a chat template for /v1/chat/completions"
-                ) from None
+            tokenizer = self._tokenizer("with a chat template for /v1/chat/completions")
             model = AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype).eval()
         backbone = Backbone(model.to(self.device), max_adapters=self.max_adapters, max_rank=self.max_rank)
         return Engine(
@@ -74,6 +69,48 @@ class EngineSettings:
             compile=self.compile,
             limits=self.limits,
         )
+
+    def build_embed(self) -> EmbedEngine:
+        """The encoder at `base` (`AutoModel`, a directory or Hub id) in a Backbone, in an EmbedEngine (not
+        started), pooling as its sentence-transformers config says."""
+        from transformers import AutoModel
+
+        from ..backbone import Backbone
+        from .embed_engine import EmbedEngine, SentenceConfig
+
+        if self.base == "smollm2":
+            raise ValueError(
+                "--task embed needs --base: an encoder's directory or Hub id "
+                "(e.g. sentence-transformers/all-MiniLM-L6-v2)"
+            )
+        tokenizer = self._tokenizer("")
+        config = SentenceConfig.read(self.base)
+        model = AutoModel.from_pretrained(self.base, dtype=getattr(torch, self.dtype)).eval()
+        if model.config.is_encoder_decoder:
+            raise ValueError(f"--base {self.base} is an encoder-decoder model; --task embed serves encoders")
+        backbone = Backbone(model.to(self.device), max_adapters=self.max_adapters, max_rank=self.max_rank)
+        return EmbedEngine(
+            backbone,
+            tokenizer,
+            config,
+            base_name=self.base_name,
+            max_rows=self.max_batch,
+            max_tokens=self.max_step_tokens,
+            limits=self.limits,
+        )
+
+    def _tokenizer(self, needs: str):
+        """The base's tokenizer; a ValueError saying how to provide it (`needs`: what else it must have)."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.base)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"--base {self.base}: no tokenizer could be loaded from it ({str(error).splitlines()[0]}); the "
+                f"server tokenizes inputs itself: save the model's tokenizer beside it (tokenizer.save_pretrained)"
+                f"{', ' + needs if needs else ''}"
+            ) from None
 
 
 def ready(url: str, base_name: str, adapters: list[str], extra: str = "") -> None:
