@@ -215,6 +215,10 @@ def replica_class(settings: EngineSettings):
             async for item in events:
                 yield item
 
+        def tokenizer(self) -> tuple:
+            """The engine's tokenizer and context length, for the ingress's tokenizer routes (vllm_api)."""
+            return self.engine.tokenizer, self.engine.context
+
         def health(self) -> dict:
             """This replica: its rows, queue, the versions its engine holds and those in Ray's cache."""
             return {
@@ -258,6 +262,14 @@ class RayBackend:
         }
         self._in_flight: Counter[str] = Counter()  # adapter name -> requests this ingress forwarded, not finished
         self._idle = asyncio.Event()
+        self.tokenizer, self.context = None, None  # the replicas', asked of one when a tokenizer route first needs them
+
+    async def fetch_tokenizer(self) -> None:
+        """Takes the tokenizer and context length from a replica (every replica serves the same base)."""
+        try:
+            self.tokenizer, self.context = await self.replicas.tokenizer.remote()
+        except Exception as error:
+            raise ApiError(503, f"no replica gave the tokenizer ({type(_unwrap(error)).__name__}); retry") from None
 
     async def start(self) -> None:
         """Seeds the store once, then takes a copy of it and follows it."""
