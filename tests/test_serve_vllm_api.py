@@ -323,3 +323,19 @@ def test_ray_ingress_takes_the_tokenizer_from_a_replica():
     with TestClient(create_app(ray_app.RayBackend(Failing(), "tiny", {}))) as failing:
         answer = failing.post("/detokenize", json={"tokens": [65]})
         assert answer.status_code == 503 and "ConnectionError" in answer.json()["error"]["message"]
+
+
+def test_lorax_fields_on_the_completion_routes(setup, client, http):
+    """LoRAX's clients name the adapter per request: adapter_id (+ adapter_source) instead of model."""
+    offline = setup[1]
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+    answer = http.post("/v1/completions", json={**body, "adapter_id": "a3", "adapter_source": "local"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == "a3"
+    assert answer.json()["choices"][0]["text"] == offline.complete("a3", PROMPT, 12)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "adapter_id": "a3"}
+    assert http.post("/v1/chat/completions", json={**chat, "adapter_source": "local"}).status_code == 200
+    refused = http.post("/v1/completions", json={**body, "adapter_id": "a3", "adapter_source": "s3"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "adapter_source"
+    tenant = http.post("/v1/completions", json={**body, "adapter_id": "a3"}, headers=TENANT)
+    assert tenant.status_code == 404  # a key that may not use the name cannot load it either

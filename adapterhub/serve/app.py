@@ -254,13 +254,23 @@ def create_app(
         }
     } | ERROR_RESPONSES[400, 401, 403, 404, 413, 429, 500, 503, 504]
 
+    async def lorax(body, request: Request):
+        """The body with `model` the adapter LoRAX's `adapter_id` names (loaded just in time from
+        `adapter_source` when it is not loaded yet), or the body as it came."""
+        if body.adapter_id is None:
+            return body
+        model = await vllm_api.lorax_model(backend, access, sources, request, body.adapter_id, body.adapter_source)
+        return body.model_copy(update={"model": model})
+
     @app.post("/v1/completions", responses=generation_errors)
     async def completions(body: CompletionRequest, request: Request):
+        body = await lorax(body, request)
         authorize(request, body.model)
         return await respond(backend, body, request, tenant(request), chat=False)
 
     @app.post("/v1/chat/completions", responses=generation_errors)
     async def chat(body: ChatRequest, request: Request):
+        body = await lorax(body, request)
         authorize(request, body.model)
         return await respond(backend, body, request, tenant(request), chat=True)
 
