@@ -101,6 +101,8 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(setup, http, max_tokens):
             assert max(logprobs["top_logprobs"][p], key=logprobs["top_logprobs"][p].get) == greedy
         assert choice["text"].startswith(offline.tokenizer.decode(ids))
         assert choice["finish_reason"] == "length" if max_tokens == 0 else choice["finish_reason"] in {"length", "stop"}
+    health = httpx.get(setup[0].url.removesuffix("/v1") + "/health").json()
+    assert health["running_rows"] == 0  # rows that only scored their prompt left the batch
 
 
 def test_streamed_logprobs_equal_whole(client):

@@ -678,12 +678,21 @@ class Engine:
             if row.count == 0 and row.choice == 0 and row.request.sampling.prompt_logprobs is not None:
                 entries = (None, *(row.prompt_logprobs.get(j) for j in range(1, len(row.request.prompt))))
                 row.request.emit(PromptLogprobs(entries))
-        if any(row.request.sampling.max_tokens == 0 for row in rows):
-            keep = [i for i, row in enumerate(rows) if row.request.sampling.max_tokens > 0]
+        for row in rows:
+            if row.request.sampling.max_tokens == 0:
+                self._finish(row, "length", "")
+        live = [i for i, row in enumerate(rows) if not row.done]
+        if live:
+            self._sample_rows([rows[i] for i in live], logits if len(live) == len(rows) else logits[live])
+        if any(row.done for row in rows):
             for row in rows:
-                if row.request.sampling.max_tokens == 0:
-                    self._finish(row, "length", "")
-            rows, logits = [rows[i] for i in keep], logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+                if row.done:
+                    self.kv.free(row.kv)
+            self._rows = [row for row in self._rows if not row.done]
+
+    def _sample_rows(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Samples one token per row (logits (len(rows), vocab)) and takes it (`_next`); a row whose
+        sampling or streaming fails fails its request alone."""
         tokens = self._sample(rows, logits)
         entries = self._logprobs(rows, logits, tokens)
         self.metrics.tokens(len(rows))
@@ -697,11 +706,6 @@ class Engine:
             except Exception as error:
                 log.exception("a row failed while sampling or streaming; its request gets an error")
                 self._fail(row.request, f"generating failed: {type(error).__name__}: {error}")
-        if any(row.done for row in rows):
-            for row in rows:
-                if row.done:
-                    self.kv.free(row.kv)
-            self._rows = [row for row in self._rows if not row.done]
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
         """Each row's next token, sampled for all rows at once (its penalties, bias and grammar
