@@ -138,3 +138,27 @@ def metric(text: str, name: str, **labels) -> float:
 def keys_file(path: pathlib.Path) -> pathlib.Path:
     path.write_text(json.dumps({"keys": {"sk-admin": "*", "sk-tenant": ["a0", "tiny"]}}))
     return path
+
+
+def pad_tokenizer(directory: pathlib.Path) -> pathlib.Path:
+    """Saves the tiny tokenizer in `directory` with special tokens <unused_0>.. added until it covers
+    the model's whole vocabulary (as real models' tokenizers do). lm-eval's `hf` model with `peft=`
+    resizes the embeddings to len(tokenizer) when the two differ, which would drop the logits of
+    ids 98..127 from its softmax and make its loglikelihoods differ from any server's. Returns directory."""
+    from tiny_models import VOCAB
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([f"<unused_{i}>" for i in range(VOCAB - len(tokenizer))], special_tokens=True)
+    assert len(tokenizer) == VOCAB
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def widen_context(directory: pathlib.Path, positions: int = 2048) -> pathlib.Path:
+    """Lets the tiny Llama saved in `directory` take `positions` tokens instead of 64 (RoPE: no weight
+    depends on it, so its answers do not change), room for a tool prompt or a JSON answer at one
+    character a token. Returns directory."""
+    config = json.loads((directory / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
