@@ -305,7 +305,7 @@ def test_a_generating_server_points_to_the_embed_task():
 
 
 def test_sentence_transformers_configs(tmp_path):
-    from adapterhub.serve.embed_engine import SentenceConfig
+    from adapterhub.serve.pooling import SentenceConfig
 
     assert SentenceConfig.read(str(tmp_path)) == SentenceConfig("mean", False)  # no modules.json
     hidden, mask = torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]])

@@ -76,7 +76,8 @@ class EngineSettings:
         from transformers import AutoModel
 
         from ..backbone import Backbone
-        from .embed_engine import EmbedEngine, SentenceConfig
+        from .embed_engine import EmbedEngine
+        from .pooling import SentenceConfig
 
         if self.base == "smollm2":
             raise ValueError(
