@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .grammar import Grammars
+
 if TYPE_CHECKING:
     from .sampling import Sampling
 
@@ -51,7 +53,7 @@ def process(
         out = out.clone()
         index = _long(masked, out)
         constrained = out[index]
-        _apply_bitmask(constrained, bitmask)
+        Grammars.apply(constrained, bitmask)
         out[index] = constrained
     early = [i for i, r in enumerate(rows) if len(r.output) < r.sampling.min_tokens]
     if early:
@@ -77,14 +79,6 @@ def _penalized(s: Sampling) -> bool:
 
 def _long(values, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=like.device)
-
-
-def _apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """In place: tokens whose bit is 0 get -inf. bitmask (R, words) int32, bit j of word w = token 32w + j."""
-    vocab = logits.size(-1)
-    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask.to(logits.device)[:, :, None] >> bits) & 1).bool().flatten(1)[:, :vocab]  # (R, >= vocab)
-    logits.masked_fill_(~allowed, NEG_INF)
 
 
 def _forbid_ends(logits: torch.Tensor, early: list[int], rows: list[RowView], eos: set[int]) -> None:
