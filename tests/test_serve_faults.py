@@ -133,6 +133,25 @@ def test_a_failing_sample_fails_only_its_request(dirs, offline, monkeypatch):
         engine.stop()
 
 
+def test_failing_logprobs_fail_only_the_requests_that_asked(dirs, offline, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("injected logprobs fault")
+
+    monkeypatch.setattr(engine_module, "logprobs_of", broken)
+    engine = _engine(dirs)
+    plain = _submit(engine, "a0", _ids(offline, "hello"))
+    asking = _submit(engine, "a1", _ids(offline, "hello"), Sampling(max_tokens=8, temperature=0, logprobs=2))
+    engine.start()
+    try:
+        assert isinstance(asking.wait().end, Failed) and "injected logprobs fault" in asking.end.message
+        assert isinstance(plain.wait().end, Finished)
+        assert plain.text == offline.complete("a0", "hello", 8, ignore_eos=True)
+        _assert_unpinned(engine)
+        assert engine.running_rows() == 0 and engine.kv.blocks.used() == 0
+    finally:
+        engine.stop()
+
+
 def test_a_receiver_that_fails_cancels_only_its_request(dirs, offline):
     engine = _engine(dirs)
 

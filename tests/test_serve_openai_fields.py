@@ -312,3 +312,62 @@ def test_unsupported_fields_are_named(http):
         response = http.post("/chat/completions", json={"model": "a0", **body})
         assert response.status_code == 400, response.text
         assert field in response.json()["error"]["message"], response.text
+
+
+def test_best_of_echo_keeps_each_prompt_with_its_choices(setup, http):
+    offline = setup[1]
+    prompts = ["abc", "xyz", "pqr"]
+    body = {"model": "a0", "prompt": prompts, "echo": True, "logprobs": 1, "best_of": 2, "max_tokens": 3, "seed": 4}
+    answer = http.post("/completions", json=body).json()
+    for prompt, choice in zip(prompts, answer["choices"]):
+        assert choice["text"].startswith(prompt)
+        assert "".join(choice["logprobs"]["tokens"][: len(prompt)]) == prompt
+        expected = _logprobs(offline, "a0", offline.ids(prompt))
+        assert choice["logprobs"]["token_logprobs"][1] == pytest.approx(
+            expected[0, offline.ids(prompt)[1]].item(), abs=1e-4
+        )
+
+
+def test_streamed_text_offsets_run_on(http):
+    body = {
+        "model": "a0",
+        "prompt": PROMPT,
+        "echo": True,
+        "logprobs": 0,
+        "max_tokens": 6,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    whole = http.post("/completions", json=body).json()["choices"][0]["logprobs"]["text_offset"]
+    streamed = []
+    with http.stream("POST", "/completions", json={**body, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                logprobs = json.loads(line[6:])["choices"][0]["logprobs"]
+                streamed += logprobs["text_offset"] if logprobs else []
+    assert streamed == whole and whole == sorted(whole) and whole[-1] > 0
+
+
+def test_a_grammar_beats_min_tokens(http):
+    """min_tokens forbids the end that the grammar alone allows: the grammar wins, nothing fails."""
+    body = {"model": "a0", "prompt": PROMPT, "guided_choice": ["a"], "min_tokens": 3, "max_tokens": 5, "temperature": 0}
+    for extra in ({}, {"temperature": 1.0, "seed": 1}):
+        answer = http.post("/completions", json={**body, **extra})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == "a"
+
+
+def test_client_input_that_used_to_crash_is_a_400(http):
+    deep: dict = {"type": "object"}
+    for _ in range(400):
+        deep = {"type": "object", "properties": {"x": deep}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
+    for path, body, field in (
+        ("/completions", {"prompt": "hi", "logit_bias": {"\u00b2": 5}}, "logit_bias"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}, "tools"),
+    ):
+        response = http.post(
+            path, content=json.dumps({"model": "a0", **body}), headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, response.text
+        assert field in response.json()["error"]["message"] + str(response.json()["error"]["param"])

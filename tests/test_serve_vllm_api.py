@@ -339,3 +339,7 @@ def test_lorax_fields_on_the_completion_routes(setup, client, http):
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "adapter_source"
     tenant = http.post("/v1/completions", json={**body, "adapter_id": "a3"}, headers=TENANT)
     assert tenant.status_code == 404  # a key that may not use the name cannot load it either
+    for missing in ("missing", "broken"):  # any key allowed a name may cause its load: no server path in the answer
+        failed = http.post("/v1/completions", json={**body, "adapter_id": missing, "adapter_source": "local"})
+        assert failed.status_code == 422 and str(setup[3]) not in failed.text, failed.text
+        assert "/tmp" not in failed.text, failed.text

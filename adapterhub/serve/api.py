@@ -20,7 +20,7 @@ from .sampling import Sampling
 
 MAX_STOPS = 4
 MAX_STOP_TOKENS = 64  # stop_token_ids
-MAX_LOGIT_BIAS = 1024  # tokens in logit_bias (OpenAI allows 300)
+MAX_LOGIT_BIAS = 300  # tokens in logit_bias (OpenAI's bound)
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 MAX_PATTERN_CHARS = 16384  # guided_regex
 MAX_CHOICES = 256  # guided_choice
@@ -127,7 +127,7 @@ class _Generation(BaseModel):
         if len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"holds {len(bias)} tokens; at most {MAX_LOGIT_BIAS}")
         for token, value in bias.items():
-            if not token.isdigit() or len(token) > 9:
+            if not (token.isascii() and token.isdigit()) or len(token) > 9:
                 raise ValueError(f"key {token!r} is not a token id (a string of digits, as OpenAI's API has them)")
             if not -100 <= value <= 100:
                 raise ValueError(f"token {token}: the bias {value} is outside [-100, 100]")

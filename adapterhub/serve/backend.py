@@ -115,10 +115,21 @@ def _sampling(engine: Engine, body: CompletionRequest | ChatRequest, max_tokens:
     return replace(sampling, grammar=compiled), forced
 
 
-def _prepare(engine: Engine, body: CompletionRequest | ChatRequest) -> tuple[list[list[int]], Sampling, bool]:
+@dataclass(frozen=True)
+class _Prepared:
+    prompts: list[list[int]]
+    sampling: Sampling
+    forced: bool  # the answer is constrained to be tool calls
+    texts: list[str]  # each prompt's text, for echo
+
+
+def _prepare(engine: Engine, body: CompletionRequest | ChatRequest) -> _Prepared:
+    """What the engine runs for `body` (on a worker thread: tokenizing, rendering, compiling grammars)."""
     prompts, max_tokens = prompts_of(engine, body)
     sampling, forced = _sampling(engine, body, max_tokens)
-    return prompts, sampling, forced
+    echo = isinstance(body, CompletionRequest) and body.echo
+    texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in body.prompts()] if echo else []
+    return _Prepared(prompts, sampling, forced, texts)
 
 
 async def generate(
@@ -128,7 +139,8 @@ async def generate(
     module docstring. The requests are cancelled if the consumer stops early (a client that went
     away) or the engine's `request_timeout` passes. With best_of above n, the n choices of highest
     cumulative logprob come at the end. Logprobs come as `Scored` entries."""
-    prompts, sampling, forced = await asyncio.to_thread(_prepare, engine, body)  # long texts, grammars: off the loop
+    prepared = await asyncio.to_thread(_prepare, engine, body)  # long texts, grammars: off the loop
+    prompts, sampling = prepared.prompts, prepared.sampling
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     rows = sampling.n
@@ -148,21 +160,27 @@ async def generate(
     deadline = None if timeout is None else loop.time() + timeout
     scored = _scorer(engine.tokenizer, prompts, rows)
     try:
-        echo = isinstance(body, CompletionRequest) and body.echo
-        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in body.prompts()] if echo else []
         tooled = isinstance(body, ChatRequest) and bool(body.tools) and body.tool_choice != "none"
-        yield Start(sum(len(p) for p in prompts), replica, tuple(map(tuple, prompts)), tuple(texts), tooled, forced)
-        events = _events(queue, len(prompts) * rows, deadline, timeout)
+        yield Start(
+            sum(len(p) for p in prompts),
+            replica,
+            tuple(map(tuple, prompts)),
+            tuple(prepared.texts),
+            tooled,
+            prepared.forced,
+        )
+        events = _events(queue, len(prompts) * rows, deadline, timeout, scored)
         if rows > body.n:
             events = _best(events, rows, body.n, keep_logprobs=getattr(body, "logprobs", None) is not None)
         async for index, event in events:
-            yield index, scored(index, event)
+            yield index, event
     finally:
         engine.cancel(requests)  # a no-op for those that finished
 
 
-async def _events(queue: asyncio.Queue, unfinished: int, deadline: float | None, timeout: float | None):
-    """(choice index, event) until every choice finished; ApiError for a failure or the deadline."""
+async def _events(queue: asyncio.Queue, unfinished: int, deadline: float | None, timeout: float | None, scored):
+    """(choice index, event) until every choice finished, its logprobs `scored` (while the index is still the
+    engine's: prompt k's choices at k * rows); ApiError for a failure or the deadline."""
     loop = asyncio.get_running_loop()
     while unfinished:
         left = None if deadline is None else deadline - loop.time()
@@ -178,7 +196,7 @@ async def _events(queue: asyncio.Queue, unfinished: int, deadline: float | None,
             raise ApiError(event.status, event.message)
         if isinstance(event, Finished):
             unfinished -= 1
-        yield offset + event.choice, event
+        yield offset + event.choice, scored(offset + event.choice, event)
 
 
 async def _best(events, rows: int, n: int, *, keep_logprobs: bool):

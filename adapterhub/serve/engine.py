@@ -31,6 +31,7 @@ with a fair share per API key.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -49,7 +50,7 @@ from ..errors import AdapterError, NoFreeSlot
 from .admission import FairQueue, Limits
 from .errors import Overloaded, RequestError, UnknownAdapter
 from .kv_cache import KVCache, KVState, default_budget
-from .logits import RowView, TokenLogprobs, logprobs_of, process
+from .logits import RowView, TokenLogprobs, logprobs_of, penalized, process
 from .metrics import Metrics
 from .paged import CompiledStep, Step, use_paged_attention
 from .sampling import Sampling, TextStream, next_tokens
@@ -102,6 +103,7 @@ class Failed:
 
 
 Event = Token | Finished | Failed | PromptLogprobs
+_NO_TOKENS = torch.empty(0, dtype=torch.long)
 
 
 @dataclass
@@ -117,6 +119,11 @@ class Request:
     cancelled: bool = False
     unfinished: int = 0  # choices still generating
     released: bool = False  # its adapter no longer counts it as a user
+
+    @functools.cached_property
+    def prompt_ids(self) -> torch.Tensor:
+        """The prompt as a tensor (the repetition penalty's), made once."""
+        return torch.tensor(self.prompt, dtype=torch.long)
 
     @property
     def cost(self) -> int:
@@ -150,6 +157,21 @@ class _Row:
     pending: list[TokenLogprobs] = field(default_factory=list)  # logprobs of tokens whose text is not sent yet
     cumulative: float = 0.0  # sum of its tokens' logprobs
     prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # prompt index -> entry (choice 0)
+    history: torch.Tensor | None = None  # (capacity,) its generated ids, kept for penalties (None: no penalty)
+
+    def view(self) -> RowView:
+        """What logits.process reads of this row: its output and prompt as tensors when it is penalized."""
+        if self.history is None:
+            return RowView(self.request.sampling, _NO_TOKENS, _NO_TOKENS, self.count)
+        return RowView(self.request.sampling, self.request.prompt_ids, self.history[: self.count], self.count)
+
+    def remember(self, token: int) -> None:
+        """Appends a generated token to `history` (doubling its capacity when full)."""
+        if self.history is None:
+            return
+        if self.count > self.history.numel():
+            self.history = torch.cat([self.history, torch.empty_like(self.history)])
+        self.history[self.count - 1] = token
 
     @property
     def prompt_done(self) -> bool:
@@ -523,9 +545,12 @@ class Engine:
         if request.sampling.temperature > 0:
             seed = random.getrandbits(63) if seed is None else (seed + choice) % 2**64  # manual_seed's range
             generator = torch.Generator().manual_seed(seed)
-        grammar = request.sampling.grammar
-        matcher = None if grammar is None else self.grammars.matcher(grammar)
-        return _Row(request, choice, TextStream(self.tokenizer, request.sampling.stop), generator, kv, matcher)
+        sampling = request.sampling
+        matcher = None if sampling.grammar is None else self.grammars.matcher(sampling.grammar)
+        row = _Row(request, choice, TextStream(self.tokenizer, sampling.stop), generator, kv, matcher)
+        if penalized(sampling):
+            row.history = torch.empty(max(min(sampling.max_tokens, 256), 1), dtype=torch.long)
+        return row
 
     def _preempt(self, row: _Row) -> None:
         self.kv.free(row.kv)
@@ -565,7 +590,7 @@ class Engine:
             start = row.kv.computed
             base = len(ids) - start  # the place of the row's token 0 in the step
             ids += row.kv.tokens[start : start + count]
-            if row.choice == 0 and row.request.sampling.prompt_logprobs is not None:
+            if row.choice == 0 and row.count == 0 and row.request.sampling.prompt_logprobs is not None:
                 first = row.request.virtual  # where prompt token 0 is; place p's logits score token p + 1
                 for place in range(max(start, first), min(start + count, first + len(row.request.prompt) - 1)):
                     scored.append((row, place + 1 - first, len(keep)))
@@ -590,7 +615,12 @@ class Engine:
             rows = [row for row, _ in sampled]
             if scored:
                 logits = logits[torch.tensor([at for _, at in sampled], device=logits.device)]
-            self._advance(*self._fork(rows, logits))
+            try:
+                self._advance(*self._fork(rows, logits))
+            except Exception as error:  # past the forward: the step is not run again; its sampled rows fail
+                log.exception("sampling a step failed outside any one row; its sampled requests get an error")
+                for request in {id(row.request): row.request for row in rows if not row.done}.values():
+                    self._fail(request, f"generating failed: {type(error).__name__}: {error}")
 
     def _score_prompts(self, scored: list[tuple[_Row, int, int]], logits: torch.Tensor) -> None:
         """Records prompt token j's logprob (and alternatives) for each (row, j, place in logits)."""
@@ -694,7 +724,14 @@ class Engine:
         """Samples one token per row (logits (len(rows), vocab)) and takes it (`_next`); a row whose
         sampling or streaming fails fails its request alone."""
         tokens = self._sample(rows, logits)
-        entries = self._logprobs(rows, logits, tokens)
+        try:
+            entries = self._logprobs(rows, logits, tokens)
+        except Exception as error:  # only the rows that asked for logprobs lose them
+            log.exception("computing logprobs failed; the requests that asked for them get an error")
+            entries = [None] * len(rows)
+            for row in rows:
+                if row.request.sampling.logprobs is not None:
+                    self._fail(row.request, f"computing logprobs failed: {type(error).__name__}: {error}")
         self.metrics.tokens(len(rows))
         for row, token, entry in zip(rows, tokens, entries):
             if row.done:  # its request failed meanwhile (another of its choices)
@@ -713,9 +750,7 @@ class Engine:
         exception instead of a token."""
 
         def sample(index: slice, rows: list[_Row]) -> list[int]:
-            views = [
-                RowView(r.request.sampling, r.request.prompt, r.kv.tokens[len(r.kv.tokens) - r.count :]) for r in rows
-            ]
+            views = [r.view() for r in rows]
             masked = [i for i, r in enumerate(rows) if r.matcher is not None]
             bitmask = self.grammars.fill([rows[i].matcher for i in masked]) if masked else None
             processed = process(logits[index], views, self.eos, masked, bitmask)
@@ -759,6 +794,7 @@ class Engine:
         string or token, its grammar) or its length."""
         row.count += 1
         row.kv.tokens.append(token)
+        row.remember(token)
         if entry is not None:
             row.pending.append(entry)
             row.cumulative += entry.logprob

@@ -15,6 +15,7 @@ vLLM reports by default), so they do not depend on the sampling parameters.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,11 +32,18 @@ NEG_INF = float("-inf")
 
 @dataclass
 class RowView:
-    """What processing needs of one row: its request's parameters, its tokens so far."""
+    """What processing needs of one row: its request's parameters, its tokens so far. `prompt` and
+    `output` are only read for rows with penalties (tensors, so that a step costs no Python work per
+    token); `generated` counts the output for min_tokens."""
 
     sampling: Sampling
-    prompt: Sequence[int]  # the prompt's token ids (repetition penalty counts them, as vLLM does)
-    output: Sequence[int]  # the tokens generated so far
+    prompt: torch.Tensor | Sequence[int]  # the prompt's ids (repetition penalty counts them, as vLLM does)
+    output: torch.Tensor | Sequence[int]  # the tokens generated so far
+    generated: int | None = None  # len(output) when None
+
+    @property
+    def count(self) -> int:
+        return len(self.output) if self.generated is None else self.generated
 
 
 def process(
@@ -55,25 +63,34 @@ def process(
         constrained = out[index]
         Grammars.apply(constrained, bitmask)
         out[index] = constrained
-    early = [i for i, r in enumerate(rows) if len(r.output) < r.sampling.min_tokens]
+    early = [i for i, r in enumerate(rows) if r.count < r.sampling.min_tokens]
     if early:
         out = out.clone() if out is logits else out
         _forbid_ends(out, early, rows, eos)
-    bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.sampling.logit_bias]
-    if bias:
+    biased = [i for i, r in enumerate(rows) if r.sampling.logit_bias]
+    if biased:
         out = out.clone() if out is logits else out
-        index, token, value = zip(*bias)
-        out.index_put_(
-            (_long(index, out), _long(token, out)), torch.tensor(value, dtype=out.dtype, device=out.device), True
-        )
-    penalized = [i for i, r in enumerate(rows) if _penalized(r.sampling)]
-    if penalized:
+        parts = [_bias_tensors(rows[i].sampling.logit_bias) for i in biased]
+        index = torch.repeat_interleave(_long(biased, out), _long([len(ids) for ids, _ in parts], out))
+        tokens = torch.cat([ids for ids, _ in parts]).to(out.device)
+        values = torch.cat([v for _, v in parts]).to(out.device, out.dtype)
+        out.index_put_((index, tokens), values, accumulate=True)
+    paying = [i for i, r in enumerate(rows) if penalized(r.sampling)]
+    if paying:
         out = out.clone() if out is logits else out
-        out[penalized] = _penalties(out[penalized], [rows[i] for i in penalized])
+        out[paying] = _penalties(out[paying], [rows[i] for i in paying])
     return out
 
 
-def _penalized(s: Sampling) -> bool:
+@functools.lru_cache(maxsize=4096)
+def _bias_tensors(bias: tuple[tuple[int, float], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's logit_bias as (token ids, biases), built once (requests reuse their Sampling)."""
+    tokens, values = zip(*bias)
+    return torch.tensor(tokens, dtype=torch.long), torch.tensor(values, dtype=torch.float32)
+
+
+def penalized(s: Sampling) -> bool:
+    """Whether a request asks for any penalty (its rows then keep their tokens as tensors)."""
     return s.repetition_penalty != 1 or s.frequency_penalty != 0 or s.presence_penalty != 0
 
 
@@ -83,15 +100,21 @@ def _long(values, like: torch.Tensor) -> torch.Tensor:
 
 def _forbid_ends(logits: torch.Tensor, early: list[int], rows: list[RowView], eos: set[int]) -> None:
     """Rows short of their min_tokens may not end: end-of-sequence and their stop tokens get -inf
-    (unless the row ignores end of sequence, which then only its stop tokens lose)."""
+    (unless the row ignores end of sequence, which then only its stop tokens lose). A row left with
+    no token at all (its grammar allows only an end now) keeps its ends: the grammar wins."""
     places = [
         (i, t)
         for i in early
         for t in (set() if rows[i].sampling.ignore_eos else eos) | set(rows[i].sampling.stop_token_ids)
     ]
     if places:
-        index, token = zip(*places)
-        logits[_long(index, logits), _long(token, logits)] = NEG_INF
+        index = _long(early, logits)
+        before = logits[index]  # (E, vocab): a copy
+        rows_, token = zip(*places)
+        logits[_long(rows_, logits), _long(token, logits)] = NEG_INF
+        dead = torch.isneginf(logits[index]).all(-1)  # (E,)
+        if bool(dead.any()):
+            logits[index[dead]] = before[dead]
 
 
 def _penalties(logits: torch.Tensor, rows: list[RowView]) -> torch.Tensor:
@@ -117,12 +140,10 @@ def _penalties(logits: torch.Tensor, rows: list[RowView]) -> torch.Tensor:
     return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
-def _padded(lists: list[Sequence[int]], pad: int, device) -> torch.Tensor:
-    """(len(lists), longest) long tensor of the lists, right-padded with `pad`."""
-    longest = max((len(x) for x in lists), default=0)
-    return torch.tensor([list(x) + [pad] * (longest - len(x)) for x in lists], dtype=torch.long, device=device).view(
-        len(lists), longest
-    )
+def _padded(lists: list[torch.Tensor | Sequence[int]], pad: int, device) -> torch.Tensor:
+    """(len(lists), longest) long tensor of the token lists, right-padded with `pad`."""
+    tensors = [torch.as_tensor(x, dtype=torch.long).reshape(-1) for x in lists]
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad).to(device)
 
 
 def truncate(

@@ -7,7 +7,7 @@ chosen token always among the alternatives as vLLM has it; tool calls parsed fro
 request gave tools (tools.py), with finish_reason "tool_calls". A streamed chat answer that may hold
 tool calls is sent whole at its end, as the calls can only be parsed then. Usage comes in the whole
 answer, in a last chunk (`stream_options.include_usage`), or in every chunk so far
-(`continuous_usage_stats`, vLLM's).
+(`continuous_usage_stats` with `include_usage`, as vLLM).
 """
 
 from __future__ import annotations
@@ -118,9 +118,10 @@ class _Answer:
         return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
 
-def completion_logprobs(entries: list[Scored]) -> dict:
-    """OpenAI's legacy completions logprobs: parallel lists, offsets into the choice's text."""
-    offsets, at = [], 0
+def completion_logprobs(entries: list[Scored], at: int = 0) -> dict:
+    """OpenAI's legacy completions logprobs: parallel lists, offsets into the choice's text (`at`: where
+    the first entry's text begins, for a stream's later chunks)."""
+    offsets = []
     for entry in entries:
         offsets.append(at)
         at += len(entry.token)
@@ -194,7 +195,8 @@ async def _collect(events, request: Request, answer: _Answer) -> None:
 async def _sse(events, answer: _Answer):
     body, chat = answer.body, answer.chat
     obj = "chat.completion.chunk" if chat else "text_completion"
-    every = body.usage_every_chunk
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    every = include_usage and body.usage_every_chunk  # vLLM's: continuous usage needs include_usage
     buffered = answer.tool_list is not None  # tool calls are parsed from the whole text
 
     def chunk(choices: list, **extra) -> str:
@@ -210,9 +212,11 @@ async def _sse(events, answer: _Answer):
                 "logprobs": logprobs,
                 "finish_reason": reason,
             }
-        logprobs = completion_logprobs(entries) if answer.wants_logprobs else None
+        logprobs = completion_logprobs(entries, sent.get(index, 0)) if answer.wants_logprobs else None
+        sent[index] = sent.get(index, 0) + sum(len(e.token) for e in entries)
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
+    sent: dict[int, int] = {}  # choice -> characters of its tokens' texts sent (text_offset of the next)
     try:
         if chat:
             first = {"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -236,7 +240,7 @@ async def _sse(events, answer: _Answer):
                 yield chunk([piece(index, event.text, list(event.logprobs))])
             elif isinstance(event, Finished):
                 yield chunk([piece(index, "", list(event.logprobs), event.reason)])
-        if body.stream_options and body.stream_options.include_usage:
+        if include_usage:
             yield chunk([], usage=answer.usage())
     except ApiError as error:  # the stream has started: the error is its last event
         yield f"data: {json.dumps(error_body(error.status, str(error)))}\n\n"

@@ -71,6 +71,8 @@ def _check_parameters(parameters: Any, where: str) -> None:
         jsonschema.validators.validator_for(parameters).check_schema(parameters)
     except jsonschema.SchemaError as error:
         raise ValueError(f"{where}{error.json_path[1:]}: not a JSON schema: {error.message}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to check; flatten the schema") from None
     if parameters.get("type", "object") != "object":
         raise ValueError(f"{where}.type: must be 'object' (a call's arguments are a JSON object)")
 

@@ -112,6 +112,15 @@ async def _add(backend, name: str, source: str, label: str, sources: Sources, pa
         raise ApiError(error.status, str(error), param, error.retry_after) from None
 
 
+def _unrooted(error: Exception, sources: Sources) -> str:
+    """The error's message without the server's --adapter-dir path (any tenant may cause this load)."""
+    message = str(error)
+    if sources.adapter_dir is not None:
+        for root in {str(sources.adapter_dir), os.path.realpath(sources.adapter_dir)}:
+            message = message.replace(root, "--adapter-dir")
+    return message
+
+
 async def lorax_model(
     backend, access: Access, sources: Sources, request: Request, adapter_id: str, adapter_source: str | None
 ) -> str:
@@ -140,7 +149,9 @@ async def lorax_model(
         try:
             source = sources.resolve(adapter_id)
         except AdapterError as error:
-            raise ApiError(422, f"adapter {adapter_id!r} was not loaded: {error}", "adapter_id") from None
+            raise ApiError(
+                422, f"adapter {adapter_id!r} was not loaded: {_unrooted(error, sources)}", "adapter_id"
+            ) from None
         if os.path.isabs(source) != (kind == "local"):
             where = (
                 f"'local' names a directory under --adapter-dir, and there is none named {adapter_id!r}"
@@ -149,7 +160,10 @@ async def lorax_model(
                 "send adapter_source 'local'"
             )
             raise ApiError(422, f"adapter {adapter_id!r} was not loaded: adapter_source {where}", "adapter_source")
-        await _add(backend, adapter_id, source, adapter_id, sources, "adapter_id")
+        try:
+            await _add(backend, adapter_id, source, adapter_id, sources, "adapter_id")
+        except ApiError as error:
+            raise ApiError(error.status, _unrooted(error, sources), error.param, error.retry_after) from None
     return adapter_id
 
 

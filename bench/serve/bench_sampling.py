@@ -29,7 +29,7 @@ import torch
 
 from adapterhub import Backbone
 from adapterhub.default_model import load_default
-from adapterhub.serve.engine import Engine, Finished, Token
+from adapterhub.serve.engine import Engine, Failed, Finished, Token
 from adapterhub.serve.grammar import Constraint
 from adapterhub.serve.sampling import Sampling
 from bench.serve.adapters import make_adapters, names
@@ -76,6 +76,7 @@ def decode_seconds_per_token(engine: Engine, samplings: list[Sampling]) -> float
     first: dict[int, float] = {}
     ends: list[float] = []
     tokens = [0]
+    failures: list[Failed] = []
     done = threading.Semaphore(0)
 
     def on_event(k: int):
@@ -86,6 +87,9 @@ def decode_seconds_per_token(engine: Engine, samplings: list[Sampling]) -> float
                 ends.append(time.perf_counter())
                 tokens[0] += event.tokens - 1  # the first token is the prefill's
                 done.release()
+            if isinstance(event, Failed):
+                failures.append(event)
+                done.release()
 
         return receive
 
@@ -93,6 +97,7 @@ def decode_seconds_per_token(engine: Engine, samplings: list[Sampling]) -> float
         engine.submit(adapters[k % len(adapters)], prompt, sampling, on_event(k))
     for _ in samplings:
         assert done.acquire(timeout=900)
+    assert not failures, failures[0].message
     return (max(ends) - max(first.values())) / tokens[0]
 
 
