@@ -72,7 +72,8 @@ def engine():
 
 def decode_seconds_per_token(engine: Engine, samplings: list[Sampling]) -> float:
     """Submits one request per sampling at once; the decode phase's seconds per generated token."""
-    work, adapters = prompts(len(samplings)), names()[:8]
+    work, adapters = prompts(2 * len(samplings))[: len(samplings)], names()[:8]  # loadgen's plan may hold fewer
+    assert len(work) == len(samplings)
     first: dict[int, float] = {}
     ends: list[float] = []
     tokens = [0]
