@@ -118,7 +118,7 @@ CASES = {
 
 def bench_sampling_cost(engine):
     decode_seconds_per_token(engine, [PLAIN] * ROWS)  # warm-up
-    for repeat in range(REPEATS):  # cases interleaved, so drift hits each alike
+    for _ in range(REPEATS):  # cases interleaved, so drift hits each alike
         for case, samplings in CASES.items():
             seconds = decode_seconds_per_token(engine, samplings(engine))
             RESULTS["runs"].setdefault(case, []).append(seconds)
