@@ -252,7 +252,7 @@ def create_app(
             "description": "the whole response (JSON), or with stream=true its chunks as server-sent events",
             "content": {"application/json": {}, "text/event-stream": {}},
         }
-    } | ERROR_RESPONSES[400, 401, 403, 404, 413, 429, 500, 503, 504]
+    } | ERROR_RESPONSES[400, 401, 403, 404, 413, 422, 429, 500, 503, 504]  # 422: LoRAX's adapter_id not loadable
 
     async def lorax(body, request: Request):
         """The body with `model` the adapter LoRAX's `adapter_id` names (loaded just in time from

@@ -117,7 +117,7 @@ def _unrooted(error: Exception, sources: Sources) -> str:
     message = str(error)
     if sources.adapter_dir is not None:
         for root in {str(sources.adapter_dir), os.path.realpath(sources.adapter_dir)}:
-            message = message.replace(root, "--adapter-dir")
+            message = message.replace(f" ({root})", "").replace(root, "--adapter-dir")
     return message
 
 
