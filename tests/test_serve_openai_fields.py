@@ -364,6 +364,7 @@ def test_client_input_that_used_to_crash_is_a_400(http):
     tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
     for path, body, field in (
         ("/completions", {"prompt": "hi", "logit_bias": {"\u00b2": 5}}, "logit_bias"),
+        ("/completions", {"prompt": "hi", "logit_bias": {"1": 50, "01": 50}}, "logit_bias"),
         ("/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}, "tools"),
     ):
         response = http.post(

@@ -8,6 +8,8 @@ The HTTP tests run against `adapterhub serve` as a real subprocess."""
 from __future__ import annotations
 
 import asyncio
+import os
+import pathlib
 
 import httpx
 import openai
@@ -343,3 +345,16 @@ def test_lorax_fields_on_the_completion_routes(setup, client, http):
         failed = http.post("/v1/completions", json={**body, "adapter_id": missing, "adapter_source": "local"})
         assert failed.status_code == 422 and str(setup[3]) not in failed.text, failed.text
         assert "/tmp" not in failed.text, failed.text
+
+
+def test_unrooted_messages_hide_relative_and_real_adapter_dirs(tmp_path, monkeypatch):
+    """Errors a tenant may cause name no server path, whatever form --adapter-dir was given in."""
+    from adapterhub.serve.vllm_api import _unrooted
+
+    (tmp_path / "adapters").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for given in (".", "adapters", str(tmp_path / "adapters")):
+        sources = Sources(pathlib.Path(given))
+        root = os.path.realpath(given)
+        message = _unrooted(ValueError(f"no directory named 'x.y' under {root} (see {root}/x.y/config.json)"), sources)
+        assert str(tmp_path) not in message and "'x.y'" in message and "config.json" in message, message

@@ -126,9 +126,13 @@ class _Generation(BaseModel):
             return bias
         if len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"holds {len(bias)} tokens; at most {MAX_LOGIT_BIAS}")
+        seen: set[int] = set()
         for token, value in bias.items():
             if not (token.isascii() and token.isdigit()) or len(token) > 9:
                 raise ValueError(f"key {token!r} is not a token id (a string of digits, as OpenAI's API has them)")
+            if int(token) in seen:
+                raise ValueError(f"key {token!r} names token {int(token)} again; give each token once")
+            seen.add(int(token))
             if not -100 <= value <= 100:
                 raise ValueError(f"token {token}: the bias {value} is outside [-100, 100]")
         return bias

@@ -687,9 +687,18 @@ class Engine:
             index.append(i)
             n = row.request.sampling.n
             if row.count == 0 and row.choice == 0 and n > 1:
+                siblings = []
                 try:
-                    siblings = [self._new_row(row.request, c, self.kv.fork(row.kv)) for c in range(1, n)]
+                    for c in range(1, n):
+                        kv = self.kv.fork(row.kv)
+                        try:
+                            siblings.append(self._new_row(row.request, c, kv))
+                        except Exception:
+                            self.kv.free(kv)
+                            raise
                 except Exception as error:
+                    for sibling in siblings:  # not rows yet: _fail would not free their blocks
+                        self.kv.free(sibling.kv)
                     self._fail(row.request, f"the request's choices could not start: {type(error).__name__}: {error}")
                     continue
                 at = self._rows.index(row) + 1
@@ -708,17 +717,19 @@ class Engine:
             if row.count == 0 and row.choice == 0 and row.request.sampling.prompt_logprobs is not None:
                 entries = (None, *(row.prompt_logprobs.get(j) for j in range(1, len(row.request.prompt))))
                 row.request.emit(PromptLogprobs(entries))
-        for row in rows:
-            if row.request.sampling.max_tokens == 0:
-                self._finish(row, "length", "")
-        live = [i for i, row in enumerate(rows) if not row.done]
-        if live:
-            self._sample_rows([rows[i] for i in live], logits if len(live) == len(rows) else logits[live])
-        if any(row.done for row in rows):
+        try:
             for row in rows:
-                if row.done:
-                    self.kv.free(row.kv)
-            self._rows = [row for row in self._rows if not row.done]
+                if row.request.sampling.max_tokens == 0:
+                    self._finish(row, "length", "")
+            live = [i for i, row in enumerate(rows) if not row.done]
+            if live:
+                self._sample_rows([rows[i] for i in live], logits if len(live) == len(rows) else logits[live])
+        finally:  # finished rows leave and free their blocks, whatever failed after them
+            if any(row.done for row in rows):
+                for row in rows:
+                    if row.done:
+                        self.kv.free(row.kv)
+                self._rows = [row for row in self._rows if not row.done]
 
     def _sample_rows(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Samples one token per row (logits (len(rows), vocab)) and takes it (`_next`); a row whose

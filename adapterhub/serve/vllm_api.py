@@ -115,8 +115,9 @@ async def _add(backend, name: str, source: str, label: str, sources: Sources, pa
 def _unrooted(error: Exception, sources: Sources) -> str:
     """The error's message without the server's --adapter-dir path (any tenant may cause this load)."""
     message = str(error)
-    if sources.adapter_dir is not None:
-        for root in {str(sources.adapter_dir), os.path.realpath(sources.adapter_dir)}:
+    if sources.adapter_dir is not None:  # absolute forms only, longest first (one may hold the other)
+        roots = {os.path.abspath(sources.adapter_dir), os.path.realpath(sources.adapter_dir)}
+        for root in sorted(roots, key=len, reverse=True):
             message = message.replace(f" ({root})", "").replace(root, "--adapter-dir")
     return message
 
