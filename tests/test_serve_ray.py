@@ -217,19 +217,26 @@ def _store(ray):
 
 def _engine_replicas(deadline: float, until) -> dict[str, dict]:
     """Each engine replica's health (asked through Ray's router until both answered, then again until
-    `until(healths)` holds); fails at `deadline`."""
+    `until(healths)` holds). Past `deadline` every answer must already hold; the router may still take
+    a while to reach the second replica (a minute at most)."""
     from ray import serve
 
     from adapterhub.serve.ray_app import APP_NAME
 
     handle = serve.get_deployment_handle("EngineReplica", app_name=APP_NAME)
     healths: dict[str, dict] = {}
+    late: dict[str, dict] = {}  # answers after the deadline
     while True:
         health = handle.health.remote().result(timeout_s=30)
         healths[health["replica"]] = health
         if len(healths) == 2 and until(healths):
             return healths
-        assert time.monotonic() < deadline, f"the replicas never got there: {healths}"
+        if time.monotonic() >= deadline:
+            assert until({health["replica"]: health}), f"a replica never got there: {health}"
+            late[health["replica"]] = health
+            if len(late) == 2:
+                return late
+            assert time.monotonic() < deadline + 60, f"only one engine replica answered: {healths}"
         time.sleep(0.05)
 
 
