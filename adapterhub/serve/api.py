@@ -153,21 +153,22 @@ class _Generation(BaseModel):
             raise ValueError(f"{' and '.join(named)} each constrain the output; send one of them")
         return self
 
-    def constraint(self) -> tuple[str, str | tuple[str, ...] | None] | None:
-        """(grammar kind, value) the output must match (grammar.Constraint's fields), or None."""
+    def constraint(self) -> tuple[str, tuple[str, str | tuple[str, ...] | None]] | None:
+        """(the field that asks it, (grammar kind, value)) for the output to match (grammar.Constraint's
+        fields), or None."""
         if self.guided_json is not None:
             schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
-            return "json_schema", schema
+            return "guided_json", ("json_schema", schema)
         if self.guided_regex is not None:
-            return "regex", self.guided_regex
+            return "guided_regex", ("regex", self.guided_regex)
         if self.guided_choice is not None:
-            return "choice", tuple(self.guided_choice)
+            return "guided_choice", ("choice", tuple(self.guided_choice))
         form = self.response_format
         if form is None or form.type == "text":
             return None
         if form.type == "json_object" or form.json_schema.schema_ is None:
-            return "json_object", None
-        return "json_schema", json.dumps(form.json_schema.schema_)
+            return "response_format", ("json_object", None)
+        return "response_format", ("json_schema", json.dumps(form.json_schema.schema_))
 
     def sampling(self, max_tokens: int, *, n: int | None = None, logprobs: int | None = None) -> Sampling:
         """The engine's parameters; `n`: rows to generate (best_of), `logprobs`: alternatives per token."""

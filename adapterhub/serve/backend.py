@@ -37,7 +37,6 @@ COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completion
 class Start:
     prompt_tokens: int
     replica: str
-    prompts: tuple[tuple[int, ...], ...] = ()  # each prompt's token ids
     prompt_texts: tuple[str, ...] = ()  # each prompt as text (echo)
     tools: bool = False  # the answer may hold tool calls (chat with tools, tool_choice other than none)
     forced: bool = False  # the answer is constrained to be tool calls (tool_choice required or named)
@@ -90,10 +89,8 @@ def _constraint(body: CompletionRequest | ChatRequest) -> tuple[tuple[str, objec
             return ("json_schema", json.dumps(schema)), "tool_choice", True
     elif isinstance(body, ChatRequest) and body.tool_choice not in (None, "none", "auto"):
         raise ApiError(400, "tool_choice names a tool but no tools were given", "tool_choice")
-    for field in ("guided_json", "guided_regex", "guided_choice"):
-        if getattr(body, field) is not None:
-            return body.constraint(), field, False
-    return body.constraint(), "response_format", False
+    asked = body.constraint()
+    return (None, None, False) if asked is None else (asked[1], asked[0], False)
 
 
 def _sampling(engine: Engine, body: CompletionRequest | ChatRequest, max_tokens: int) -> tuple[Sampling, bool]:
@@ -164,7 +161,6 @@ async def generate(
         yield Start(
             sum(len(p) for p in prompts),
             replica,
-            tuple(map(tuple, prompts)),
             tuple(prepared.texts),
             tooled,
             prepared.forced,
