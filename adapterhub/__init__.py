@@ -2,7 +2,7 @@
 
 The public API, and all an adapter-type plugin may import besides `adapterhub.formats`:
 
-    Backbone, AdapterInfo                          the runtime (adapterhub/backbone/)
+    Backbone, AdapterInfo, Composition             the runtime (adapterhub/backbone/)
     Adapter, AdapterType, ModuleSlots, Route,
     LowRankSlots, hookimpl, check_shape            the adapter-type contract (adapterhub/plugins/)
     AdapterError, NoFreeSlot                       errors (adapterhub/errors.py)
@@ -10,7 +10,7 @@ The public API, and all an adapter-type plugin may import besides `adapterhub.fo
 """
 
 from . import ops
-from .backbone import AdapterInfo, Backbone
+from .backbone import AdapterInfo, Backbone, Composition
 from .errors import AdapterError, NoFreeSlot
 from .formats import Adapter, check_shape
 from .ops import backend
@@ -23,6 +23,7 @@ __all__ = [
     "AdapterInfo",
     "AdapterType",
     "Backbone",
+    "Composition",
     "LowRankSlots",
     "ModuleSlots",
     "NoFreeSlot",

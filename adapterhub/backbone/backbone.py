@@ -5,7 +5,8 @@
     with bb.use(["support", "legal", None]):   # one adapter per row, None = base
         model(ids)
 
-Adapters may be of any installed type (adapterhub/plugins/); one batch may mix them.
+Adapters may be of any installed type (adapterhub/plugins/); one batch may mix them, and a row may be a
+weighted composition of several (`Composition`: PEFT's add_weighted_adapter methods, per request).
 Loading reads and checks the whole adapter before touching any slot, then copies it into
 a free slot (evicting the least recently used unpinned adapter when all are taken). Each
 type keeps its own slot tensors on the modules it adapts, allocated once, at construction
@@ -22,7 +23,7 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from ..errors import AdapterError, NoFreeSlot
 from ..formats import CONFIG_FILE, Adapter, check_config, find_linears, read_json_object
 from ..hub import resolve
 from ..plugins import AdapterType, ModuleSlots, Registry, registry
+from .composer import Composer, Slots
+from .composition import Composition
 from .digest import adapter_digest
 from .heads import HeadSlots
 from .host_cache import HostCache, source_key
@@ -41,6 +44,8 @@ from .slot_table import SlotTable
 from .trainable import Trainable
 
 log = logging.getLogger("adapterhub")
+
+Row = str | Composition | Mapping | None  # what routes one row: an adapter's name, a composition, the base
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class Backbone:
         self._module_slots: dict[tuple[str, str], ModuleSlots] = {}  # (type, module path) -> its slot tensors
         self._heads: dict[str, HeadSlots] = {}  # module path -> slot tensors of its modules_to_save copies
         self._training: dict[str, Trainable] = {}  # name -> the Trainable of the training() block it is in
+        self.composer = Composer(self)
         targets = find_linears(model, target_modules)
         for type_name in preallocate:
             adapter_type = self.types.get(type_name)
@@ -365,6 +371,7 @@ class Backbone:
                     self.table.remove(name)
                     del self._records[name]
                 raise
+            self.composer.forget_input(name)
             self.table.remove(name)
             self._remember(name, slot, str(source), key, adapter, digest)
             if pinned:
@@ -372,9 +379,14 @@ class Backbone:
             log.info("swapped adapter %r: slot %d -> %d", name, old, slot)
 
     def unload(self, name: str) -> None:
-        """Removes `name` (pinned or not); its slot is reused once no batch in flight reads it."""
+        """Removes `name` (pinned or not); its slot is reused once no batch in flight reads it. A
+        composition registered as `name` is forgotten; materializations made from `name` are dropped."""
         with self._lock:
+            if name in self.composer.named:
+                del self.composer.named[name]
+                return
             self._check_not_training(name, "unload")
+            self.composer.forget_input(name)
             self.table.remove(name)
             del self._records[name]
 
@@ -387,15 +399,48 @@ class Backbone:
             adapter = trainable.adapter(name) if trainable is not None else self._extract(name)
         self.types.get(adapter.type).write(adapter, Path(directory))
 
+    # ---- compositions --------------------------------------------------------------------
+    def compose(self, name: str, spec: Composition | Mapping) -> str:
+        """Registers a composition of resident adapters under `name`, usable wherever an adapter's name
+        is (`use`), e.g. compose("blend", {"adapters": [{"name": "a", "weight": 0.7}, {"name": "b",
+        "weight": 0.3}], "method": "ties", "density": 0.5}). Checked now, and materialized now unless
+        its method is "cat"; a later swap of an input makes the next use materialize it again."""
+        composition = Composition.parse(spec, f"compose({name!r})")
+        with self._lock:
+            self._check_new_name(name)
+            if name in composition.names:
+                raise AdapterError(f"compose({name!r}) names itself among its adapters; give it another name")
+            adapter_type, method = self.composer.plan(composition)
+            if method != "cat":
+                self.composer.materialize(composition, adapter_type, method, pin=False)
+            self.composer.named[name] = composition
+        return name
+
+    @property
+    def compositions(self) -> dict[str, Composition]:
+        """The compositions registered with `compose`, by name."""
+        with self._lock:
+            return dict(self.composer.named)
+
+    def composition_key(self, spec: Composition | Mapping | str) -> str:
+        """sha256 hex naming what a composition computes: its inputs' content digests and weights, its
+        method and options (a server keys its prefix cache by it). An AdapterError if it cannot run."""
+        with self._lock:
+            composition = self.composer.named[spec] if isinstance(spec, str) else Composition.parse(spec)
+            return self.composer.key(composition, self.composer.plan(composition)[1])
+
     # ---- routing -------------------------------------------------------------------------
     @contextlib.contextmanager
     def use(
-        self, names: str | Sequence[str | None] | None, *, repeat: int = 1, lengths: Sequence[int] | None = None
+        self, names: Row | Sequence[Row] | None, *, repeat: int = 1, lengths: Sequence[int] | None = None
     ) -> Iterator[None]:
         """Routes every forward of the model inside the block.
 
         `names`: one name (or None = base) for all rows of any batch, or one per row of the batch;
-        the rows may use adapters of different types.
+        the rows may use adapters of different types. A row may also be a composition of resident
+        adapters: a `Composition`, its dict form ({"adapters": [{"name", "weight"}], "method", ...}),
+        or the name `compose` registered it under. "cat" rows run on the fly; other methods use their
+        materialization, made now (and cached) if it is not resident.
         `repeat`: rows per name, for generate() with num_beams x num_return_sequences > 1.
         `lengths`: a packed batch (the server's ragged steps): the forward gets one sequence
         (1, sum(lengths)) in which the next lengths[i] tokens are names[i]'s, each routed to its own
@@ -404,7 +449,7 @@ class Backbone:
         it runs it routes this model's forwards from every thread. Loads, swaps and unloads from
         other threads go on meanwhile.
         """
-        broadcast = names is None or isinstance(names, str)
+        broadcast = names is None or isinstance(names, (str, Composition, Mapping))
         per_row = [names] if broadcast else list(names)
         if not per_row or repeat < 1:
             raise AdapterError(f"Backbone.use needs at least one name and repeat >= 1, got {names!r}, repeat={repeat}")
@@ -421,14 +466,10 @@ class Backbone:
             self._use_owner = threading.get_ident()
             try:
                 with self._lock:
-                    slots = [self._slot_for_use(n) for n in per_row]
-                    types = [None if n is None else self._records[n].type for n in per_row]
+                    slots, types, features, used = self._routed(per_row)
+                try:
                     if lengths is not None:
                         self._check_packed(per_row, types)
-                    features = [frozenset() if n is None else self._records[n].features for n in per_row]
-                    used = sorted({s for s in slots if s >= 0})
-                    self.table.acquire(used)
-                try:
                     self.routing.set(routes_for(slots, types, features, broadcast, repeat, self._device(), lengths))
                     yield
                 finally:
@@ -459,22 +500,46 @@ class Backbone:
         if name in self._training:
             raise AdapterError(f"cannot {what} {name!r} while a training() block trains it; leave the block first")
 
-    def _check_packed(self, names: list[str | None], types: list[str | None]) -> None:
+    def _check_packed(self, names: list[Row], types: list[str | None]) -> None:
         for name, type_name in zip(names, types):
             if type_name is not None and not self.types.get(type_name).packed:
                 raise AdapterError(
-                    f"{name!r} is a {type_name} adapter, which cannot run in a packed batch "
+                    f"{name!r:.80} is a {type_name} adapter, which cannot run in a packed batch "
                     "(Backbone.use(lengths=...)); route it per row instead"
                 )
 
-    def _slot_for_use(self, name: str | None) -> int:
-        if name is None:
-            return -1
-        self._record(name)
-        self.table.touch(name)
-        return self.table.slot_of[name]
+    def _routed(self, rows: list[Row]) -> tuple[list[Slots], list[str | None], list[frozenset[str]], list[int]]:
+        """Under the lock: each row's slots, type and features, and the slots acquired for the batch.
+        Each row's slots are acquired as soon as they are known, so that materializing a later row's
+        composition (which may evict) cannot take them."""
+        slots, types, features, used = [], [], [], []
+        try:
+            for row in rows:
+                found = self._route_row(row)
+                taken = [found[0]] if isinstance(found[0], int) else [s for s, _ in found[0]]
+                taken = [s for s in taken if s >= 0]
+                self.table.acquire(taken)
+                used += taken
+                for out, value in zip((slots, types, features), found):
+                    out.append(value)
+        except BaseException:
+            self.table.release(used)
+            raise
+        return slots, types, features, used
+
+    def _route_row(self, row: Row) -> tuple[Slots, str | None, frozenset[str]]:
+        if row is None:
+            return -1, None, frozenset()
+        if isinstance(row, str) and row not in self.composer.named:
+            record = self._record(row)
+            self.table.touch(row)
+            return self.table.slot_of[row], record.type, record.features
+        composition = self.composer.named[row] if isinstance(row, str) else Composition.parse(row)
+        return self.composer.resolve(composition)
 
     def _check_new_name(self, name: str) -> None:
+        if name in self.composer.named:
+            raise AdapterError(f"{name!r} names a composition (Backbone.compose); unload it first or use another name")
         if name in self._records:
             raise AdapterError(
                 f"an adapter named {name!r} is already loaded (from {self._records[name].source}); "

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..plugins.contract import ModuleSlots, Route
+from .composer import Slots
 
 ALL_ROWS = "*"  # the route over every row, whatever its adapter's type
 
@@ -51,7 +52,7 @@ def attach(module: nn.Module, slots: ModuleSlots, routing: Routing, key: str, ch
 
 
 def routes_for(
-    slots: list[int],
+    slots: list[Slots],
     types: list[str | None],
     features: list[frozenset[str]],
     broadcast: bool,
@@ -59,22 +60,39 @@ def routes_for(
     device: torch.device,
     lengths: list[int] | None = None,
 ) -> dict[str, Route]:
-    """The route of each type present and ALL_ROWS, for rows using `slots` (-1 = base) of adapter
-    `types` that need `features`; with `lengths`, row i is lengths[i] tokens of one packed sequence."""
+    """The route of each type present and ALL_ROWS, for rows using `slots` (-1 = base; a "cat"
+    composition's (slot, weight) pairs) of adapter `types` that need `features`; with `lengths`,
+    row i is lengths[i] tokens of one packed sequence. A type with "cat" rows gets (n, K) routes."""
     counts = None if lengths is None else torch.tensor(lengths, dtype=torch.long)
 
-    def route(of_type: str | None) -> Route:
-        values = [s if of_type is None or t == of_type else -1 for s, t in zip(slots, types)]
-        index = torch.tensor(values, dtype=torch.long)
+    def per_row(table: torch.Tensor) -> torch.Tensor:
         if counts is not None:
-            index = index.repeat_interleave(counts)  # (T,) one slot per token
-        elif repeat > 1 and not broadcast:
-            index = index.repeat_interleave(repeat)
-        needed = frozenset().union(*(f for f, t in zip(features, types) if of_type is None or t == of_type))
-        return Route(index.to(device), needed, broadcast, packed=counts is not None)
+            return table.repeat_interleave(counts, dim=0)  # one entry per token
+        if repeat > 1 and not broadcast:
+            return table.repeat_interleave(repeat, dim=0)
+        return table
+
+    def route(of_type: str | None) -> Route:
+        mine = [of_type is None or t == of_type for t in types]
+        # ALL_ROWS (heads) sees a composition's row as the base: compositions have no heads
+        rows = [s if m and (of_type is not None or isinstance(s, int)) else -1 for s, m in zip(slots, mine)]
+        needed = frozenset().union(*(f for f, m in zip(features, mine) if m))
+        if all(isinstance(s, int) for s in rows):
+            index = per_row(torch.tensor(rows, dtype=torch.long))
+            return Route(index.to(device), needed, broadcast, packed=counts is not None)
+        pairs = [((s, 1.0),) if isinstance(s, int) else s for s in rows]
+        width = max(len(p) for p in pairs)
+        index = torch.full((len(pairs), width), -1, dtype=torch.long)  # (n, K)
+        weight = torch.zeros(len(pairs), width, dtype=torch.float32)
+        for i, row in enumerate(pairs):
+            for k, (slot, w) in enumerate(row):
+                index[i, k], weight[i, k] = slot, w
+        return Route(
+            per_row(index).to(device), needed, broadcast, packed=counts is not None, weight=per_row(weight).to(device)
+        )
 
     everything = route(None)
     present = sorted({t for t in types if t is not None})
-    if len(present) == 1 and None not in types:
+    if len(present) == 1 and None not in types and all(isinstance(s, int) for s in slots):
         return {present[0]: everything, ALL_ROWS: everything}
     return {**{t: route(t) for t in present}, ALL_ROWS: everything}

@@ -24,8 +24,18 @@ class Route:
     sequence, x (1, T, features): its index holds one slot per token, so `rows` is per position.
     """
 
-    def __init__(self, index: torch.Tensor, features: frozenset[str], broadcast: bool, packed: bool = False):
-        self.index = index  # (n,) int64: the slot of each row (packed: of each token) of this type, -1 elsewhere
+    def __init__(
+        self,
+        index: torch.Tensor,
+        features: frozenset[str],
+        broadcast: bool,
+        packed: bool = False,
+        weight: torch.Tensor | None = None,
+    ):
+        # (n,) int64: the slot of each row (packed: of each token) of this type, -1 elsewhere; (n, K)
+        # when a row is a "cat" composition of K adapters (-1 pads shorter rows), with `weight`
+        self.index = index
+        self.weight = weight  # None, or (n, K) fp32: each (row, slot) pair's weight, 1 for plain rows
         self.features = features  # union of AdapterType.features over the batch's adapters of this type
         self.broadcast = broadcast  # index holds one slot for every row of any batch
         self.packed = packed
@@ -34,16 +44,38 @@ class Route:
     def rows(self, n0: int, rows: int, device: torch.device) -> torch.Tensor:
         """(rows,) slot per row for x (n0, ..., features) flattened to (rows, features), on x's device
         (a model may span devices): every position of batch row i gets row i's slot (packed: every
-        position its token's slot)."""
+        position its token's slot). (rows, K) when the batch holds "cat" compositions (`weights`)."""
+        return self._per_row(self.index, n0, rows, device)
+
+    def pairs(self, n0: int, rows: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The routing as K columns of (slot (rows,), weight (rows,) fp32 or None = 1), contiguous, for
+        ops that take one slot per row: a row's effect is the weighted sum over the columns."""
+        key = ("pairs", n0, rows, device)
+        if key in self._cache and not torch.compiler.is_compiling():
+            return self._cache[key]
+        index, weight = self.rows(n0, rows, device), self.weights(n0, rows, device)
+        if weight is None:
+            found = [(index, None)]
+        else:
+            found = [(index[:, k].contiguous(), weight[:, k].contiguous()) for k in range(index.size(1))]
+        if not torch.compiler.is_compiling():
+            self._cache[key] = found
+        return found
+
+    def weights(self, n0: int, rows: int, device: torch.device) -> torch.Tensor | None:
+        """(rows, K) fp32 weight of each row's (slot, weight) pairs, as `rows` lays out the slots; None
+        when no row of the batch is a "cat" composition (index (rows,), weight 1)."""
+        return None if self.weight is None else self._per_row(self.weight, n0, rows, device)
+
+    def _per_row(self, table: torch.Tensor, n0: int, rows: int, device: torch.device) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return self._expand(n0, rows).to(device)
-        key = (n0, rows, device)
+            return self._expand(table, n0, rows).to(device)
+        key = (table is self.weight, n0, rows, device)
         if key not in self._cache:
-            self._cache[key] = self._expand(n0, rows).to(device)
+            self._cache[key] = self._expand(table, n0, rows).to(device)
         return self._cache[key]
 
-    def _expand(self, n0: int, rows: int) -> torch.Tensor:
-        index = self.index
+    def _expand(self, index: torch.Tensor, n0: int, rows: int) -> torch.Tensor:
         if self.packed:
             if index.size(0) != rows or n0 != 1:
                 raise ValueError(
@@ -53,14 +85,14 @@ class Route:
                 )
             return index
         if self.broadcast:
-            index = index.expand(n0).contiguous()
+            index = index.expand(n0, *index.shape[1:]).contiguous()
         elif index.size(0) != n0:
             raise ValueError(
                 f"the batch has {n0} rows but Backbone.use routes {index.size(0)}; give one name "
                 "per row (with repeat=k when generate() expands each row k times: num_beams x "
                 "num_return_sequences), or a single name for all rows"
             )
-        return index if rows == n0 else index.repeat_interleave(rows // n0)
+        return index if rows == n0 else index.repeat_interleave(rows // n0, dim=0)
 
 
 class ModuleSlots(nn.Module):
@@ -159,6 +191,27 @@ class AdapterType:
             for key, t in parts.items()
             if t.is_floating_point() and t.dim() > 0
         ]
+
+    def composition_methods(self) -> tuple[str, ...]:
+        """The methods this type combines its adapters with, per request or under a name
+        (`Backbone.use` / `Backbone.compose`); the first is the default, () means it cannot compose.
+        Names follow PEFT's `add_weighted_adapter` (linear, svd, ties, dare_linear, ...). "cat" is
+        special: it is never materialized; rows are routed to each input's slot with a weight
+        (`Route.weights`), so it is only for slots that add every (slot, weight) pair's effect, as
+        `LowRankSlots` does. Every other method is materialized once by `compose` and cached."""
+        return ()
+
+    def compose(self, adapters: list[Adapter], weights: list[float], method: str, options: dict) -> Adapter:
+        """One adapter of this type combining `adapters` (all of this type, checked against the model)
+        with `weights` by `method` (one of `composition_methods`, not "cat"). `options`: density,
+        majority_sign_method, svd_rank, svd_clamp, svd_full_matrices, seed (for random methods),
+        normalize_weights, as the request gave them. An AdapterError says what cannot be combined."""
+        raise NotImplementedError
+
+    def cat_scale(self, configs: list[dict]) -> float:
+        """The factor every weight of a "cat" composition of adapters with `configs` is multiplied by
+        (PEFT's merged adapter scale: 1 for LoRA, sqrt(sum of ranks) with rsLoRA)."""
+        return 1.0
 
     def init(self, model: nn.Module, config: dict) -> Adapter:
         """A fresh adapter for `model` from `config` (validated against config_schema), initialised

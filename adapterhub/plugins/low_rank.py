@@ -2,6 +2,9 @@
 
     y[i] += scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T      s = slot of row i (-1: none), r = ranks[s]
 
+A row of a "cat" composition names K (slot, weight) pairs and adds the weighted sum of their deltas,
+so these slots take every composition method of the low-rank family on the fly.
+
 LoRA uses it directly; a plugin type that can express its delta as some A (r, in) and B (out, r)
 (VeRA: scaled shared projections; LoHa: the Hadamard product of two low-rank pairs as one pair of
 rank r1*r2) subclasses it, converting in `write`/`read` and calling `write_low_rank`/`read_low_rank`.
@@ -23,19 +26,20 @@ class _LowRankDelta(torch.autograd.Function):
     the base term grad @ W. So the base output enters detached and its own graph is never walked."""
 
     @staticmethod
-    def forward(ctx, x2, base2, W, bias, A, B, scale, index, ranks):
+    def forward(ctx, x2, base2, W, bias, A, B, scale, route, ranks):
+        index, weight = route  # (rows,) and None, or (rows, K) both: several (slot, weight) pairs per row
         y = base2.detach().clone()  # (rows, out)
-        ops.lora_expand(y, ops.lora_shrink(x2, A, index, ranks), B, scale, index, ranks)
-        ctx.save_for_backward(x2, W, A, B, scale, index, ranks)
+        _add_pairs(y, x2, A, B, scale, index, weight, ranks)
+        ctx.save_for_backward(x2, W, A, B, scale, index, ranks, weight)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x2, W, A, B, scale, index, ranks = ctx.saved_tensors
+        x2, W, A, B, scale, index, ranks, weight = ctx.saved_tensors
         grad = grad.contiguous()  # (rows, out)
         grad_x, grad_A, grad_B = torch.ops.adapterhub.lora_linear_backward(
-            grad, x2, W.detach(), A.detach(), B.detach(), scale, index, ranks
+            grad, x2, W.detach(), A.detach(), B.detach(), scale, index, ranks, weight
         )
         need = ctx.needs_input_grad
         grad_W = grad.T @ x2 if need[2] else None  # (out, in)
@@ -51,6 +55,16 @@ class _LowRankDelta(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _add_pairs(y, x2, A, B, scale, index, weight, ranks) -> None:
+    """y (rows, out) += each row's delta: index (rows,) with weight None, or (rows, K) pairs with weights."""
+    if weight is None:
+        ops.lora_expand(y, ops.lora_shrink(x2, A, index, ranks), B, scale, index, ranks)
+        return
+    for k in range(index.size(1)):
+        column, w = index[:, k].contiguous(), weight[:, k].contiguous()
+        ops.lora_expand(y, ops.lora_shrink(x2, A, column, ranks), B, scale, column, ranks, w)
 
 
 class LowRankSlots(ModuleSlots):
@@ -95,14 +109,20 @@ class LowRankSlots(ModuleSlots):
         records (training), as a new tensor whose gradients reach x, A, B and `base`'s weights."""
         x2 = x.reshape(-1, self.in_features).contiguous()  # (rows, in)
         y2 = output.view(-1, self.out_features)  # (rows, out)
-        index = route.rows(x.size(0), x2.size(0), x.device)  # (rows,)
+        n0, rows = x.size(0), x2.size(0)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x2, y2, self.A, self.B)):
             if base is None:
                 raise RuntimeError("add_delta: pass the adapted module as `base` to compute gradients")
             bias = getattr(base, "bias", None)
-            y = _LowRankDelta.apply(x2, y2, linear_weight(base), bias, self.A, self.B, self.scale, index, self.ranks)
+            route_rows = (route.rows(n0, rows, x.device), route.weights(n0, rows, x.device))
+            y = _LowRankDelta.apply(
+                x2, y2, linear_weight(base), bias, self.A, self.B, self.scale, route_rows, self.ranks
+            )
             return y.view_as(output)
-        ops.lora_expand(y2, ops.lora_shrink(x2, self.A, index, self.ranks), self.B, self.scale, index, self.ranks)
+        for index, weight in route.pairs(n0, rows, x.device):  # one pair per row, or a "cat" composition's K
+            ops.lora_expand(
+                y2, ops.lora_shrink(x2, self.A, index, self.ranks), self.B, self.scale, index, self.ranks, weight
+            )
         return output
 
     def after(self, module: nn.Module, args: tuple, output: torch.Tensor, route: Route) -> torch.Tensor:

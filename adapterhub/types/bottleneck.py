@@ -348,6 +348,37 @@ class BottleneckType(AdapterType):
                     "fails on it too: use True or False"
                 )
 
+    def composition_methods(self) -> tuple[str, ...]:
+        return ("linear",)
+
+    def compose(self, adapters: list[Adapter], weights: list[float], method: str, options: dict) -> Adapter:
+        """adapters' `average_adapter` (combine_strategy "linear"): every weight and bias is
+        sum_k w_k theta_k, the weights divided by their sum unless normalize_weights is false.
+        As there, the adapters must share one config (dropout and init aside) and one set of modules."""
+        first = adapters[0]
+        for adapter in adapters[1:]:
+            if _averaged_config(adapter) != _averaged_config(first):
+                raise AdapterError(
+                    f"cannot average bottleneck adapters with different configurations ({first.source}: "
+                    f"{_averaged_config(first)}; {adapter.source}: {_averaged_config(adapter)}), as adapters cannot"
+                )
+            if {p: sorted(m) for p, m in adapter.modules.items()} != {p: sorted(m) for p, m in first.modules.items()}:
+                raise AdapterError(
+                    f"cannot average bottleneck adapters at different modules ({first.source} and {adapter.source})"
+                )
+        total = sum(weights) if options.get("normalize_weights", True) else 1.0
+        if total == 0:
+            raise AdapterError("the weights of a bottleneck average sum to 0; give weights with a non-zero sum")
+        modules = {}
+        for path, parts in first.modules.items():
+            modules[path] = {
+                name: tensor.clone()
+                if name in SETTINGS
+                else sum(a.modules[path][name] * (w / total) for a, w in zip(adapters, weights))
+                for name, tensor in parts.items()
+            }
+        return Adapter(type=self.name, config=dict(first.config), modules=modules, source=f"composition ({method})")
+
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> ModuleSlots:
         kind = site_kind(module, path)
         if kind == "layer":
@@ -420,6 +451,12 @@ class BottleneckType(AdapterType):
             modules_to_save=adapter.modules_to_save,
             source=adapter.source,
         )
+
+
+def _averaged_config(adapter: Adapter) -> dict:
+    """What must agree for adapters to average: the config without dropout and initialisation."""
+    ignored = ("dropout", "init_weights", "init_weights_seed")
+    return {k: v for k, v in adapter.config["config"].items() if k not in ignored}
 
 
 def _layer_index(path: str) -> int:

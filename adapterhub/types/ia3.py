@@ -172,6 +172,33 @@ class IA3Type(AdapterType):
             feedforward = _is_feedforward(tensors["ia3_l"])
             check_shape(adapter, path, "ia3_l", (1, in_features) if feedforward else (out_features, 1))
 
+    def composition_methods(self) -> tuple[str, ...]:
+        return ("linear",)
+
+    def compose(self, adapters: list[Adapter], weights: list[float], method: str, options: dict) -> Adapter:
+        """PEFT's IA3 `add_weighted_adapter`: l = sum_k w_k l_k over the adapters that scale a module
+        (not normalized, so weights summing to 1 keep the scale of one adapter)."""
+        modules = {}
+        for path in dict.fromkeys(p for a in adapters for p in a.modules):
+            present = [(a, a.modules[path]["ia3_l"], w) for a, w in zip(adapters, weights) if path in a.modules]
+            shapes = {tuple(t.shape) for _, t, _ in present}
+            if len(shapes) > 1:
+                raise AdapterError(
+                    f"cannot compose IA3 adapters that scale {path!r} differently: "
+                    + ", ".join(f"{a.source} {tuple(t.shape)}" for a, t, _ in present)
+                    + " (one scales its input, feedforward_modules; another its output)"
+                )
+            merged = torch.zeros_like(present[0][1])
+            for _, scales, weight in present:
+                merged += scales * weight
+            modules[path] = {"ia3_l": merged}
+        config = {
+            **adapters[0].config,
+            "target_modules": sorted(modules),
+            "feedforward_modules": sorted(p for p, m in modules.items() if _is_feedforward(m["ia3_l"])),
+        }
+        return Adapter(type=self.name, config=config, modules=modules, source=f"composition ({method})")
+
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> IA3Slots:
         if not is_linear(module):
             raise AdapterError(f"IA3 adapts nn.Linear (and Conv1D) modules; {path!r} is a {type(module).__name__}")

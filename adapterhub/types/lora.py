@@ -19,6 +19,7 @@ from ..formats.peft_lora import PEFT_TYPES, SCHEMA, lora_scale, read_peft_lora, 
 from ..plugins.contract import AdapterType, Route
 from ..plugins.hookspecs import hookimpl
 from ..plugins.low_rank import LowRankSlots
+from .lora_compose import METHODS, cat_scale, compose_lora
 
 
 class LoraSlots(LowRankSlots):
@@ -67,7 +68,9 @@ class LoraSlots(LowRankSlots):
         if bias is not None:
             y2.sub_(bias)
         self.add_delta(args[0], output, route)
-        index = route.rows(args[0].size(0), y2.size(0), y2.device)  # (rows,)
+        index = route.rows(args[0].size(0), y2.size(0), y2.device)  # (rows,), or (rows, K) with compositions
+        if index.dim() == 2:  # a DoRA row is never composed: its slot is in the first column
+            index = index[:, 0]
         y2.mul_(self.dora_scale[torch.where(index < 0, self.dora_scale.size(0) - 1, index)])
         if bias is not None:
             y2.add_(bias)
@@ -109,6 +112,15 @@ class LoraType(AdapterType):
                 "rescaling runs in place); train a LoRA adapter (use_dora false)"
             )
         return [(path, key) for path in adapter.modules for key in ("A", "B")]
+
+    def composition_methods(self) -> tuple[str, ...]:
+        return METHODS
+
+    def compose(self, adapters: list[Adapter], weights: list[float], method: str, options: dict) -> Adapter:
+        return compose_lora(adapters, weights, method, options)
+
+    def cat_scale(self, configs: list[dict]) -> float:
+        return cat_scale(configs)
 
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> LoraSlots:
         if not is_linear(module):
