@@ -410,11 +410,20 @@ class Backbone:
             self._check_new_name(name)
             if name in composition.names:
                 raise AdapterError(f"compose({name!r}) names itself among its adapters; give it another name")
-            adapter_type, method = self.composer.plan(composition)
-            if method != "cat":
-                self.composer.materialize(composition, adapter_type, method, pin=False)
+            self.materialize(composition)
             self.composer.named[name] = composition
         return name
+
+    def materialize(self, spec: Composition | Mapping | str, *, pin: bool = False) -> str | None:
+        """The resident name of a composition's merged weights: made now unless resident or in the host
+        cache (`pin` pins it), or None for "cat", which merges nothing. An AdapterError if it cannot
+        run; NoFreeSlot if no slot can be freed for it."""
+        with self._lock:
+            composition = self.composer.named[spec] if isinstance(spec, str) else Composition.parse(spec)
+            adapter_type, method = self.composer.plan(composition)
+            if method == "cat":
+                return None
+            return self.composer.materialize(composition, adapter_type, method, pin)
 
     @property
     def compositions(self) -> dict[str, Composition]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .compositions import CompositionSpec, MergedAdapters
+from .fields import Text
 from .sampling import Sampling
 
 MAX_STOPS = 4
@@ -29,18 +31,6 @@ MAX_STOP_CHARS = 256  # each stop string's length: held-back text is checked aga
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MIN_TEMPERATURE = 1e-4  # below this (but 0, greedy) logits / temperature overflow or the temperature is 0 in fp32
 SEED_RANGE = (-(2**63), 2**64 - 1)  # torch.Generator.manual_seed's
-
-
-def _unicode(text: str) -> str:
-    """Refuses text that cannot be encoded (a lone surrogate, which JSON's \\ud800 escapes allow)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ValueError(f"holds a lone surrogate at character {error.start}; send valid Unicode") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class StreamOptions(BaseModel):
@@ -103,6 +93,9 @@ class _Generation(BaseModel):
     # LoRAX's: the adapter by id (instead of `model`), loaded just in time from `adapter_source`
     adapter_id: Text | None = Field(None, min_length=1, max_length=256)
     adapter_source: Text | None = None
+    # adapters combined for this request (on the base model): ours, and LoRAX's form
+    composition: CompositionSpec | None = None
+    merged_adapters: MergedAdapters | None = None
 
     @field_validator("stop")
     @classmethod

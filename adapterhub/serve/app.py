@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ..errors import AdapterError
-from . import embeddings, vllm_api
+from . import compositions, embeddings, vllm_api
 from .access import Access
 from .api import AdapterUpload, ChatRequest, CompletionRequest
 from .errors import ApiError, Denied
@@ -203,6 +203,7 @@ def create_app(
     @app.get("/v1/models", responses=ERROR_RESPONSES[401,])
     async def models(request: Request):
         adapters = {a["id"]: a for a in await backend.adapters()}
+        adapters |= {n: {"source": "composition"} for n in await backend.compositions()}
         created = int(time.time())
         data = [
             {
@@ -265,15 +266,18 @@ def create_app(
     @app.post("/v1/completions", responses=generation_errors)
     async def completions(body: CompletionRequest, request: Request):
         body = await lorax(body, request)
-        authorize(request, body.model)
-        return await respond(backend, body, request, tenant(request), chat=False)
+        composition = compositions.requested(body, backend.base_name)
+        await compositions.authorize(access, request, backend, body.model, composition)
+        return await respond(backend, body, request, tenant(request), chat=False, composition=composition)
 
     @app.post("/v1/chat/completions", responses=generation_errors)
     async def chat(body: ChatRequest, request: Request):
         body = await lorax(body, request)
-        authorize(request, body.model)
-        return await respond(backend, body, request, tenant(request), chat=True)
+        composition = compositions.requested(body, backend.base_name)
+        await compositions.authorize(access, request, backend, body.model, composition)
+        return await respond(backend, body, request, tenant(request), chat=True, composition=composition)
 
     vllm_api.add_routes(app, backend, access, sources)
     embeddings.add_routes(app, backend, access, sources)
+    compositions.add_routes(app, backend, access)
     return app

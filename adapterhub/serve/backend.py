@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from fastapi.concurrency import run_in_threadpool
 
+from ..backbone import Composition
 from ..errors import AdapterError, NoFreeSlot
 from . import tools
 from .api import ChatRequest, CompletionRequest
@@ -130,7 +131,11 @@ def _prepare(engine: Engine, body: CompletionRequest | ChatRequest) -> _Prepared
 
 
 async def generate(
-    engine: Engine, adapter: str | None, body: CompletionRequest | ChatRequest, replica: str, tenant: str = ""
+    engine: Engine,
+    adapter: str | Composition | None,
+    body: CompletionRequest | ChatRequest,
+    replica: str,
+    tenant: str = "",
 ) -> AsyncIterator[Start | tuple[int, Token | Finished | PromptLogprobs]]:
     """One engine request per prompt of `body`, queued all at once against `tenant`'s share; see the
     module docstring. The requests are cancelled if the consumer stops early (a client that went
@@ -268,7 +273,9 @@ class LocalBackend:
         self.tokenizer, self.context = engine.tokenizer, engine.context  # what /tokenize and its kin answer from
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
 
-    def generate(self, adapter: str | None, body: CompletionRequest | ChatRequest, tenant: str = "") -> AsyncIterator:
+    def generate(
+        self, adapter: str | Composition | None, body: CompletionRequest | ChatRequest, tenant: str = ""
+    ) -> AsyncIterator:
         return generate(self.engine, adapter, body, self.replica, tenant)
 
     async def adapters(self) -> list[dict]:
@@ -293,6 +300,23 @@ class LocalBackend:
         are still running (its slot is freed when they end)."""
         try:
             return await run_in_threadpool(self.engine.remove_adapter, name, self.delete_timeout)
+        except UnknownAdapter as error:
+            raise ApiError(404, str(error), "name") from None
+
+    async def compositions(self) -> dict[str, Composition]:
+        return self.engine.compositions()
+
+    async def add_composition(self, name: str, composition: Composition) -> None:
+        try:
+            self.engine.add_composition(name, composition)
+        except UnknownAdapter as error:
+            raise ApiError(404, str(error), "adapters") from None
+        except AdapterError as error:
+            raise ApiError(400, str(error), "body") from None
+
+    async def remove_composition(self, name: str) -> None:
+        try:
+            self.engine.remove_composition(name)
         except UnknownAdapter as error:
             raise ApiError(404, str(error), "name") from None
 

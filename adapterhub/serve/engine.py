@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backbone import AdapterInfo, Backbone
+from ..backbone import AdapterInfo, Backbone, Composition
 from ..errors import AdapterError, NoFreeSlot
 from .admission import FairQueue, Limits
 from .errors import Overloaded, RequestError, UnknownAdapter
@@ -108,8 +108,8 @@ _NO_TOKENS = torch.empty(0, dtype=torch.long)
 
 @dataclass
 class Request:
-    adapter: str | None  # public name; None = the base model
-    resident: str | None  # the Backbone name it is bound to
+    adapter: str | None  # public name (of an adapter or a composition); None = the base model or inline composition
+    resident: str | None  # the Backbone name it is bound to (None: the base, or a composition)
     prompt: list[int]
     sampling: Sampling
     on_event: Callable[[Event], None]
@@ -119,6 +119,21 @@ class Request:
     cancelled: bool = False
     unfinished: int = 0  # choices still generating
     released: bool = False  # its adapter no longer counts it as a user
+    composition: Composition | None = None  # the adapters it combines, by resident name
+    materialized: str | None = None  # the resident name of the composition's merged weights, once admitted
+
+    @property
+    def residents(self) -> tuple[str, ...]:
+        """The resident adapters it uses (each counts it as a user): its adapter, or its composition's
+        inputs and, once made, their materialization."""
+        if self.composition is None:
+            return () if self.resident is None else (self.resident,)
+        return self.composition.names + (() if self.materialized is None else (self.materialized,))
+
+    @property
+    def route(self) -> str | Composition | None:
+        """What Backbone.use routes its rows with."""
+        return self.materialized or self.composition or self.resident
 
     @functools.cached_property
     def prompt_ids(self) -> torch.Tensor:
@@ -232,6 +247,7 @@ class Engine:
         self._lock = threading.Condition()  # guards everything below; notified when there is work
         self._adapters: dict[str, _Entry] = {}  # public name -> its current version
         self._residents: dict[str, _Entry] = {}  # resident name -> entry, retired ones too until unloaded
+        self._compositions: dict[str, Composition] = {}  # registered name -> composition of public names
         self.limits = limits or Limits()
         queue_tokens = self.limits.max_queue_tokens or 8 * self.kv.tokens
         self._queue = FairQueue(self.limits.max_queue, queue_tokens)
@@ -332,6 +348,9 @@ class Engine:
                 f"adapter name {name!r} is not allowed: use a non-empty name without '#' "
                 f"that differs from the base model's {self.base_name!r}"
             )
+        with self._lock:
+            if name in self._compositions:
+                raise AdapterError(f"{name!r} names a composition; delete it first or choose another adapter name")
         resident = f"{name}#{next(self._versions)}"
         info = self._load_waiting(resident, source, revision, root)  # pinned until it is known
         virtual = 0
@@ -378,6 +397,57 @@ class Engine:
             self._lock.wait_for(lambda: not self._users[entry.resident], timeout)
             return self._users[entry.resident]
 
+    # ---- compositions --------------------------------------------------------------------
+    def compositions(self) -> dict[str, Composition]:
+        """The compositions registered as model names, over public adapter names."""
+        with self._lock:
+            return dict(self._compositions)
+
+    def add_composition(self, name: str, composition: Composition) -> None:
+        """Registers `composition` (of public adapter names) as the model `name`; replaces one of that
+        name. Its inputs must exist; when they are resident, its method is checked against their type
+        now (else at its first request)."""
+        with self._lock:
+            if not name or "#" in name or name == self.base_name or name in self._adapters:
+                raise AdapterError(
+                    f"composition name {name!r} is not allowed: use a non-empty name without '#' that is "
+                    "neither the base model's nor an adapter's"
+                )
+            try:
+                self._composition(composition)
+            except RequestError as error:
+                raise AdapterError(str(error)) from None
+            self._compositions[name] = composition
+
+    def remove_composition(self, name: str) -> None:
+        with self._lock:
+            if name not in self._compositions:
+                raise UnknownAdapter(f"no composition named {name!r}")
+            del self._compositions[name]
+
+    def _composition(self, adapter: str | Composition | None) -> Composition | None:
+        """Under the lock: the composition a request names (inline, or registered as a model name) over
+        resident names, or None for a plain adapter or the base. Raises UnknownAdapter for an input
+        that does not exist, RequestError for one that cannot be composed (prompt tuning)."""
+        if isinstance(adapter, str):
+            adapter = self._compositions.get(adapter)
+        if adapter is None:
+            return None
+        entries = [self._entry(name) for name in adapter.names]
+        for name, entry in zip(adapter.names, entries):
+            if entry.virtual:
+                raise RequestError(
+                    f"{name!r} puts virtual tokens before the prompt (prompt tuning): it cannot be composed"
+                )
+        residents = dict(zip(adapter.names, (e.resident for e in entries)))
+        routed = adapter.renamed(residents.__getitem__)
+        if set(routed.names) <= set(self.backbone.names):  # else checked once its inputs are loaded again
+            try:
+                self.backbone.composition_key(routed)
+            except AdapterError as error:
+                raise RequestError(f"the composition cannot run: {error}") from None
+        return routed
+
     # ---- requests ------------------------------------------------------------------------
     def queue_depth(self) -> int:
         return len(self._queue)
@@ -387,7 +457,7 @@ class Engine:
 
     def submit(
         self,
-        adapter: str | None,
+        adapter: str | Composition | None,
         prompt: list[int],
         sampling: Sampling,
         on_event: Callable[[Event], None],
@@ -400,7 +470,7 @@ class Engine:
 
     def submit_many(
         self,
-        adapter: str | None,
+        adapter: str | Composition | None,
         prompts: list[list[int]],
         sampling: Sampling,
         on_event: Callable[[int, Event], None],
@@ -424,7 +494,8 @@ class Engine:
         with self._lock:
             if self._draining:
                 raise Overloaded("the server is shutting down; retry on another replica or after it restarts", 5, 503)
-            entry = None if adapter is None else self._entry(adapter)
+            composition = self._composition(adapter)
+            entry = None if adapter is None or composition is not None else self._entry(adapter)
             resident, virtual = (None, 0) if entry is None else (entry.resident, entry.virtual)
             for prompt in prompts:
                 self._check_length(len(prompt), virtual, sampling.max_tokens)
@@ -441,13 +512,16 @@ class Engine:
                     virtual,
                     tenant,
                     unfinished=sampling.n,
+                    composition=composition,
                 )
                 for k, prompt in enumerate(prompts)
             ]
             for request in requests:
-                if resident is not None:
-                    self._users[resident] += 1
+                for name in request.residents:
+                    self._users[name] += 1
                 self._queue.add(request)
+            if composition is not None:
+                self.metrics.compositions.labels(method=composition.method or "default").inc(len(requests))
             self._lock.notify_all()
         return requests
 
@@ -502,8 +576,13 @@ class Engine:
         for request in self._queue.fair_order(running):
             if rows + request.sampling.n > self.max_batch:
                 break
-            if request.resident is not None and not self._pin(request.resident):
-                self._start_load(request.resident)
+            evicted = [name for name in request.residents if not self._pin(name)]
+            for name in evicted:
+                self._start_load(name)
+            ready = not evicted and self._materialize(request)
+            if request.released:  # its composition cannot run: failed
+                continue
+            if not ready:
                 if time.perf_counter() - request.submitted > self.fair_wait:
                     break  # admit nobody behind it, so that pinned adapters drain and a slot frees for it
                 continue
@@ -511,6 +590,27 @@ class Engine:
             taken.append(request)
             rows += request.sampling.n
         return taken
+
+    def _materialize(self, request: Request) -> bool:
+        """Its composition's merged weights resident and pinned (methods other than "cat"), made on the
+        engine thread (materializing is bounded: milliseconds for LoRA). False while no slot can be had;
+        a composition that cannot run fails the request (400)."""
+        if request.composition is None or request.materialized is not None:
+            return True
+        try:
+            made = self.backbone.materialize(request.composition, pin=True)
+        except NoFreeSlot:
+            return False
+        except AdapterError as error:
+            self._queue.remove(request)
+            request.unfinished = 0
+            request.emit(Failed(400, f"the composition cannot run: {error}"))
+            self._release(request)
+            return False
+        if made is not None:
+            request.materialized = made
+            self._users[made] += 1
+        return True
 
     def _pin(self, resident: str) -> bool:
         """Pins a resident adapter for its requests (until they are all over); False if evicted."""
@@ -527,7 +627,10 @@ class Engine:
         for request in requests:
             with self._lock:
                 # The digest of the weights in the slot now (pinned): a reload of changed files gets its own.
-                key = "" if request.resident is None else self._digest(request.resident)
+                if request.composition is not None:  # what it computes: inputs' digests, weights, method
+                    key = self.backbone.composition_key(request.composition)
+                else:
+                    key = "" if request.resident is None else self._digest(request.resident)
             virtual = [-1 - i for i in range(request.virtual)]  # placeholders: embeddings come from the slot
             state = KVState(key, virtual + request.prompt, shares=request.sampling.prompt_logprobs is None)
             try:
@@ -599,7 +702,7 @@ class Engine:
                 sampled.append((row, len(keep)))
                 keep.append(len(ids) - 1)
         step = self.kv.step([(row.kv, count) for row, count in plan], self._pad)
-        names = [None if row.request.virtual else row.request.resident for row, _ in plan]
+        names = [None if row.request.virtual else row.request.route for row, _ in plan]
         with self._routed(names, [count for _, count in plan]), torch.inference_mode():
             # Slots on the output layer (any adapter's, ever) route every token: it must see them all.
             every = self.backbone.has_slots(self._output_path)
@@ -896,8 +999,7 @@ class Engine:
         if request.released:
             return
         request.released = True
-        resident = request.resident
-        if resident is not None:
+        for resident in request.residents:
             self._users[resident] -= 1
             if not self._users[resident]:
                 del self._users[resident]
@@ -950,7 +1052,7 @@ class Engine:
             self._lock.notify_all()
 
     def _fail_queued(self, resident: str, message: str) -> None:
-        for request in [r for r in self._queue if r.resident == resident]:
+        for request in [r for r in self._queue if resident in r.residents]:
             self._queue.remove(request)
             request.unfinished = 0
             request.emit(Failed(503, message))

@@ -49,6 +49,9 @@ class Metrics:
         self.request_seconds = Histogram(
             "adapterhub_request_seconds", "time from submission to the last token", registry=r, buckets=LATENCY_BUCKETS
         )
+        self.compositions = Counter(
+            "adapterhub_compositions", "requests that combine adapters, by method", ["method"], registry=r
+        )
         self.loads = Counter(
             "adapterhub_adapter_loads", "adapter loads (from files or the host cache)", ["result"], registry=r
         )
@@ -106,6 +109,16 @@ class _EngineCollector:
         for name, doc, value in values:
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("adapterhub_adapter_evictions", "adapters evicted to make room", value=bb.evictions)
+        yield CounterMetricFamily(
+            "adapterhub_composition_materializations",
+            "compositions merged into a slot (not found resident or in the host cache)",
+            value=bb.composer.materialized,
+        )
+        yield CounterMetricFamily(
+            "adapterhub_composition_materialize_seconds",
+            "seconds spent merging compositions",
+            value=bb.composer.materialize_seconds,
+        )
         blocks = e.kv.blocks
         yield CounterMetricFamily("adapterhub_prefix_cache_lookups", "prefix blocks looked up", value=blocks.lookups)
         yield CounterMetricFamily("adapterhub_prefix_cache_hits", "prefix blocks found cached", value=blocks.hits)

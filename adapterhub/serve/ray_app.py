@@ -53,6 +53,7 @@ from dataclasses import replace
 
 from ray import serve
 
+from ..backbone import Composition
 from ..errors import AdapterError, NoFreeSlot
 from .api import ChatRequest, CompletionRequest
 from .backend import adapter_json, generate, source_label
@@ -233,6 +234,12 @@ def replica_class(settings: EngineSettings):
     return EngineReplica
 
 
+_NO_COMPOSITIONS = (
+    "the Ray Serve deployment does not combine adapters yet (each replica holds its own versions); "
+    "serve compositions with `adapterhub serve` on one machine"
+)
+
+
 class RayBackend:
     """backend.py's interface over the replicas' deployment handle; lives in each ingress.
 
@@ -296,8 +303,10 @@ class RayBackend:
         return version
 
     async def generate(
-        self, adapter: str | None, body: CompletionRequest | ChatRequest, tenant: str = ""
+        self, adapter: str | Composition | None, body: CompletionRequest | ChatRequest, tenant: str = ""
     ) -> AsyncIterator:
+        if isinstance(adapter, Composition):
+            raise ApiError(501, _NO_COMPOSITIONS, "composition")
         version = None if adapter is None else await self._version(adapter)
         self._in_flight[adapter] += 1
         try:
@@ -325,6 +334,15 @@ class RayBackend:
         finally:
             self._in_flight[adapter] -= 1
             self._idle.set()
+
+    async def compositions(self) -> dict[str, Composition]:
+        return {}  # none can be registered: see add_composition
+
+    async def add_composition(self, name: str, composition: Composition) -> None:
+        raise ApiError(501, _NO_COMPOSITIONS)
+
+    async def remove_composition(self, name: str) -> None:
+        raise ApiError(404, f"no composition named {name!r}", "name")
 
     async def adapters(self) -> list[dict]:
         await self.start()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..backbone import Composition
 from . import tools
 from .api import ChatRequest, CompletionRequest
 from .backend import Scored, Start
@@ -155,9 +156,19 @@ def chat_logprobs(entries: list[Scored]) -> dict:
     }
 
 
-async def respond(backend, body: CompletionRequest | ChatRequest, request: Request, tenant: str, *, chat: bool):
-    """The response to a generation request: whole JSON, or a stream of server-sent events."""
-    events = backend.generate(None if body.model == backend.base_name else body.model, body, tenant)
+async def respond(
+    backend,
+    body: CompletionRequest | ChatRequest,
+    request: Request,
+    tenant: str,
+    *,
+    chat: bool,
+    composition: Composition | None = None,
+):
+    """The response to a generation request: whole JSON, or a stream of server-sent events. With
+    `composition`, the body's adapters combined on the base model."""
+    adapter = composition or (None if body.model == backend.base_name else body.model)
+    events = backend.generate(adapter, body, tenant)
     start = await anext(events)  # errors before the first token (unknown model, too long) are plain JSON errors
     headers = {REPLICA_HEADER: start.replica}
     answer = _Answer(body, start, chat)

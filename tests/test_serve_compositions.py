@@ -1,0 +1,198 @@
+"""Compositions served: rows of compositions, single adapters and the base in one continuous batch give
+what each gives alone; materializations are pinned while used and counted; over HTTP the `composition`
+field, LoRAX's `merged_adapters` and registered compositions (POST /v1/compositions) work with the openai
+client, keys apply to every input, and bad compositions are 400s naming the field."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import openai
+import pytest
+from serving import Offline, Server, keys_file, make_model_dir, metric, served_llama
+from test_serve_engine import _run
+from tiny_models import tiny_tokenizer
+
+from adapterhub import Backbone, Composition
+from adapterhub.serve.engine import Engine
+from adapterhub.serve.errors import RequestError, UnknownAdapter
+from adapterhub.serve.sampling import Sampling
+
+ADMIN = {"Authorization": "Bearer sk-admin"}
+TENANT = {"Authorization": "Bearer sk-tenant"}  # may use a0 and tiny (serving.keys_file)
+CAT = {"adapters": [{"name": "a0", "weight": 0.8}, {"name": "a2", "weight": 0.5}], "method": "cat"}
+TIES = {"adapters": [{"name": "a0", "weight": 0.6}, {"name": "a3", "weight": 0.7}], "method": "ties", "density": 0.5}
+IA3 = {"adapters": [{"name": "a1", "weight": 0.5}, {"name": "a1b", "weight": 0.5}]}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("compositions"))
+
+
+def test_mixed_batch_equals_each_row_alone(dirs):
+    offline = Offline(dirs)
+    backbone = Backbone(served_llama(), max_adapters=4, max_rank=8)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny", max_batch=8).start()
+    try:
+        for name in ("a0", "a2", "a3"):
+            engine.add_adapter(name, str(dirs[name]))
+        rows = [Composition.parse(CAT), "a0", None, Composition.parse(TIES)]
+        jobs = [(row, prompt) for prompt in ("hello", "xyz") for row in rows]
+        texts = _run(engine, jobs, Sampling(max_tokens=10, temperature=0, ignore_eos=True))
+        assert texts == [offline.complete(row, p, 10, ignore_eos=True) for row, p in jobs]
+        assert len(set(texts[:4])) == 4, "each row must differ from the others"
+        assert len(backbone.names) == 4  # a0, a2, a3 and one materialization of TIES; "cat" merges nothing
+        assert not any(backbone.info(n).pinned for n in backbone.names)  # let go once the requests ended
+        assert engine.metrics.compositions.labels(method="cat")._value.get() == 2
+    finally:
+        engine.stop()
+
+
+def test_engine_refuses_what_cannot_compose(dirs):
+    engine = Engine(Backbone(served_llama(), max_adapters=4, max_rank=8), tiny_tokenizer(), base_name="tiny").start()
+    try:
+        engine.add_adapter("a0", str(dirs["a0"]))
+        engine.add_adapter("a1", str(dirs["a1"]))
+        sampling = Sampling(max_tokens=2)
+        with pytest.raises(UnknownAdapter, match="'nope'"):
+            engine.submit(Composition.parse({"adapters": ["a0", "nope"]}), [5], sampling, lambda e: None)
+        with pytest.raises(RequestError, match="mixes adapter types"):
+            engine.submit(Composition.parse({"adapters": ["a0", "a1"]}), [5], sampling, lambda e: None)
+        with pytest.raises(RequestError, match="compose by"):
+            engine.submit(Composition.parse({"adapters": ["a1"], "method": "svd"}), [5], sampling, lambda e: None)
+        assert engine.queue_depth() == 0 and not engine._users  # nothing counted for refused requests
+    finally:
+        engine.stop()
+
+
+def test_evicted_inputs_reload_for_a_composition(dirs):
+    """Two slots: a composition of two inputs plus its materialization cannot all stay; the inputs come
+    back and the request still runs (the materialization is made once they are pinned)."""
+    offline = Offline(dirs)
+    backbone = Backbone(served_llama(), max_adapters=3, max_rank=8)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny", max_batch=4).start()
+    try:
+        for name in ("a0", "a2", "a3"):
+            engine.add_adapter(name, str(dirs[name]))
+        jobs = [("a2", "hello"), (Composition.parse(TIES), "hello"), ("a2", "abc")]
+        texts = _run(engine, jobs, Sampling(max_tokens=6, temperature=0, ignore_eos=True))
+        assert texts == [offline.complete(r, p, 6, ignore_eos=True) for r, p in jobs]
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compositions_http")
+    dirs = make_model_dir(root)
+    args = ["--base", str(root / "base"), "--served-model-name", "tiny", "--max-adapters", "6", "--max-rank", "8"]
+    for name in ("a0", "a1", "a2", "a3"):
+        args += ["--adapter", f"{name}={dirs[name]}"]
+    args += ["--adapter-dir", str(root / "adapters"), "--api-key", str(keys_file(root / "keys.json"))]
+    served = Server(args, cwd=root)
+    yield served, Offline(dirs)
+    served.stop()
+
+
+def test_openai_client_with_compositions(server):
+    served, offline = server
+    client = openai.OpenAI(base_url=served.url, api_key="sk-admin", max_retries=0)
+    prompt, n = "hello there", 8
+
+    def complete(**body):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, extra_body=body)
+
+    want_cat = offline.complete(CAT, prompt, n)
+    assert complete(composition=CAT).choices[0].text == want_cat
+    merged = {"ids": ["a0", "a3"], "weights": [0.6, 0.7], "merge_strategy": "ties", "density": 0.5}
+    assert complete(merged_adapters=merged).choices[0].text == offline.complete(TIES, prompt, n)
+
+    created = httpx.post(served.url + "/compositions", json={"name": "blend", **CAT}, headers=ADMIN, timeout=30)
+    assert created.status_code == 201, created.text
+    assert created.json()["method"] == "cat"
+    ids = [m.id for m in client.models.list().data]
+    assert "blend" in ids
+    chat = client.chat.completions.create(
+        model="blend", messages=[{"role": "user", "content": "hi"}], max_tokens=n, temperature=0
+    )
+    assert chat.choices[0].message.content == offline.chat(CAT, "hi", n)
+
+    metrics = httpx.get(served.url.removesuffix("/v1") + "/metrics", headers=ADMIN, timeout=30).text
+    assert metric(metrics, "adapterhub_compositions_total", method="cat") >= 2
+    assert metric(metrics, "adapterhub_composition_materializations_total") == 1  # the TIES one
+
+    deleted = httpx.delete(served.url + "/compositions/blend", headers=ADMIN, timeout=30)
+    assert deleted.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="blend", prompt=prompt, max_tokens=2)
+
+
+def test_http_refusals_and_keys(server):
+    served, _ = server
+    url = served.url.removesuffix("/v1")
+
+    def post(body, headers=ADMIN, path="/v1/completions"):
+        return httpx.post(
+            url + path, json={"model": "tiny", "prompt": "hi", "max_tokens": 2, **body}, headers=headers, timeout=30
+        )
+
+    cases = {
+        "composition.adapters": {"composition": {"adapters": []}},
+        "composition.density": {"composition": {"adapters": [{"name": "a0"}], "density": 2}},
+        "composition.adapters.0": {"composition": {"adapters": ["a0"]}},
+        "model": {"model": "a0", "composition": CAT},
+        "merged_adapters": {"composition": CAT, "merged_adapters": {"ids": ["a0"]}},
+    }
+    for param, body in cases.items():
+        answer = post(body)
+        assert answer.status_code == 400, (param, answer.text)
+        assert answer.json()["error"]["param"] == param, answer.text
+    mixed = post({"composition": {"adapters": [{"name": "a0"}, {"name": "a1"}]}})
+    assert mixed.status_code == 400 and "mixes adapter types" in mixed.text
+    assert post({"composition": {"adapters": [{"name": "a0"}, {"name": "nope"}]}}).status_code == 404
+    # the tenant may use a0 but not a2: a composition naming a2 is an unknown model to it
+    assert post({"composition": {"adapters": [{"name": "a0"}]}}, headers=TENANT).status_code == 200
+    assert post({"composition": CAT}, headers=TENANT).status_code == 404
+    assert (
+        httpx.post(url + "/v1/compositions", json={"name": "x", **CAT}, headers=TENANT, timeout=30).status_code == 403
+    )
+    assert (
+        httpx.post(url + "/v1/compositions", json={"name": "a0", **CAT}, headers=ADMIN, timeout=30).status_code == 400
+    )
+
+
+def test_concurrent_compositions_share_one_materialization(server):
+    """Many requests for one new TIES composition at once merge it once and all answer the same."""
+    served, offline = server
+    spec = {
+        "adapters": [{"name": "a3", "weight": 0.9}, {"name": "a0", "weight": 0.2}],
+        "method": "ties",
+        "density": 0.7,
+    }
+    before = metric(
+        httpx.get(served.url.removesuffix("/v1") + "/metrics", headers=ADMIN).text,
+        "adapterhub_composition_materializations_total",
+    )
+    answers, errors = [], []
+
+    def ask():
+        try:
+            body = {"model": "tiny", "prompt": "abc", "max_tokens": 5, "temperature": 0, "composition": spec}
+            answers.append(httpx.post(served.url + "/completions", json=body, headers=ADMIN, timeout=60).json())
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors and len(answers) == 6
+    assert {a["choices"][0]["text"] for a in answers} == {offline.complete(spec, "abc", 5)}
+    after = metric(
+        httpx.get(served.url.removesuffix("/v1") + "/metrics", headers=ADMIN).text,
+        "adapterhub_composition_materializations_total",
+    )
+    assert after - before == 1
