@@ -30,6 +30,7 @@ def plugins(as_json: bool) -> int:
         print(f"{t.name:<16} {dist:<24} aliases: {', '.join(t.aliases) or '-':<16} hooks: {', '.join(t.hooks)}")
         if t.description:
             print(f"{'':<16} {t.description}")
+        print(f"{'':<16} composes by: {', '.join(t.composition_methods) or '(cannot compose)'}")
     for f in failures:
         print(f"skipped plugin {f.plugin!r} ({f.distribution or 'unknown distribution'}): {f.error}", file=sys.stderr)
     return 0

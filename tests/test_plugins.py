@@ -137,7 +137,10 @@ def test_cli_lists_types_as_text_and_json():
     rows = {row["name"]: row for row in listing["types"]}
     assert set(rows) >= BUILT_IN and listing["failures"] == []
     assert rows["prompt_tuning"]["aliases"] == ["PROMPT_TUNING"] and rows["lora"]["distribution"] == "adapterhub"
+    assert rows["lora"]["composition_methods"][:3] == ["cat", "linear", "ties"]  # the default first
+    assert rows["ia3"]["composition_methods"] == ["linear"] and rows["prompt_tuning"]["composition_methods"] == []
     text = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    assert "composes by: (cannot compose)" in text
     assert any(
         line.startswith("lora ") and "adapterhub" in line and "adapter_types" in line for line in text.splitlines()
     )

@@ -52,6 +52,7 @@ class TypeListing:
     aliases: tuple[str, ...]
     hooks: tuple[str, ...]
     description: str
+    composition_methods: tuple[str, ...] = ()  # AdapterType.composition_methods: the default first
 
 
 class Registry:
@@ -146,6 +147,7 @@ class Registry:
                         aliases=tuple(adapter_type.aliases),
                         hooks=tuple(hooks),
                         description=adapter_type.description,
+                        composition_methods=tuple(adapter_type.composition_methods()),
                     )
                 )
             return rows
