@@ -49,15 +49,36 @@ inline void check_floating(const char* op, const at::Tensor& x) {
 // The dtype of the low-rank intermediate t: fp32, or fp64 for fp64 inputs.
 inline at::ScalarType intermediate_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-// index (rows,) int64 and ranks (slots,) int64: layout only; values are checked where they are read.
+// index (rows,) int64, or (rows, K) with K >= 1 where `columns` (lora_linear and its backward); weight
+// none or float32 of index's shape; ranks (slots,) int64: layout only; values are checked where they are read.
 inline void check_routing(const char* op, const at::Tensor& index, const c10::optional<at::Tensor>& ranks,
-                          int64_t rows, int64_t slots, const at::Tensor& x) {
-  check_dim(op, "index", index, 1, "(rows,)");
+                          int64_t rows, int64_t slots, const at::Tensor& x,
+                          const c10::optional<at::Tensor>& weight = c10::nullopt, bool columns = false) {
+  if (columns) {
+    TORCH_CHECK_VALUE(index.dim() == 1 || index.dim() == 2, op,
+                      ": index must be 1-D (rows,) or 2-D (rows, K), got shape ", shape_str(index));
+    TORCH_CHECK_VALUE(index.dim() == 1 || index.size(1) > 0, op,
+                      ": index (rows, K) needs K >= 1 slot ids per row, got shape ", shape_str(index));
+  } else {
+    TORCH_CHECK_VALUE(index.dim() != 2, op, ": index must be 1-D (rows,), got shape ", shape_str(index),
+                      "; only lora_linear takes (rows, K): call ", op, " once per column");
+    check_dim(op, "index", index, 1, "(rows,)");
+  }
   check_dtype(op, "index", index, at::kLong, "one slot id per row, -1 = no adapter");
   TORCH_CHECK_VALUE(index.size(0) == rows, op, ": index has ", index.size(0), " entries but the batch has ", rows,
               " rows; give one slot id per row (-1 = no adapter)");
   check_same_device(op, "index", index, x);
   check_contiguous(op, "index", index);
+  if (weight.has_value()) {
+    const auto& w = *weight;
+    const bool two_d = index.dim() == 2;
+    check_dim(op, "weight", w, index.dim(), two_d ? "(rows, K), the shape of index" : "(rows,), the shape of index");
+    check_dtype(op, "weight", w, at::kFloat, "one float32 weight per index entry");
+    check_size(op, "weight", w, 0, index.size(0), "rows, = index.size(0)");
+    if (two_d) check_size(op, "weight", w, 1, index.size(1), "K, = index.size(1)");
+    check_same_device(op, "weight", w, x);
+    check_contiguous(op, "weight", w);
+  }
   if (ranks.has_value()) {
     const auto& r = *ranks;
     check_dim(op, "ranks", r, 1, "(slots,)");
@@ -68,12 +89,18 @@ inline void check_routing(const char* op, const at::Tensor& index, const c10::op
   }
 }
 
-// Host-side value checks (CPU tensors): index in [-1, slots), ranks in [0, max_rank].
+// Host-side value checks (CPU tensors): index (rows,) or, with columns = K > 0, (rows, K) row-major, in
+// [-1, slots); ranks in [0, max_rank].
 inline void check_routing_values(const char* op, const int64_t* index, int64_t rows, const int64_t* ranks,
-                                 int64_t slots, int64_t max_rank) {
-  for (int64_t i = 0; i < rows; ++i) {
-    TORCH_CHECK_VALUE(index[i] >= -1 && index[i] < slots, op, ": index values must be in [-1, ", slots, ") (slots = ",
-                slots, "), got ", index[i], " at row ", i);
+                                 int64_t slots, int64_t max_rank, int64_t columns = 0) {
+  const int64_t per_row = columns > 0 ? columns : 1;
+  for (int64_t i = 0; i < rows * per_row; ++i) {
+    if (index[i] >= -1 && index[i] < slots) continue;
+    std::ostringstream where;
+    where << "row " << i / per_row;
+    if (columns > 0) where << ", column " << i % per_row;
+    TORCH_CHECK_VALUE(false, op, ": index values must be in [-1, ", slots, ") (slots = ", slots, "), got ", index[i],
+                      " at ", where.str());
   }
   if (ranks != nullptr) {
     for (int64_t s = 0; s < slots; ++s) {
@@ -97,10 +124,11 @@ inline void check_shrink_args(const char* op, const at::Tensor& x, const at::Ten
   check_routing(op, index, ranks, x.size(0), A.size(0), x);
 }
 
-// y (rows, out), t (rows, max_rank) fp32 (fp64 for fp64 y), B (slots, out, max_rank), scale (slots,) fp32.
+// y (rows, out), t (rows, max_rank) fp32 (fp64 for fp64 y), B (slots, out, max_rank), scale (slots,) fp32,
+// weight (rows,) fp32 or none.
 inline void check_expand_args(const char* op, const at::Tensor& y, const at::Tensor& t, const at::Tensor& B,
                               const at::Tensor& scale, const at::Tensor& index,
-                              const c10::optional<at::Tensor>& ranks) {
+                              const c10::optional<at::Tensor>& ranks, const c10::optional<at::Tensor>& weight) {
   check_floating(op, y);
   check_dim(op, "y", y, 2, "(rows, out)");
   check_dim(op, "B", B, 3, "(slots, out, max_rank)");
@@ -120,14 +148,15 @@ inline void check_expand_args(const char* op, const at::Tensor& y, const at::Ten
   check_contiguous(op, "t", t);
   check_contiguous(op, "B", B);
   check_contiguous(op, "scale", scale);
-  check_routing(op, index, ranks, y.size(0), B.size(0), y);
+  check_routing(op, index, ranks, y.size(0), B.size(0), y, weight);
 }
 
-// x (rows..., in), W (out, in), bias (out,), A (slots, max_rank, in), B (slots, out, max_rank).
+// x (rows..., in), W (out, in), bias (out,), A (slots, max_rank, in), B (slots, out, max_rank),
+// index (rows,) or (rows, K), weight none or fp32 of index's shape.
 inline void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& W,
                               const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                               const at::Tensor& scale, const at::Tensor& index,
-                              const c10::optional<at::Tensor>& ranks) {
+                              const c10::optional<at::Tensor>& ranks, const c10::optional<at::Tensor>& weight) {
   check_floating(op, x);
   TORCH_CHECK_VALUE(x.dim() >= 2, op, ": x must be (rows, in) or (batch, ..., in), got shape ", shape_str(x));
   check_contiguous(op, "x", x);
@@ -156,7 +185,7 @@ inline void check_linear_args(const char* op, const at::Tensor& x, const at::Ten
     check_same_device(op, name, *tensor, x);
     check_contiguous(op, name, *tensor);
   }
-  check_routing(op, index, ranks, x.size(0), A.size(0), x);
+  check_routing(op, index, ranks, x.size(0), A.size(0), x, weight, /*columns=*/true);
 }
 
 // grad_y (rows, out) and x (rows, in) of lora_linear_backward, on top of check_linear_args.

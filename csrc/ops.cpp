@@ -9,13 +9,15 @@
 TORCH_LIBRARY(adapterhub, m) {
   m.set_python_module("adapterhub.ops.meta");
   m.def("lora_shrink(Tensor x, Tensor A, Tensor index, Tensor? ranks=None) -> Tensor");
-  m.def("lora_expand(Tensor(a!) y, Tensor t, Tensor B, Tensor scale, Tensor index, Tensor? ranks=None) -> ()");
+  m.def(
+      "lora_expand(Tensor(a!) y, Tensor t, Tensor B, Tensor scale, Tensor index, Tensor? ranks=None, "
+      "Tensor? weight=None) -> ()");
   m.def(
       "lora_linear(Tensor x, Tensor W, Tensor? bias, Tensor A, Tensor B, Tensor scale, Tensor index, "
-      "Tensor? ranks=None) -> Tensor");
+      "Tensor? ranks=None, Tensor? weight=None) -> Tensor");
   m.def(
       "lora_linear_backward(Tensor grad_y, Tensor x, Tensor W, Tensor A, Tensor B, Tensor scale, "
-      "Tensor index, Tensor? ranks=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor index, Tensor? ranks=None, Tensor? weight=None) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -331,3 +331,109 @@ def test_cuda_graph_replay_follows_index_in_place():
             *map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"], effective, c["ranks"]
         )
         assert_close(y, expected, torch.bfloat16)
+
+
+# ---- composition: per-row weights and (rows, K) index -------------------------------------
+
+
+def composed_routing(rows, slots, g):
+    """index (rows, 3): shuffled slots and -1 padding, column 2 repeating column 0; weight (rows, 3) in [-1, 2)."""
+    first = torch.randint(-1, slots, (rows,), generator=g)
+    index = torch.stack([first, torch.randint(-1, slots, (rows,), generator=g), first], 1)
+    return index, torch.rand(rows, 3, generator=g) * 3 - 1
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES.keys(), "fp64"])
+@pytest.mark.parametrize("pattern", ["shuffled", "one_slot"])  # one_slot with 33+ rows runs SGMV
+@pytest.mark.parametrize("rows", [1, 33, 512])
+def test_expand_weight_matches_reference(rows, pattern, dtype):
+    c = make_inputs(rows, 8, 16, 136, 72, dtype, pattern, seed=seed_of("weight", rows, pattern, dtype))
+    weight = torch.rand(rows, generator=torch.Generator().manual_seed(rows)) * 3 - 1
+    B, index, ranks, scale = c["B"], c["index"], c["ranks"], c["scale"]
+    y = cuda(c["y"].clone())
+    ops.lora_expand(y, cuda(c["t"]), cuda(B), cuda(scale), cuda(index), cuda(ranks), cuda(weight))
+    expected = c["y"].double()
+    reference.lora_expand(expected, c["t"].double(), f64(B), scale, index, ranks, weight)
+    untouched = (index == -1) | (ranks[index.clamp(min=0)] == 0)
+    assert torch.equal(y.cpu()[untouched], c["y"][untouched])
+    assert_close(y, expected, dtype)
+    y_none, y_ones = cuda(c["y"].clone()), cuda(c["y"].clone())
+    ops.lora_expand(y_none, cuda(c["t"]), cuda(B), cuda(scale), cuda(index), cuda(ranks))
+    ops.lora_expand(y_ones, cuda(c["t"]), cuda(B), cuda(scale), cuda(index), cuda(ranks), torch.ones(rows, device=DEV))
+    assert torch.equal(y_ones, y_none)  # the weight multiplies scale in fp32: weight 1 changes no bit
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES.keys(), "fp64"])
+@pytest.mark.parametrize("rows", [5, 64])
+def test_linear_composed_matches_reference(rows, dtype):
+    """index (rows, 3) with -1 padding and a slot repeated across columns, on CUDA vs the CPU float64 reference."""
+    g = torch.Generator().manual_seed(seed_of("composed", rows, dtype))
+    c = make_inputs(rows, 6, 16, 96, 48, dtype, seed=seed_of("composed", rows, dtype))
+    index, weight = composed_routing(rows, 6, g)
+    args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], index, c["ranks"], weight)
+    got = ops.lora_linear(*map(cuda, args))
+    assert got.dtype == dtype
+    assert_close(got, reference.lora_linear(*map(f64, args[:5]), *args[5:]), dtype)
+    ones = torch.ones(rows, 1, device=DEV)
+    one_column = ops.lora_linear(*map(cuda, args[:6]), cuda(index[:, :1].contiguous()), cuda(args[7]), ones)
+    torch.testing.assert_close(
+        one_column, ops.lora_linear(*map(cuda, args[:6]), cuda(index[:, 0].contiguous()), cuda(args[7]))
+    )
+
+
+def test_gradcheck_composed_float64():
+    g = torch.Generator().manual_seed(12)
+    c = make_inputs(12, 3, 3, 5, 4, torch.float64, seed=12)
+    for v in (c["A"], c["B"]):
+        v.nan_to_num_(0.5)
+    index, weight = (cuda(v) for v in composed_routing(12, 3, g))
+    leaves = [cuda(c[n]).requires_grad_() for n in ("x", "W", "bias", "A", "B")]
+    scale, ranks = cuda(c["scale"]), cuda(c["ranks"])
+    assert torch.autograd.gradcheck(lambda *v: ops.lora_linear(*v, scale, index, ranks, weight), leaves)
+
+
+def test_opcheck_composed():
+    g = torch.Generator().manual_seed(6)
+    c = {k: cuda(v) for k, v in make_inputs(40, 3, 4, 24, 16, torch.float32, seed=6).items()}
+    for v in (c["A"], c["B"], c["t"]):
+        v.nan_to_num_(0.5)
+    index, weight = (cuda(v) for v in composed_routing(40, 3, g))
+    lib = torch.ops.adapterhub
+    torch.library.opcheck(
+        lib.lora_expand.default, (c["y"], c["t"], c["B"], c["scale"], c["index"], c["ranks"], weight[:, 0].contiguous())
+    )
+    args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], index, c["ranks"], weight)
+    torch.library.opcheck(lib.lora_linear.default, args)
+    grads = [v.clone().requires_grad_() for v in args[:5]]
+    torch.library.opcheck(lib.lora_linear.default, (*grads, *args[5:]))
+    grad_y = torch.randn(40, 16, device=DEV)
+    torch.library.opcheck(lib.lora_linear_backward.default, (grad_y, c["x"], *args[1:2], *args[3:]))
+
+
+def test_cuda_graph_replay_follows_composed_routing_in_place():
+    """Captured once with index (rows, 3) and weight; both are rewritten in place between replays."""
+    rows, slots = 48, 8
+    c = make_inputs(rows, slots, 16, 128, 96, torch.bfloat16, seed=10)
+    W, bias, A, B, scale, ranks = (cuda(c[n]) for n in ("W", "bias", "A", "B", "scale", "ranks"))
+    g = torch.Generator().manual_seed(4)
+    index, weight = (cuda(v) for v in composed_routing(rows, slots, g))
+    x = cuda(c["x"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            ops.lora_linear(x, W, bias, A, B, scale, index, ranks, weight)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.lora_linear(x, W, bias, A, B, scale, index, ranks, weight)
+
+    for new_index, new_weight in (composed_routing(rows, slots, g), (torch.full((rows, 3), 3), torch.ones(rows, 3))):
+        index.copy_(new_index)
+        weight.copy_(new_weight)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.lora_linear(
+            *map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"], new_index, c["ranks"], new_weight
+        )
+        assert_close(y, expected, torch.bfloat16)

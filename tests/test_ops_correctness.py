@@ -429,3 +429,258 @@ def test_compile_dynamic_batch_size_does_not_recompile():
                 case.x, module.W, module.bias, module.A, module.B, module.scale, case.index, module.ranks
             )
             assert_close(y, expected, torch.float32)
+
+
+# ---- composition: several (slot, weight) pairs per row --------------------------------------
+
+
+def oracle_expand_weighted(y, t, B, scale, index, ranks, weight):
+    """y (rows, out) float64 + weight[i] * scale[s] * t[i, :r] @ B[s, :, :r].T, one row at a time."""
+    out = y.double().clone()
+    for i in range(y.size(0)):
+        s = int(index[i])
+        if s != -1:
+            r = B.size(2) if ranks is None else int(ranks[s])
+            out[i] += float(weight[i]) * float(scale[s]) * (t[i, :r].double() @ B[s, :, :r].double().T)
+    return out
+
+
+def oracle_composed(x, W, bias, A, B, scale, index, ranks=None, weight=None):
+    """x (n0, ..., in), index (n0,) or (n0, K) -> (n0, ..., out) float64, row by row, column by column:
+    base + sum_k weight[i, k] * scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T, s = index[i, k].
+
+    Differentiable: for float64 leaves, autograd through this loop gives the true gradients.
+    """
+    idx = index if index.dim() == 2 else index[:, None]  # (n0, K)
+    w = None if weight is None else weight.reshape(idx.shape)
+    rows = []
+    for i in range(x.size(0)):
+        xi = x[i].double()  # (..., in)
+        yi = xi @ W.double().T
+        if bias is not None:
+            yi = yi + bias.double()
+        for k in range(idx.size(1)):
+            s = int(idx[i, k])
+            if s == -1:
+                continue
+            r = A.size(1) if ranks is None else int(ranks[s])
+            wk = 1.0 if w is None else float(w[i, k])
+            yi = yi + wk * float(scale[s]) * ((xi @ A[s, :r].double().T) @ B[s, :, :r].double().T)
+        rows.append(yi)
+    if not rows:
+        return torch.zeros(*x.shape[:-1], W.size(0), dtype=torch.float64)
+    return torch.stack(rows)
+
+
+def composed_case(index, slots, max_rank, dtype=torch.float32, ranks=None, seed=0, tokens=None, weighted=True):
+    """A make_case batch routed by `index` (n0,) or (n0, K), with weight of its shape in [-1, 2) or None."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    case = make_case([-1] * index.size(0), slots, max_rank, 13, 11, dtype, ranks=ranks, seed=seed, tokens=tokens)
+    case.index = index
+    g = torch.Generator().manual_seed(seed + 1)
+    weight = torch.rand(index.shape, generator=g) * 3 - 1 if weighted else None
+    return case, weight
+
+
+def long_columns(rows: int, seed: int) -> list:
+    """(rows, 3): column 0 mostly slot 1 (GEMM-sized segments), then mixed; slots recur across columns."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.where(torch.rand(rows, generator=g) < 0.7, 1, torch.randint(-1, 4, (rows,), generator=g))
+    return torch.stack([first, torch.randint(-1, 4, (rows,), generator=g), first.flip(0)], 1).tolist()
+
+
+# name -> (index, slots, max_rank, ranks, tokens, weighted)
+COMPOSED = {
+    "1d_weight": ([0, 2, -1, 1, 0, 2, 1], 3, 4, [4, 2, 3], None, True),
+    "k1": ([[0], [2], [-1], [1], [0]], 3, 4, [4, 2, 3], None, True),
+    "k2_padded": ([[0, 1], [2, -1], [-1, -1], [1, 0], [-1, 2]], 3, 4, [4, 2, 3], None, True),
+    "k3_repeated_slots": ([[1, 1, 0], [0, 2, 1], [2, 2, 2], [-1, 1, 1], [0, -1, 0]], 3, 4, None, None, True),
+    "k3_mixed_ranks": ([[0, 3, 2], [3, 1, -1], [2, 0, 3], [1, 1, -1], [-1, -1, 3]], 4, 8, [8, 1, 0, 5], None, True),
+    "k2_no_weight": ([[0, 1], [2, -1], [1, 1], [-1, 0]], 3, 4, [1, 4, 2], None, False),
+    "k2_x3d": ([[0, 1], [2, -1], [-1, 2], [1, 1]], 3, 4, [4, 2, 3], 3, True),
+    "k3_gemm_segments": (long_columns(40, 7), 4, 8, [8, 6, 0, 3], None, True),
+    "k2_empty": (torch.empty(0, 2, dtype=torch.int64), 3, 4, [4, 2, 3], None, True),
+}
+
+
+def build_composed(name, dtype):
+    index, slots, max_rank, ranks, tokens, weighted = COMPOSED[name]
+    return composed_case(index, slots, max_rank, dtype, ranks, seed_of(name, dtype), tokens, weighted)
+
+
+parametrize_composed = pytest.mark.parametrize("name", list(COMPOSED))
+
+
+@parametrize_impl
+@parametrize_dtype
+@parametrize_case
+def test_expand_weight_matches_oracle(impl, dtype, c):
+    """weight (rows,) multiplies each row's delta; rows with -1 (or rank 0) stay bit-identical."""
+    case = build(c, dtype)
+    weight = torch.rand(case.y.size(0), generator=torch.Generator().manual_seed(seed_of(c))) * 3 - 1
+    y = case.y.clone()
+    IMPLS[impl].lora_expand(y, case.t, case.B, case.scale, case.index, case.ranks, weight)
+    keep = untouched_rows(case)
+    assert torch.equal(y[keep], case.y[keep])
+    assert_close(y, oracle_expand_weighted(case.y, case.t, case.B, case.scale, case.index, case.ranks, weight), dtype)
+
+
+@parametrize_impl
+@parametrize_dtype
+@parametrize_case
+def test_expand_unit_weight_is_bit_identical_to_none(impl, dtype, c):
+    """weight multiplies in the fp32 (fp64) accumulation, so weight = 1 changes no bit of y."""
+    case = build(c, dtype)
+    y_none, y_ones = case.y.clone(), case.y.clone()
+    IMPLS[impl].lora_expand(y_none, case.t, case.B, case.scale, case.index, case.ranks)
+    IMPLS[impl].lora_expand(y_ones, case.t, case.B, case.scale, case.index, case.ranks, torch.ones(case.y.size(0)))
+    assert torch.equal(y_ones, y_none)
+
+
+@parametrize_impl
+@parametrize_dtype
+@parametrize_composed
+def test_linear_composed_matches_oracle(impl, dtype, name):
+    case, weight = build_composed(name, dtype)
+    y = IMPLS[impl].lora_linear(*case.linear_args, weight)
+    assert y.dtype == dtype and y.shape == (*case.x.shape[:-1], case.W.size(0))
+    assert_close(y, oracle_composed(*case.linear_args, weight), dtype)
+
+
+@parametrize_dtype
+@parametrize_composed
+def test_linear_composed_compiled_agrees_with_fallback(dtype, name):
+    """The public op (the C++ kernels when compiled) against the fallback's functions, on the same inputs."""
+    case, weight = build_composed(name, dtype)
+    assert_close(ops.lora_linear(*case.linear_args, weight), reference.lora_linear(*case.linear_args, weight), dtype)
+
+
+@parametrize_impl
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_linear_one_column_and_unit_weight_are_bit_identical_to_1d(impl, dtype):
+    """index (n0, 1) is index (n0,); weight = 1 (1-D or 2-D) is weight = None."""
+    case = build((40, 4, 8, "prefill_and_decode", True, 37, 29), dtype)
+    fn = IMPLS[impl].lora_linear
+    expected = fn(*case.linear_args)
+    column = case.index[:, None].contiguous()
+    args = case.linear_args[:-2]
+    assert torch.equal(fn(*args, column, case.ranks), expected)
+    assert torch.equal(fn(*case.linear_args, torch.ones(case.index.shape)), expected)
+    assert torch.equal(fn(*args, column, case.ranks, torch.ones(column.shape)), expected)
+
+
+@parametrize_impl
+def test_linear_columns_add_up(impl):
+    """A row composing (s, w1) and (s, w2) gets the delta of (s, w1 + w2); -1 columns add nothing."""
+    case, _ = composed_case([[0, 0, -1], [1, 1, -1], [2, 2, -1]], 3, 4, torch.float64, [4, 2, 3], seed=5)
+    weight = torch.tensor([[0.25, 0.5, 9.0], [1.0, -2.0, 9.0], [0.0, 0.0, 9.0]])
+    merged = torch.tensor([0.75, -1.0, 0.0])
+    fn = IMPLS[impl].lora_linear
+    split = fn(*case.linear_args[:-2], case.index, case.ranks, weight)
+    torch.testing.assert_close(split, fn(*case.linear_args[:-2], case.index[:, 0].contiguous(), case.ranks, merged))
+
+
+@pytest.mark.parametrize("name", ["k2_padded", "k3_repeated_slots", "k2_x3d", "1d_weight"])
+def test_gradcheck_composed_float64(name):
+    index, slots, max_rank, ranks, tokens, _ = COMPOSED[name]
+    case, weight = composed_case(index, slots, max_rank, torch.float64, ranks, seed=13, tokens=tokens)
+    for v in (case.A, case.B):
+        v.nan_to_num_(0.5)  # finite padding: gradcheck perturbs every entry
+    leaves = [v.clone().requires_grad_() for v in (case.x, case.W, case.bias, case.A, case.B)]
+
+    def f(x, W, bias, A, B):
+        return ops.lora_linear(x, W, bias, A, B, case.scale, case.index, case.ranks, weight)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"]
+)
+@pytest.mark.parametrize("name", ["k3_repeated_slots", "k3_mixed_ranks", "k2_x3d", "k3_gemm_segments"])
+def test_composed_grads_match_oracle_autograd(dtype, name):
+    """Grads of lora_linear with index (n0, K) and weight: a slot in several rows and columns sums its grads;
+    padding beyond a slot's rank gets 0; weight gets none."""
+    case, weight = build_composed(name, dtype)
+    names = ["x", "W", "bias", "A", "B"]
+    leaves = {n: getattr(case, n).clone().requires_grad_() for n in names}
+    exact = {n: getattr(case, n).double().requires_grad_() for n in names}
+    w = weight.clone().requires_grad_()
+    y = ops.lora_linear(*leaves.values(), case.scale, case.index, case.ranks, w)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    got = torch.autograd.grad(y, list(leaves.values()), grad_y.to(dtype))
+    expected = torch.autograd.grad(
+        oracle_composed(*exact.values(), case.scale, case.index, case.ranks, weight), list(exact.values()), grad_y
+    )
+    rtol, atol = TOL[dtype]
+    for n, g, e in zip(names, got, expected):
+        assert g.dtype == dtype, n
+        torch.testing.assert_close(g.double(), e, rtol=rtol, atol=4 * atol, msg=lambda m, n=n: f"grad of {n}: {m}")
+    y = ops.lora_linear(*leaves.values(), case.scale, case.index, case.ranks, w)
+    assert torch.autograd.grad(y.sum(), w, allow_unused=True) == (None,)
+    if case.ranks is not None:
+        for s, r in enumerate(case.ranks.tolist()):
+            assert torch.all(got[3][s, r:] == 0) and torch.all(got[4][s, :, r:] == 0)
+
+
+def composed_opcheck_samples():
+    """(name, case, weight): 2-D index with -1 padding, repeated slots, 3-D x, bf16, None weight, K = 1."""
+    return [
+        ("k2_fp32", *composed_case([[0, 2], [-1, 1], [1, 1], [2, -1]], 3, 4, ranks=[4, 0, 2], seed=1)),
+        ("k3_bf16", *composed_case([[0, 2, 1], [-1, 1, 1], [2, -1, 0]], 3, 4, torch.bfloat16, seed=2)),
+        ("k2_x3d_fp64", *composed_case([[1, 0], [-1, 1], [0, 0]], 2, 2, torch.float64, [1, 2], seed=3, tokens=4)),
+        ("k2_no_weight", *composed_case([[0, 1], [1, -1]], 2, 2, ranks=[2, 1], seed=4, weighted=False)),
+        ("k1", *composed_case([[1], [0], [-1]], 2, 2, seed=5)),
+        ("1d_weight", *composed_case([1, 0, -1, 1], 2, 2, ranks=[2, 1], seed=6)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, case, weight", composed_opcheck_samples(), ids=[s[0] for s in composed_opcheck_samples()]
+)
+def test_opcheck_composed(name, case, weight):
+    lib = torch.ops.adapterhub
+    for v in (case.A, case.B):
+        v.nan_to_num_(0.5)
+    x2 = case.x.reshape(-1, case.x.size(-1))
+    index = reference.index_per_row(case.index, x2.size(0))
+    w = None if weight is None else reference.index_per_row(weight, x2.size(0))
+    index0 = index if index.dim() == 1 else index[:, 0].contiguous()
+    w0 = None if w is None else (w if w.dim() == 1 else w[:, 0].contiguous())
+    y = torch.nn.functional.linear(x2, case.W).contiguous()
+    t = oracle_shrink(x2, case.A, index0, case.ranks).to(case.t.dtype)
+    torch.library.opcheck(lib.lora_expand.default, (y, t, case.B, case.scale, index0, case.ranks, w0))
+    torch.library.opcheck(lib.lora_linear.default, (*case.linear_args, weight))
+    grads = [v.clone().requires_grad_() for v in (case.x, case.W, case.bias, case.A, case.B)]
+    torch.library.opcheck(lib.lora_linear.default, (*grads, case.scale, case.index, case.ranks, weight))
+    torch.library.opcheck(
+        lib.lora_linear_backward.default, (y, x2, case.W, case.A, case.B, case.scale, index, case.ranks, w)
+    )
+
+
+class ComposedLinear(AdaptedLinear):
+    """AdaptedLinear whose rows compose K (slot, weight) pairs, both given per call."""
+
+    def forward(self, x, index, weight):
+        return ops.lora_linear(x, self.W, self.bias, self.A, self.B, self.scale, index, self.ranks, weight)
+
+
+def test_compile_composed_new_pairs_do_not_recompile():
+    """New (slot, weight) values, in place or in new tensors of the same shapes, reuse the compiled graph."""
+    torch._dynamo.reset()
+    case, weight = composed_case([[0, 2], [-1, 1], [1, 1], [2, -1]], 3, 4, ranks=[4, 1, 2], seed=31)
+    module = ComposedLinear(case)
+    compiled = torch.compile(module, fullgraph=True)
+    index = case.index.clone()
+    with torch.no_grad():
+        assert_close(compiled(case.x, index, weight), module(case.x, index, weight), torch.float32)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            g = torch.Generator().manual_seed(32)
+            for _ in range(3):
+                new_index = torch.randint(-1, 3, index.shape, generator=g)
+                new_weight = torch.rand(weight.shape, generator=g) * 2 - 1
+                index.copy_(new_index)
+                weight.copy_(new_weight)
+                expected = oracle_composed(*case.linear_args[:-2], new_index, case.ranks, new_weight)
+                assert_close(compiled(case.x, index, weight), expected, torch.float32)
+                assert_close(compiled(case.x, new_index, new_weight), expected, torch.float32)

@@ -18,9 +18,9 @@ from adapterhub.ops import backend, reference
 
 ARGS = {
     "lora_shrink": ("x", "A", "index", "ranks"),
-    "lora_expand": ("y", "t", "B", "scale", "index", "ranks"),
-    "lora_linear": ("x", "W", "bias", "A", "B", "scale", "index", "ranks"),
-    "lora_linear_backward": ("grad_y", "x", "W", "A", "B", "scale", "index", "ranks"),
+    "lora_expand": ("y", "t", "B", "scale", "index", "ranks", "weight"),
+    "lora_linear": ("x", "W", "bias", "A", "B", "scale", "index", "ranks", "weight"),
+    "lora_linear_backward": ("grad_y", "x", "W", "A", "B", "scale", "index", "ranks", "weight"),
 }
 BACKENDS = ["op", "reference", "fake"]
 
@@ -37,6 +37,7 @@ def valid_args() -> dict:
         scale=torch.rand(3, generator=g),
         index=torch.tensor([0, 1, 2, -1]),
         ranks=None,
+        weight=None,
         y=torch.randn(4, 5, generator=g),
         t=torch.randn(4, 2, generator=g),
         grad_y=torch.randn(4, 5, generator=g),
@@ -199,6 +200,103 @@ CASES = {
     "linear-A-strided": Bad(LINEAR, {"A": lambda a: strided(a["A"])}, ["A must be contiguous"]),
     "linear-B-strided": Bad(LINEAR, {"B": lambda a: strided(a["B"])}, ["B must be contiguous"]),
     "linear-scale-strided": Bad(LINEAR, {"scale": lambda a: strided(a["scale"])}, ["scale must be contiguous"]),
+    # per-row weights and 2-D (rows, K) index: lora_linear and its backward only
+    "expand-weight-fp64": Bad(
+        EXPAND, {"weight": lambda a: torch.ones(4, dtype=torch.float64)}, ["weight must be Float", "got Double"]
+    ),
+    "expand-weight-length": Bad(EXPAND, {"weight": lambda a: torch.ones(3)}, ["weight.size(0)", "must be 4, got 3"]),
+    "expand-weight-2d": Bad(
+        EXPAND,
+        {"weight": lambda a: torch.ones(4, 2)},
+        ["weight must be 1-D (rows,), the shape of index", "got shape [4, 2]"],
+    ),
+    "expand-weight-strided": Bad(EXPAND, {"weight": lambda a: strided(torch.ones(4))}, ["weight must be contiguous"]),
+    "expand-weight-meta": Bad(
+        EXPAND, {"weight": lambda a: torch.ones(4, device="meta")}, ["weight is on meta but x is on cpu"]
+    ),
+    "expand-index-2d": Bad(
+        EXPAND,
+        {"index": lambda a: a["index"][:, None].repeat(1, 2)},
+        ["index must be 1-D (rows,), got shape [4, 2]", "only lora_linear takes (rows, K)", "lora_expand once"],
+    ),
+    "shrink-index-2d": Bad(
+        SHRINK,
+        {"index": lambda a: a["index"][:, None].repeat(1, 2)},
+        ["index must be 1-D (rows,), got shape [4, 2]", "only lora_linear takes (rows, K)", "lora_shrink once"],
+    ),
+    "linear-index-3d": Bad(
+        LINEAR,
+        {"index": lambda a: a["index"].view(4, 1, 1)},
+        ["index must be 1-D (rows,) or 2-D (rows, K)", "got shape [4, 1, 1]"],
+    ),
+    "linear-index-k0": Bad(
+        LINEAR,
+        {"index": lambda a: torch.empty(4, 0, dtype=torch.int64)},
+        ["index (rows, K) needs K >= 1", "got shape [4, 0]"],
+    ),
+    "linear-index-2d-rows": Bad(
+        LINEAR,
+        {"index": lambda a: torch.zeros(3, 2, dtype=torch.int64)},
+        ["index has 3 entries but the batch has 4 rows"],
+    ),
+    "linear-index-2d-strided": Bad(
+        LINEAR,
+        {"index": lambda a: torch.zeros(2, 4, dtype=torch.int64).t()},
+        ["index must be contiguous", "strides [1, 4]"],
+    ),
+    "linear-index-2d-int32": Bad(
+        LINEAR, {"index": lambda a: torch.zeros(4, 2, dtype=torch.int32)}, ["index must be Long", "got Int"]
+    ),
+    "linear-weight-1d-for-2d": Bad(
+        LINEAR,
+        {"index": lambda a: torch.zeros(4, 2, dtype=torch.int64), "weight": lambda a: torch.ones(4)},
+        ["weight must be 2-D (rows, K), the shape of index", "got shape [4]"],
+    ),
+    "linear-weight-2d-for-1d": Bad(
+        LINEAR,
+        {"weight": lambda a: torch.ones(4, 1)},
+        ["weight must be 1-D (rows,), the shape of index", "got shape [4, 1]"],
+    ),
+    "linear-weight-columns": Bad(
+        LINEAR,
+        {"index": lambda a: torch.zeros(4, 2, dtype=torch.int64), "weight": lambda a: torch.ones(4, 3)},
+        ["weight.size(1) (K, = index.size(1)) must be 2, got 3"],
+    ),
+    "linear-weight-rows": Bad(
+        LINEAR,
+        {"index": lambda a: torch.zeros(4, 2, dtype=torch.int64), "weight": lambda a: torch.ones(3, 2)},
+        ["weight.size(0) (rows, = index.size(0)) must be 4, got 3"],
+    ),
+    "linear-weight-fp16": Bad(
+        LINEAR, {"weight": lambda a: torch.ones(4, dtype=torch.float16)}, ["weight must be Float", "got Half"]
+    ),
+    "linear-weight-strided": Bad(
+        LINEAR,
+        {"index": lambda a: torch.zeros(4, 2, dtype=torch.int64), "weight": lambda a: torch.ones(2, 4).t()},
+        ["weight must be contiguous"],
+    ),
+    "linear-index-2d-slots": Bad(
+        LINEAR,
+        {"index": lambda a: torch.tensor([[0, -1], [1, 3], [2, 2], [-1, -1]])},
+        ["index values must be in [-1, 3)", "got 3 at row 1, column 1"],
+        reads_values=True,
+    ),
+    "backward-index-k0": Bad(
+        BACKWARD,
+        {"index": lambda a: torch.empty(4, 0, dtype=torch.int64)},
+        ["index (rows, K) needs K >= 1", "got shape [4, 0]"],
+    ),
+    "backward-weight-1d-for-2d": Bad(
+        BACKWARD,
+        {"index": lambda a: torch.zeros(4, 2, dtype=torch.int64), "weight": lambda a: torch.ones(4)},
+        ["weight must be 2-D (rows, K), the shape of index", "got shape [4]"],
+    ),
+    "backward-index-2d-slots": Bad(
+        BACKWARD,
+        {"index": lambda a: torch.tensor([[0, 1], [1, 1], [-2, 0], [-1, -1]])},
+        ["index values must be in [-1, 3)", "got -2 at row 2, column 0"],
+        reads_values=True,
+    ),
 }
 
 
@@ -254,7 +352,16 @@ def test_compiled_and_fallback_say_the_same(bad):
 
 
 @pytest.mark.parametrize(
-    "name", ["linear-A-bf16", "linear-B-rank", "linear-x-strided", "expand-t-rank", "shrink-index-int32"]
+    "name",
+    [
+        "linear-A-bf16",
+        "linear-B-rank",
+        "linear-x-strided",
+        "expand-t-rank",
+        "shrink-index-int32",
+        "linear-weight-1d-for-2d",
+        "expand-weight-length",
+    ],
 )
 def test_compiled_graph_reports_the_error(name):
     """torch.compile traces with the fake kernels: the same message, raised while compiling."""

@@ -29,6 +29,20 @@ def test_registered_schemas_are_schemas_py():
         assert str(registered) == str(torch._C.parse_schema(f"adapterhub::{schema}")), name
 
 
+def test_routing_arguments_end_the_schemas():
+    """Every op ends with the optional routing tensors; lora_shrink takes no weight (it stays per column)."""
+    for name, tail in [
+        ("lora_shrink", ["index", "ranks"]),
+        ("lora_expand", ["index", "ranks", "weight"]),
+        ("lora_linear", ["index", "ranks", "weight"]),
+        ("lora_linear_backward", ["index", "ranks", "weight"]),
+    ]:
+        arguments = getattr(torch.ops.adapterhub, name).default._schema.arguments
+        assert [a.name for a in arguments[-len(tail) :]] == tail, name
+        for a in arguments[-len(tail) + 1 :]:
+            assert a.default_value is None and str(a.type) == "Optional[Tensor]", (name, a.name)
+
+
 def test_namespace_holds_exactly_the_documented_ops():
     names = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("adapterhub::")}
     assert names == {f"adapterhub::{name}" for name in SCHEMAS}

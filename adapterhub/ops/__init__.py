@@ -1,8 +1,9 @@
 """The gathered low-rank ops (Punica's BGMV/SGMV idea) that every adapted layer calls.
 
-    y[i] = x[i] @ W.T + bias + scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T
-    s = index[i] (-1: base only), r = ranks[s] (default: max_rank)
-    A (slots, max_rank, in), B (slots, out, max_rank), scale (slots,) fp32, index int64
+    y[i] = x[i] @ W.T + bias + sum_k w[i, k] * scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T
+    s = index[i, k] (-1: nothing for that k), r = ranks[s] (default: max_rank), w = weight (default 1)
+    A (slots, max_rank, in), B (slots, out, max_rank), scale (slots,) fp32, index int64,
+    weight fp32 of index's shape; index is (rows,) (K = 1), or (rows, K) for lora_linear only
 
 Compiled kernels (adapterhub._C) when built, else the pure-PyTorch reference with the
 same results; `backend()` says which.
@@ -37,9 +38,13 @@ def lora_expand(
     scale: torch.Tensor,
     index: torch.Tensor,
     ranks: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> None:
-    """y (rows, out) += scale[index] * t (rows, max_rank) @ B[index].T per row, in place; -1 rows untouched."""
-    torch.ops.adapterhub.lora_expand(y, t, B, scale, index, ranks)
+    """y (rows, out) += weight * scale[index] * t (rows, max_rank) @ B[index].T per row, in place; -1 rows untouched.
+
+    weight (rows,) fp32 (None: 1) weighs each row's delta, for adapters composed per request.
+    """
+    torch.ops.adapterhub.lora_expand(y, t, B, scale, index, ranks, weight)
 
 
 def lora_linear(
@@ -51,12 +56,15 @@ def lora_linear(
     scale: torch.Tensor,
     index: torch.Tensor,
     ranks: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (n0, ..., in) -> (n0, ..., out): base linear plus the low-rank delta of slot index[i] for all of x[i].
 
-    Differentiable in x, W, bias, A and B. For per-token routing flatten x to (tokens, in).
+    index (n0, K) composes K adapters per row (-1 pads a column), each delta times weight[i, k]
+    (weight fp32 of index's shape; None: 1). Differentiable in x, W, bias, A and B, not weight.
+    For per-token routing flatten x to (tokens, in).
     """
-    return torch.ops.adapterhub.lora_linear(x, W, bias, A, B, scale, index, ranks)
+    return torch.ops.adapterhub.lora_linear(x, W, bias, A, B, scale, index, ranks, weight)
 
 
 __all__ = ["backend", "lora_expand", "lora_linear", "lora_shrink"]

@@ -67,9 +67,30 @@ def check_floating(op: str, x: torch.Tensor) -> None:
 
 
 def check_routing(
-    op: str, index: torch.Tensor, ranks: torch.Tensor | None, rows: int, slots: int, x: torch.Tensor
+    op: str,
+    index: torch.Tensor,
+    ranks: torch.Tensor | None,
+    rows: int,
+    slots: int,
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    columns: bool = False,
 ) -> None:
-    check_dim(op, "index", index, 1, "(rows,)")
+    """index (rows,) int64, or (rows, K) with K >= 1 where `columns` (lora_linear and its backward);
+    weight None or float32 of index's shape; ranks (slots,) int64 or None. Layout only."""
+    if columns:
+        if index.dim() not in (1, 2):
+            _fail(op, f"index must be 1-D (rows,) or 2-D (rows, K), got shape {list(index.shape)}")
+        if index.dim() == 2 and index.size(1) == 0:
+            _fail(op, f"index (rows, K) needs K >= 1 slot ids per row, got shape {list(index.shape)}")
+    elif index.dim() == 2:
+        _fail(
+            op,
+            f"index must be 1-D (rows,), got shape {list(index.shape)}; "
+            f"only lora_linear takes (rows, K): call {op} once per column",
+        )
+    else:
+        check_dim(op, "index", index, 1, "(rows,)")
     check_dtype(op, "index", index, torch.int64, "one slot id per row, -1 = no adapter")
     if index.size(0) != rows:
         _fail(
@@ -79,6 +100,15 @@ def check_routing(
         )
     check_same_device(op, "index", index, x)
     check_contiguous(op, "index", index)
+    if weight is not None:
+        layout = "(rows, K), the shape of index" if index.dim() == 2 else "(rows,), the shape of index"
+        check_dim(op, "weight", weight, index.dim(), layout)
+        check_dtype(op, "weight", weight, torch.float32, "one float32 weight per index entry")
+        check_size(op, "weight", weight, 0, index.size(0), "rows, = index.size(0)")
+        if index.dim() == 2:
+            check_size(op, "weight", weight, 1, index.size(1), "K, = index.size(1)")
+        check_same_device(op, "weight", weight, x)
+        check_contiguous(op, "weight", weight)
     if ranks is not None:
         check_dim(op, "ranks", ranks, 1, "(slots,)")
         check_dtype(op, "ranks", ranks, torch.int64, "the rank in use per slot")
@@ -88,10 +118,12 @@ def check_routing(
 
 
 def check_routing_values(op: str, index: torch.Tensor, ranks: torch.Tensor | None, slots: int, max_rank: int) -> None:
+    """index (rows,) or (rows, K) in [-1, slots), ranks in [0, max_rank]; the first bad entry is named."""
     bad = ((index < -1) | (index >= slots)).nonzero()
     if bad.numel():
-        row = int(bad[0])
-        _fail(op, f"index values must be in [-1, {slots}) (slots = {slots}), got {int(index[row])} at row {row}")
+        at = bad[0].tolist()  # [row] or [row, column]
+        where = f"row {at[0]}" if index.dim() == 1 else f"row {at[0]}, column {at[1]}"
+        _fail(op, f"index values must be in [-1, {slots}) (slots = {slots}), got {int(index[tuple(at)])} at {where}")
     if ranks is not None:
         bad = ((ranks < 0) | (ranks > max_rank)).nonzero()
         if bad.numel():
@@ -112,8 +144,9 @@ def check_shrink_args(op: str, x, A, index, ranks) -> None:
     check_routing(op, index, ranks, x.size(0), A.size(0), x)
 
 
-def check_expand_args(op: str, y, t, B, scale, index, ranks) -> None:
-    """y (rows, out), t (rows, max_rank) fp32 (fp64 for fp64 y), B (slots, out, max_rank), scale (slots,) fp32."""
+def check_expand_args(op: str, y, t, B, scale, index, ranks, weight=None) -> None:
+    """y (rows, out), t (rows, max_rank) fp32 (fp64 for fp64 y), B (slots, out, max_rank), scale (slots,) fp32,
+    weight (rows,) fp32 or None."""
     check_floating(op, y)
     check_dim(op, "y", y, 2, "(rows, out)")
     check_dim(op, "B", B, 3, "(slots, out, max_rank)")
@@ -130,11 +163,12 @@ def check_expand_args(op: str, y, t, B, scale, index, ranks) -> None:
         check_same_device(op, name, tensor, y)
     for name, tensor in (("y", y), ("t", t), ("B", B), ("scale", scale)):
         check_contiguous(op, name, tensor)
-    check_routing(op, index, ranks, y.size(0), B.size(0), y)
+    check_routing(op, index, ranks, y.size(0), B.size(0), y, weight)
 
 
-def check_linear_args(op: str, x, W, bias, A, B, scale, index, ranks) -> None:
-    """x (n0, ..., in), W (out, in), bias (out,) or None, A (slots, max_rank, in), B (slots, out, max_rank)."""
+def check_linear_args(op: str, x, W, bias, A, B, scale, index, ranks, weight=None) -> None:
+    """x (n0, ..., in), W (out, in), bias (out,) or None, A (slots, max_rank, in), B (slots, out, max_rank),
+    index (n0,) or (n0, K), weight None or fp32 of index's shape."""
     check_floating(op, x)
     if x.dim() < 2:
         _fail(op, f"x must be (rows, in) or (batch, ..., in), got shape {list(x.shape)}")
@@ -162,7 +196,7 @@ def check_linear_args(op: str, x, W, bias, A, B, scale, index, ranks) -> None:
     for name, tensor in (("A", A), ("B", B), ("scale", scale)):
         check_same_device(op, name, tensor, x)
         check_contiguous(op, name, tensor)
-    check_routing(op, index, ranks, x.size(0), A.size(0), x)
+    check_routing(op, index, ranks, x.size(0), A.size(0), x, weight, columns=True)
 
 
 def check_backward_args(op: str, grad_y, x, W) -> None:

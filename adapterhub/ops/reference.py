@@ -3,8 +3,9 @@ extension is absent, and the oracle the compiled kernels are tested against.
 
 Same signatures and the same contract as the compiled ops:
     t[i]  = x[i] @ A[s, :r].T                          (rows, max_rank), fp32 (fp64 for fp64)
-    y[i] += scale[s] * t[i, :r] @ B[s, :, :r].T         in place
+    y[i] += w[i] * scale[s] * t[i, :r] @ B[s, :, :r].T  in place; w = weight[i] (default 1)
     s = index[i] (-1: no adapter, t[i] = 0, y[i] unchanged), r = ranks[s] (default max_rank)
+lora_linear takes index (n0, K) too: K (slot, weight) pairs per row, one shrink/expand per column.
 Rows are grouped per slot, as PEFT does for mixed batches: one pair of matmuls per slot.
 """
 
@@ -50,19 +51,34 @@ def lora_expand(
     scale: torch.Tensor,
     index: torch.Tensor,
     ranks: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> None:
-    """y (rows, out) += scale[s] * t (rows, max_rank) @ B[s].T, B (slots, out, max_rank); in place."""
-    check_expand_args("lora_expand", y, t, B, scale, index, ranks)
+    """y (rows, out) += weight * scale[s] * t (rows, max_rank) @ B[s].T, B (slots, out, max_rank); in place.
+
+    weight (rows,) fp32 scales t in its own dtype, so weight = 1 gives the bits of weight = None.
+    """
+    check_expand_args("lora_expand", y, t, B, scale, index, ranks, weight)
     check_routing_values("lora_expand", index, ranks, B.size(0), B.size(2))
     for s, r, rows in _segments(index, ranks, B.size(2)):
-        delta = t[rows, :r] @ B[s, :, :r].to(t.dtype).T  # (n, out)
+        ts = t[rows, :r] if weight is None else t[rows, :r] * weight[rows, None].to(t.dtype)  # (n, r)
+        delta = ts @ B[s, :, :r].to(t.dtype).T  # (n, out)
         y[rows] = (y[rows].to(t.dtype) + float(scale[s]) * delta).to(y.dtype)
 
 
 def index_per_row(index: torch.Tensor, rows: int) -> torch.Tensor:
-    """index (n0,) -> (rows,) for x (n0, ..., in) flattened to (rows, in): entry i routes all of x[i]."""
+    """index or weight (n0,) or (n0, K) -> (rows,) or (rows, K) for x (n0, ..., in) flattened to (rows, in):
+    entry i routes all of x[i]."""
     n0 = index.size(0)
-    return index if n0 in (rows, 0) else index.repeat_interleave(rows // n0)
+    return index if n0 in (rows, 0) else index.repeat_interleave(rows // n0, dim=0)
+
+
+def columns(index: torch.Tensor, weight: torch.Tensor | None):
+    """Yields (index, weight) per column of a (rows, K) index, each (rows,) and contiguous; a 1-D index is one."""
+    if index.dim() == 1:
+        yield index, weight
+        return
+    for k in range(index.size(1)):
+        yield index[:, k].contiguous(), None if weight is None else weight[:, k].contiguous()
 
 
 def lora_linear(
@@ -74,14 +90,18 @@ def lora_linear(
     scale: torch.Tensor,
     index: torch.Tensor,
     ranks: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x (n0, ..., in) -> y (n0, ..., out): the base linear plus each row's low-rank delta."""
-    check_linear_args("lora_linear", x, W, bias, A, B, scale, index, ranks)
+    """x (n0, ..., in) -> y (n0, ..., out): the base linear plus each row's weighted low-rank deltas,
+    one shrink/expand pair per column of index (n0,) or (n0, K)."""
+    check_linear_args("lora_linear", x, W, bias, A, B, scale, index, ranks, weight)
     check_routing_values("lora_linear", index, ranks, A.size(0), A.size(1))
     x2 = x.reshape(-1, x.size(-1))  # (rows, in)
     y = torch.nn.functional.linear(x2, W, bias)  # (rows, out)
-    idx = index_per_row(index, x2.size(0))
-    lora_expand(y, lora_shrink(x2, A, idx, ranks), B, scale, idx, ranks)
+    idx = index_per_row(index, x2.size(0))  # (rows,) or (rows, K)
+    w = None if weight is None else index_per_row(weight, x2.size(0))
+    for idx_k, w_k in columns(idx, w):
+        lora_expand(y, lora_shrink(x2, A, idx_k, ranks), B, scale, idx_k, ranks, w_k)
     return y.view(*x.shape[:-1], W.size(0))
 
 
@@ -94,20 +114,27 @@ def lora_linear_backward(
     scale: torch.Tensor,
     index: torch.Tensor,
     ranks: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ):
-    """grad_y (rows, out), x (rows, in) -> grad_x (rows, in) with the base term, grad_A like A, grad_B like B."""
+    """grad_y (rows, out), x (rows, in), index (rows,) or (rows, K) -> grad_x (rows, in) with the base term,
+    grad_A like A, grad_B like B, summed over columns (a slot may recur across rows and columns)."""
     check_backward_args("lora_linear_backward", grad_y, x, W)
-    check_linear_args("lora_linear_backward", x, W, None, A, B, scale, index, ranks)
+    check_linear_args("lora_linear_backward", x, W, None, A, B, scale, index, ranks, weight)
     check_routing_values("lora_linear_backward", index, ranks, A.size(0), A.size(1))
     acc = intermediate_dtype(x.dtype)
     grad_x = grad_y @ W
-    grad_A, grad_B = torch.zeros_like(A), torch.zeros_like(B)
-    for s, r, rows in _segments(index, ranks, A.size(1)):
-        sc = float(scale[s])
-        xs, gs = x[rows].to(acc), grad_y[rows].to(acc)  # (n, in), (n, out)
-        As, Bs = A[s, :r].to(acc), B[s, :, :r].to(acc)  # (r, in), (out, r)
-        ts, us = xs @ As.T, gs @ Bs  # (n, r), (n, r)
-        grad_x.index_add_(0, rows, (sc * (us @ As)).to(grad_x.dtype))
-        grad_B[s, :, :r] = sc * (gs.T @ ts)
-        grad_A[s, :r] = sc * (us.T @ xs)
-    return grad_x, grad_A, grad_B
+    grad_A = torch.zeros(A.shape, dtype=acc, device=A.device)  # summed in acc, rounded once at the end
+    grad_B = torch.zeros(B.shape, dtype=acc, device=B.device)
+    for idx, w in columns(index, weight):
+        for s, r, rows in _segments(idx, ranks, A.size(1)):
+            sc = float(scale[s])
+            xs, gs = x[rows].to(acc), grad_y[rows].to(acc)  # (n, in), (n, out)
+            As, Bs = A[s, :r].to(acc), B[s, :, :r].to(acc)  # (r, in), (out, r)
+            ts, us = xs @ As.T, gs @ Bs  # (n, r), (n, r)
+            if w is not None:  # the row's weight scales both paths through its delta
+                ws = w[rows, None].to(acc)  # (n, 1)
+                ts, us = ts * ws, us * ws
+            grad_x.index_add_(0, rows, (sc * (us @ As)).to(grad_x.dtype))
+            grad_B[s, :, :r] += sc * (gs.T @ ts)
+            grad_A[s, :r] += sc * (us.T @ xs)
+    return grad_x, grad_A.to(A.dtype), grad_B.to(B.dtype)

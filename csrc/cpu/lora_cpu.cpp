@@ -5,6 +5,8 @@
 // shorter segments run row by row as gathered dot products in parallel over rows
 // (decode: each row its own slot, memory-bound on the slot's weights). The
 // per-slot rank bounds every loop, so zero padding up to max_rank is never read.
+// lora_expand's optional per-row weight is folded into t first, in t's dtype (fp32, fp64 for
+// fp64): scale is applied where it always was, and weight = 1 gives the bits of no weight.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -166,22 +168,25 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, const at::T
 }
 
 void lora_expand_cpu(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, const at::Tensor& scale,
-                     const at::Tensor& index, const c10::optional<at::Tensor>& ranks) {
-  check_expand_args("lora_expand", y, t, B, scale, index, ranks);
+                     const at::Tensor& index, const c10::optional<at::Tensor>& ranks,
+                     const c10::optional<at::Tensor>& weight) {
+  check_expand_args("lora_expand", y, t, B, scale, index, ranks, weight);
   const int64_t rows = y.size(0), slots = B.size(0), max_rank = B.size(2);
   if (rows == 0) return;
   const int64_t* idx = index.data_ptr<int64_t>();
   const int64_t* rk = ranks_ptr(ranks);
   const float* sc = scale.data_ptr<float>();
   check_routing_values("lora_expand", idx, rows, rk, slots, max_rank);
+  // (rows, max_rank): t with each row times its weight; weight = 1 leaves every bit of t.
+  const at::Tensor tw = weight.has_value() ? t * weight->to(t.scalar_type()).unsqueeze(1) : t;
   const Segments seg = group_rows_by_slot(idx, rows, slots);
   std::vector<int64_t> short_rows;
   for (int64_t k : split_segments(seg, rk, max_rank, short_rows)) {
-    expand_segment_gemm(y, t, B, sc[seg.slot[k]], seg, k, rank_of(rk, seg.slot[k], max_rank));
+    expand_segment_gemm(y, tw, B, sc[seg.slot[k]], seg, k, rank_of(rk, seg.slot[k], max_rank));
   }
   if (!short_rows.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "lora_expand_cpu",
-                                    [&] { expand_rows<scalar_t>(y, t, B, sc, idx, rk, short_rows); });
+                                    [&] { expand_rows<scalar_t>(y, tw, B, sc, idx, rk, short_rows); });
   }
 }
 

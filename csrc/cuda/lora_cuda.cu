@@ -1,5 +1,6 @@
 // CUDA impls of lora_shrink and lora_expand (the kernels are in lora_kernels.cuh).
-// Same contract as the CPU impls; lora_linear and its backward come for free from
+// Same contract as the CPU impls (expand's optional per-row weight is read on the device and
+// multiplies scale in the fp32/fp64 accumulation); lora_linear and its backward come for free from
 // csrc/lora_linear.cpp (CompositeExplicitAutograd over these two and at::mm).
 //
 // Dispatch rule, per call (BGMV vs SGMV):
@@ -196,9 +197,9 @@ void launch_expand(cuda::ExpandParams<T> p, const int64_t* items, int64_t count,
 }
 
 void lora_expand_cuda(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, const at::Tensor& scale,
-                      const at::Tensor& index, const OptTensor& ranks) {
+                      const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight) {
   const char* op = "lora_expand";
-  check_expand_args(op, y, t, B, scale, index, ranks);
+  check_expand_args(op, y, t, B, scale, index, ranks, weight);
   const c10::cuda::CUDAGuard guard(y.device());
   const int64_t rows = y.size(0), out = y.size(1), slots = B.size(0), max_rank = B.size(2);
   TORCH_CHECK_VALUE(max_rank <= kMaxRank, op, ": the CUDA kernels support max_rank up to ", kMaxRank,
@@ -210,6 +211,7 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, c
     using Acc = cuda::acc_t<T>;
     const cuda::ExpandParams<T> p{reinterpret_cast<T*>(y.data_ptr<scalar_t>()), t.data_ptr<Acc>(),
                                   reinterpret_cast<const T*>(B.data_ptr<scalar_t>()), scale.data_ptr<float>(),
+                                  weight.has_value() ? weight->data_ptr<float>() : nullptr,
                                   routing(index, ranks, slots, max_rank), out, 1};
     const bool vectorized = max_rank % cuda::kVecWidth<T> == 0 && aligned16(p.B);
     if (plan.all_rows) {

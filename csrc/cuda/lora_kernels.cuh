@@ -2,7 +2,7 @@
 // csrc/cuda/compile_check.sh compiles them with nvcc on a machine without torch or GPU.
 //
 //   shrink: t[i, q]  = x[i] . A[s, q]                    q < r;  t[i, q] = 0 for r <= q < R
-//   expand: y[i, o] += scale[s] * sum_{q<r} t[i, q] * B[s, o, q]
+//   expand: y[i, o] += w[i] * scale[s] * sum_{q<r} t[i, q] * B[s, o, q]   w = weight (null: 1)
 //   s = index[i] (-1: no adapter), r = ranks[s] (R = max_rank when ranks is null)
 //   x (rows, in), A (slots, R, in), t (rows, R), B (slots, out, R), y (rows, out), all contiguous.
 //
@@ -255,6 +255,7 @@ struct ExpandParams {
   const acc_t<T>* t;    // (rows, R)
   const T* B;           // (slots, out, R)
   const float* scale;   // (slots,)
+  const float* weight;  // (rows,) per-row weight of the delta, or nullptr: 1 for every row
   Routing route;
   int64_t out;
   int lanes;            // lanes per output: a power of two in [1, 32]
@@ -326,7 +327,13 @@ __global__ void __launch_bounds__(kExpandThreads, 2) lora_expand_kernel(ExpandPa
     }
   }
 
+  // Each row's coefficient, scale times its weight in Acc (weight 1: exactly scale, the unweighted bits).
   const Acc sc = static_cast<Acc>(p.scale[slot]);
+  Acc coef[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    coef[m] = p.weight != nullptr && valid[m] ? sc * static_cast<Acc>(p.weight[row[m]]) : sc;
+  }
 #pragma unroll
   for (int u = 0; u < OU; ++u) {
     const int64_t o = o0 + static_cast<int64_t>(u) * groups;
@@ -335,7 +342,7 @@ __global__ void __launch_bounds__(kExpandThreads, 2) lora_expand_kernel(ExpandPa
       const Acc v = warp_sum(acc[u][m], L);
       if (lg == 0 && o < p.out && valid[m]) {
         T* yo = p.y + row[m] * p.out + o;
-        store(yo, to_acc(*yo) + sc * v);
+        store(yo, to_acc(*yo) + coef[m] * v);
       }
     }
   }
