@@ -1,6 +1,7 @@
 """adapterhub-loha against PEFT itself: LoHa adapters saved by PEFT, served by an adapterhub Backbone
-(alone and mixed per row with other adapters and types), saved back and loaded by PEFT, and refused
-with a clear AdapterError where the plugin cannot run them. Uses only adapterhub's public API."""
+(alone, mixed per row with other adapters and types, and combined by "cat" compositions), saved back
+and loaded by PEFT, and refused with a clear AdapterError where the plugin cannot run them (or a
+composition method other than "cat"). Uses only adapterhub's public API."""
 
 from __future__ import annotations
 
@@ -251,3 +252,81 @@ def test_registry_lists_loha_from_its_distribution():
     assert (row.distribution, row.version, row.aliases) == ("adapterhub-loha", "0.1.0", ("LOHA",))
     assert row.hooks == ("adapter_types",)
     assert json.dumps(registry().get("loha").config_schema)  # a JSON Schema, as the contract asks
+
+
+def peft_active(directories: dict[str, Path]) -> torch.Tensor:
+    """PEFT with every adapter of `directories` active at once: its LoHa layers add each active adapter's delta."""
+    names = list(directories)
+    model = PeftModel.from_pretrained(tiny_llama(), directories[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(directories[name], adapter_name=name)
+    model.base_model.set_adapter(names)
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def scaled(weight: float):
+    """An edit for broken_copy multiplying every hada_w1_a by weight: LoHa's delta is linear in it."""
+    return lambda t: {k: v * weight if k.endswith(".hada_w1_a") else v for k, v in t.items()}
+
+
+def blend(weights, method="cat", names=("a", "b"), **options) -> dict:
+    return {"adapters": [{"name": n, "weight": w} for n, w in zip(names, weights)], "method": method, **options}
+
+
+def cat_backbone(dirs) -> ah.Backbone:
+    bb = ah.Backbone(tiny_llama(), max_adapters=4, max_rank=16)
+    for name, directory in dirs.items():
+        bb.load(directory, name=name)
+    return bb
+
+
+def test_cat_equals_peft_with_both_adapters_active(dirs, refs):
+    """cat with weights (1, 1) adds both deltas in every layer, as PEFT does with both adapters active."""
+    bb = cat_backbone(dirs)
+    expected = peft_active({"a": dirs["a"], "b": dirs["b"]})
+    for name in ("a", "b"):  # both adapters count: the sum is neither of them alone
+        assert (expected - refs[name]).abs().max() > 1e-2
+    assert (routed(bb, blend([1.0, 1.0])) - expected).abs().max() < ATOL
+    assert (routed(bb, {"adapters": {"a": 1.0, "b": 1.0}}) - expected).abs().max() < ATOL  # "cat" by default
+    assert bb.names == ["a", "b", "lora"]  # cat merges nothing into a slot of its own
+
+
+def test_cat_weights_scale_each_adapters_delta(dirs, tmp_path):
+    """cat (0.6, -0.3) equals PEFT with both active, each copy's hada_w1_a multiplied by its weight."""
+    bb = cat_backbone(dirs)
+    expected = peft_active(
+        {
+            "a": broken_copy(dirs["a"], tmp_path / "a", scaled(0.6)),
+            "b": broken_copy(dirs["b"], tmp_path / "b", scaled(-0.3)),
+        }
+    )
+    assert (expected - peft_active({"a": dirs["a"], "b": dirs["b"]})).abs().max() > 1e-2  # the weights count
+    diff = (routed(bb, blend([0.6, -0.3])) - expected).abs().max().item()
+    print(f"loha cat (0.6, -0.3): max abs diff vs PEFT {diff:.2e}")
+    assert diff < ATOL
+
+
+def test_cat_rows_mixed_with_single_and_base_rows_equal_each_alone(dirs, refs):
+    bb = cat_backbone(dirs)
+    rows = [blend([0.6, -0.3]), "lora", None, blend([0.5, 1.5], names=("b", "a")), "a"]
+    mixed = routed(bb, rows)
+    for i, row in enumerate(rows):
+        assert (mixed[i] - routed(bb, row, IDS[i : i + 1])[0]).abs().max() < ATOL
+    assert torch.equal(mixed[2], refs["base"][2])  # the base row passes through exactly
+    with torch.no_grad(), bb.use(rows, lengths=[IDS.size(1)] * len(rows)):  # the server's packed steps: per token
+        packed = bb.model(IDS.reshape(1, -1)).logits
+    first = routed(bb, rows[0], IDS[:1])[0]
+    assert (packed[0, : IDS.size(1)] - first).abs().max() < ATOL  # the first sequence sees itself only
+
+
+@pytest.mark.parametrize(("method", "options"), [("linear", {}), ("svd", {}), ("ties", {"density": 0.5})])
+def test_methods_other_than_cat_are_refused_by_name(dirs, refs, method, options):
+    """PEFT defines no add_weighted_adapter for LoHa: only "cat", which the registry lists too."""
+    assert registry().get("loha").composition_methods() == ("cat",)
+    assert next(r for r in registry().listing() if r.name == "loha").composition_methods == ("cat",)
+    bb = cat_backbone(dirs)
+    with pytest.raises(ah.AdapterError, match=f"loha adapters compose by \\['cat'\\], not by \"{method}\""):
+        routed(bb, blend([0.6, 0.4], method, **options))
+    assert bb.names == ["a", "b", "lora"]  # nothing was materialized
+    assert (routed(bb, "a") - refs["a"]).abs().max() < ATOL  # the refused routing did not linger

@@ -1,7 +1,8 @@
 """adapterhub-vera against PEFT itself: VeRA adapters saved by PEFT (with and without their projections),
-served by an adapterhub Backbone (alone and mixed per row with another VeRA, LoRA and base rows),
-saved back and loaded by PEFT, created fresh as PEFT creates them, and refused with a clear
-AdapterError where the files are wrong. Uses only adapterhub's public API."""
+served by an adapterhub Backbone (alone, mixed per row with another VeRA, LoRA and base rows, and
+combined by "cat" compositions), saved back and loaded by PEFT, created fresh as PEFT creates them,
+and refused with a clear AdapterError where the files are wrong (or a composition method is not
+"cat"). Uses only adapterhub's public API."""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 IDS = torch.randint(0, 128, (6, 7), generator=torch.Generator().manual_seed(0))
 # "a": every linear, r=8. "b": r=4, another key, one layer only. "noproj": saved without its projections,
 # which PEFT (and the plugin) regenerate from projection_prng_key. Each has different max in/out sizes.
+# "c": other layers, but a's key, r and max in/out sizes: PEFT holds VeRA adapters together only so.
 CONFIGS = {
     "a": dict(r=8, target_modules=TARGETS),
+    "c": dict(r=8, target_modules=["k_proj", "up_proj", "down_proj"], layers_to_transform=[0]),
     "b": dict(r=4, target_modules=["v_proj", "down_proj"], layers_to_transform=[1], projection_prng_key=7),
     "noproj": dict(r=8, target_modules=["q_proj", "v_proj", "gate_proj"], projection_prng_key=3, save_projection=False),
 }
@@ -291,3 +294,88 @@ def test_unchecked_adapter_without_projections_cannot_be_written(dirs, tmp_path)
     vera.check(adapter, tiny_llama())
     vera.write(adapter, tmp_path / "out")
     compare("llama noproj checked + written", peft_out(tmp_path / "out"), peft_out(dirs["noproj"]))
+
+
+def peft_active(directories: dict[str, Path]) -> torch.Tensor:
+    """PEFT with every adapter of `directories` active at once: its VeRA layers add each active adapter's delta."""
+    names = list(directories)
+    model = PeftModel.from_pretrained(tiny_llama(), directories[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(directories[name], adapter_name=name)
+    model.base_model.set_adapter(names)
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def scaled_copy(src: Path, dst: Path, weight: float) -> Path:
+    """A copy of src whose every lambda_b is multiplied by weight: VeRA's delta is linear in lambda_b."""
+    return broken_copy(
+        src, dst, tensors=lambda t: t.update({k: v * weight for k, v in t.items() if k.endswith(".vera_lambda_b")})
+    )
+
+
+def blend(weights, method="cat", names=("a", "c"), **options) -> dict:
+    return {"adapters": [{"name": n, "weight": w} for n, w in zip(names, weights)], "method": method, **options}
+
+
+def cat_backbone(dirs) -> ah.Backbone:
+    bb = ah.Backbone(tiny_llama(), max_adapters=4, max_rank=8)
+    for name in ("a", "c", "b"):
+        bb.load(dirs[name], name=name)
+    return bb
+
+
+def test_cat_equals_peft_with_both_adapters_active(dirs):
+    """cat with weights (1, 1) adds both deltas in every layer, as PEFT does with both adapters active."""
+    bb = cat_backbone(dirs)
+    with torch.no_grad(), bb.use(blend([1.0, 1.0])):
+        got = bb.model(IDS).logits
+    expected = peft_active({"a": dirs["a"], "c": dirs["c"]})
+    for name in ("a", "c"):  # both adapters count: the sum is neither of them alone
+        assert (expected - peft_out(dirs[name])).abs().max() > 1e-2
+    compare("llama cat (1, 1)", got, expected)
+    with torch.no_grad(), bb.use({"adapters": {"a": 1.0, "c": 1.0}}):  # "cat" is VeRA's default method
+        compare("llama cat by default", bb.model(IDS).logits, expected)
+    assert bb.names == ["a", "c", "b"]  # cat merges nothing into a slot of its own
+
+
+def test_cat_weights_scale_each_adapters_delta(dirs, tmp_path):
+    """cat (0.6, -0.3) equals PEFT with both active, each copy's lambda_b multiplied by its weight."""
+    bb = cat_backbone(dirs)
+    with torch.no_grad(), bb.use(blend([0.6, -0.3])):
+        got = bb.model(IDS).logits
+    expected = peft_active(
+        {"a": scaled_copy(dirs["a"], tmp_path / "a", 0.6), "c": scaled_copy(dirs["c"], tmp_path / "c", -0.3)}
+    )
+    assert (expected - peft_active({"a": dirs["a"], "c": dirs["c"]})).abs().max() > 1e-2  # the weights count
+    compare("llama cat (0.6, -0.3)", got, expected)
+
+
+def test_cat_rows_mixed_with_single_and_base_rows_equal_each_alone(dirs):
+    bb = cat_backbone(dirs)
+    rows = [blend([0.6, -0.3]), "b", None, blend([0.5, 1.5], names=("c", "a"))]
+    with torch.no_grad(), bb.use(rows):
+        got = bb.model(IDS[:4]).logits
+    alone = []
+    for i, row in enumerate(rows):
+        with torch.no_grad(), bb.use(row):
+            alone.append(bb.model(IDS[i : i + 1]).logits[0])
+    compare("llama cat rows mixed", got, torch.stack(alone))
+    compare("llama base row next to cat rows", got[2], tiny_llama()(IDS[2:3]).logits[0].detach())
+    with torch.no_grad(), bb.use(rows, lengths=[IDS.size(1)] * 4):  # the server's packed steps: per token
+        packed = bb.model(IDS[:4].reshape(1, -1)).logits
+    compare("llama cat rows packed", packed[0, : IDS.size(1)], alone[0])  # the first sequence sees itself only
+
+
+@pytest.mark.parametrize(("method", "options"), [("linear", {}), ("svd", {}), ("ties", {"density": 0.5})])
+def test_methods_other_than_cat_are_refused_by_name(dirs, method, options):
+    """PEFT defines no add_weighted_adapter for VeRA: only "cat", which the registry lists too."""
+    assert registry().get("vera").composition_methods() == ("cat",)
+    assert next(r for r in registry().listing() if r.name == "vera").composition_methods == ("cat",)
+    bb = cat_backbone(dirs)
+    refused = f"vera adapters compose by \\['cat'\\], not by \"{method}\""
+    with pytest.raises(ah.AdapterError, match=refused), torch.no_grad(), bb.use(blend([0.6, 0.4], method, **options)):
+        bb.model(IDS)
+    assert bb.names == ["a", "c", "b"]  # nothing was materialized
+    with torch.no_grad(), bb.use("a"):  # the refused routing did not linger
+        compare("llama a after a refused composition", bb.model(IDS).logits, peft_out(dirs["a"]))

@@ -43,6 +43,13 @@ class LohaType(AdapterType):
             for name in FACTORS:
                 check_shape(adapter, path, name, (out_features, r) if name.endswith("_a") else (r, in_features))
 
+    def composition_methods(self) -> tuple[str, ...]:
+        """ "cat" only: a row routed to several LoHa slots adds each slot's delta (scale * B' @ A') times its
+        weight (LohaSlots are LowRankSlots), exactly and without merging anything. PEFT defines no
+        add_weighted_adapter for LoHa, so there is no materialized method to match; cat_scale stays 1,
+        as each slot keeps its own alpha / r."""
+        return ("cat",)
+
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> LohaSlots:
         _require_nn_linear("allocate", path, module)
         return LohaSlots(module, slots, max_rank)

@@ -62,6 +62,13 @@ class VeraType(AdapterType):
         """The per-module lambdas; the shared projections stay frozen, as in PEFT."""
         return [(path, key) for path in adapter.modules for key in ("vera_lambda_d", "vera_lambda_b")]
 
+    def composition_methods(self) -> tuple[str, ...]:
+        """ "cat" only: a row routed to several VeRA slots adds each slot's low-rank delta times its weight
+        (VeraSlots are LowRankSlots), exactly and without merging anything. PEFT defines no
+        add_weighted_adapter for VeRA, so there is no materialized method to match; cat_scale stays 1,
+        as the slots hold each adapter's whole delta at scale 1."""
+        return ("cat",)
+
     def allocate(self, module: nn.Module, path: str, slots: int, max_rank: int) -> VeraSlots:
         if not is_linear(module):
             raise AdapterError(f"VeRA adapts nn.Linear (and Conv1D) modules; {path!r} is a {type(module).__name__}")
