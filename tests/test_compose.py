@@ -69,9 +69,9 @@ def fixed_masks(monkeypatch):
     """DARE's random masks made deterministic for both libraries (PEFT draws from the global RNG), and
     the same for a matrix and its transpose (PEFT prunes GPT-2's Conv1D deltas transposed)."""
 
-    def bernoulli(p, *args, generator=None, **kwargs):
-        rows, cols = torch.meshgrid(*(torch.arange(n) for n in p.shape), indexing="ij")
-        return ((rows + cols) % 5 != 0).to(p.dtype)
+    def bernoulli(p, *args, generator=None, **kwargs):  # on each matrix of p (..., rows, cols)
+        rows, cols = torch.arange(p.size(-2))[:, None], torch.arange(p.size(-1))[None, :]
+        return ((rows + cols) % 5 != 0).to(p.dtype).expand(p.shape)
 
     monkeypatch.setattr(torch, "bernoulli", bernoulli)
 

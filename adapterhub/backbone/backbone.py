@@ -55,7 +55,8 @@ class AdapterInfo:
     digest: sha256 hex of the adapter as loaded (or added from memory): its canonical config
     (json.dumps, keys sorted) and its tensors (by module path and name sorted: name, dtype, shape, raw
     bytes), computed once when it is read. The same files loaded under two names give the same digest;
-    a changed tensor byte or config value gives another. Training in the slots does not change it.
+    a changed tensor byte or config value gives another. Training in the slots does not change it. A
+    materialized composition's digest is its composition key (`Backbone.composition_key`).
     """
 
     name: str

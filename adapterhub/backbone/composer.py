@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from ..errors import AdapterError
 from ..plugins import AdapterType
 from .composition import Composition
-from .digest import adapter_digest
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -117,8 +116,13 @@ class Composer:
             start = time.perf_counter()
             inputs = [bb._extract(n) for n in composition.names]
             adapter = adapter_type.compose(inputs, list(composition.weights), method, dict(composition.options))
-            bb._check(adapter)
-            digest = adapter_digest(adapter)
+            rank = adapter_type.rank(adapter)  # made from checked inputs: only its rank can be new (svd_rank)
+            if rank > bb.max_rank:
+                raise AdapterError(
+                    f"the {method} composition of {list(composition.names)} has rank {rank} > max_rank "
+                    f"{bb.max_rank}; ask for svd_rank <= {bb.max_rank}"
+                )
+            digest = key  # what it computes, named by its inputs' digests (hashing its tensors again costs more)
             self.materialized += 1
             self.materialize_seconds += time.perf_counter() - start
             log.info("materialized %s composition of %s as %r", method, list(composition.names), name)

@@ -56,12 +56,25 @@ def compose_lora(adapters: list[Adapter], weights: list[float], method: str, opt
     scale = lora_scale(rank, rank, bool(adapters[0].config.get("use_rslora")))
     generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
     paths = list(dict.fromkeys(p for a in adapters for p in a.modules))
-    modules = {}
+    groups: dict[tuple, list[str]] = {}  # (inputs present, A's and B's shapes) -> paths merged in one go
     for path in paths:
-        present = [(a.modules[path], w) for a, w in zip(adapters, weights) if path in a.modules]
-        merged = _svd(present, method, rank, options, generator) if method.endswith("svd") else None
-        A, B = merged or _split(present, method, options, generator)
-        modules[path] = {"A": A.contiguous(), "B": B.contiguous(), "scale": torch.tensor(scale, dtype=torch.float64)}
+        present = tuple(k for k, a in enumerate(adapters) if path in a.modules)
+        shapes = tuple(
+            (tuple(adapters[k].modules[path]["A"].shape), tuple(adapters[k].modules[path]["B"].shape)) for k in present
+        )
+        groups.setdefault((present, shapes), []).append(path)
+    modules = {}
+    for (present, _), group in groups.items():
+        parts = [[adapters[k].modules[path] for path in group] for k in present]  # [K][M]
+        scaled = [[weights[k] * float(t["scale"]) for t in row] for k, row in zip(present, parts)]
+        merge_group = _svd if method.endswith("svd") else _split
+        A, B = merge_group(parts, scaled, [weights[k] for k in present], method, rank, options, generator)
+        for m, path in enumerate(group):
+            modules[path] = {
+                "A": A[m].contiguous(),
+                "B": B[m].contiguous(),
+                "scale": torch.tensor(scale, dtype=torch.float64),
+            }
     first = adapters[0].config
     config = {
         **first,
@@ -74,37 +87,41 @@ def compose_lora(adapters: list[Adapter], weights: list[float], method: str, opt
     return Adapter(type=adapters[0].type, config=config, modules=modules, source=f"composition ({method})")
 
 
-def _split(present: list, method: str, options: dict, generator: torch.Generator):
-    """Merges A and B separately, sqrt(|w scale|) on each (the sign on A)."""
-    scaled = [w * float(t["scale"]) for t, w in present]
-    weights_A = torch.tensor([math.sqrt(abs(s)) * (1 if s >= 0 else -1) for s in scaled])
-    weights_B = torch.tensor([math.sqrt(abs(s)) for s in scaled])
-    dtype = present[0][0]["A"].dtype
-    kw = dict(density=options.get("density"), majority_sign_method=options.get("majority_sign_method", "total"))
-    A = merge([t["A"] for t, _ in present], weights_A, method, generator=generator, **kw)
-    B = merge([t["B"] for t, _ in present], weights_B, method, generator=generator, **kw)
+def _stack(parts: list[list[dict]], key: str) -> torch.Tensor:
+    """parts [K][M] of module tensors -> (K, M, ...) of `key`."""
+    return torch.stack([torch.stack([t[key] for t in row]) for row in parts])
+
+
+def _options(options: dict) -> dict:
+    return dict(density=options.get("density"), majority_sign_method=options.get("majority_sign_method", "total"))
+
+
+def _split(parts, scaled, weights, method, rank, options, generator):
+    """Merges A and B separately, sqrt(|w scale|) on each (the sign on A): (A (M, r, in), B (M, out, r))."""
+
+    weights_A = torch.tensor([[math.sqrt(abs(s)) * (1 if s >= 0 else -1) for s in row] for row in scaled])  # (K, M)
+    weights_B = torch.tensor([[math.sqrt(abs(s)) for s in row] for row in scaled])
+    dtype = parts[0][0]["A"].dtype
+    A = merge(_stack(parts, "A"), weights_A, method, generator=generator, **_options(options))
+    B = merge(_stack(parts, "B"), weights_B, method, generator=generator, **_options(options))
     return A.to(dtype), B.to(dtype)
 
 
-def _svd(present: list, method: str, rank: int, options: dict, generator: torch.Generator):
-    """Merges the dense deltas (out, in), then factors them: (A (rank, in), B (out, rank))."""
-    dtype = present[0][0]["A"].dtype
-    deltas = [(t["B"] @ t["A"]) * float(t["scale"]) for t, _ in present]
-    weights = torch.tensor([w for _, w in present])  # fp32, as PEFT's
+def _svd(parts, scaled, weights, method, rank, options, generator):
+    """Merges the dense deltas (M, out, in), then factors each: (A (M, rank, in), B (M, out, rank))."""
+    dtype = parts[0][0]["A"].dtype
+    scales = torch.tensor([[float(t["scale"]) for t in row] for row in parts], dtype=dtype)  # (K, M)
+    deltas = torch.stack([_stack([row], "B")[0] @ _stack([row], "A")[0] for row in parts])  # (K, M, out, in)
+    deltas = deltas * scales[..., None, None]  # each input's rank may differ: one product per input
+    per_input = torch.tensor(weights)[:, None].expand(len(parts), len(parts[0]))  # (K, M), fp32 as PEFT's
     kind = "linear" if method == "svd" else method.removesuffix("_svd")
-    delta = merge(
-        deltas,
-        weights,
-        kind,
-        density=options.get("density"),
-        majority_sign_method=options.get("majority_sign_method", "total"),
-        generator=generator,
-    )
+    delta = merge(deltas, per_input, kind, generator=generator, **_options(options))  # (M, out, in)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=options.get("svd_full_matrices", True))
-    U = U[:, :rank] @ torch.diag(S[:rank])  # (out, rank)
-    Vh = Vh[:rank, :]  # (rank, in)
+    U = U[..., :rank] @ torch.diag_embed(S[..., :rank])  # (M, out, rank)
+    Vh = Vh[..., :rank, :]  # (M, rank, in)
     clamp = options.get("svd_clamp")
     if clamp is not None:
-        high = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
-        U, Vh = U.clamp(-high, high), Vh.clamp(-high, high)
+        for m in range(U.size(0)):
+            high = torch.quantile(torch.cat([U[m].flatten(), Vh[m].flatten()]), clamp)
+            U[m], Vh[m] = U[m].clamp(-high, high), Vh[m].clamp(-high, high)
     return Vh.to(dtype), U.to(dtype)
