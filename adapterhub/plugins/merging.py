@@ -57,12 +57,12 @@ def _prune_magnitude(tensors: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(tensors)
     magnitude = flat.abs()
     threshold = magnitude.kthvalue(n - k + 1, dim=1, keepdim=True).values  # the k-th largest of each
-    mask = (magnitude >= threshold).to(flat.dtype)
-    ties = (mask.sum(dim=1) != k) & (threshold.squeeze(1) > 0)  # (ties among zeros change nothing)
+    keep = magnitude >= threshold  # (K*M, n)
+    ties = (keep.sum(dim=1) != k) & (threshold.squeeze(1) > 0)  # (ties among zeros change nothing)
     for row in ties.nonzero().flatten().tolist():  # magnitudes tie at the threshold: PEFT's own top-k
-        mask[row].zero_()
-        mask[row, torch.topk(magnitude[row], k=k, largest=True).indices] = 1
-    return (flat * mask).view_as(tensors)
+        keep[row] = False
+        keep[row, torch.topk(magnitude[row], k=k, largest=True).indices] = True
+    return flat.masked_fill(~keep, 0).view_as(tensors)
 
 
 def _prune_random(tensors: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -88,8 +88,9 @@ def compose_lora(adapters: list[Adapter], weights: list[float], method: str, opt
 
 
 def _stack(parts: list[list[dict]], key: str) -> torch.Tensor:
-    """parts [K][M] of module tensors -> (K, M, ...) of `key`."""
-    return torch.stack([torch.stack([t[key] for t in row]) for row in parts])
+    """parts [K][M] of module tensors -> (K, M, ...) of `key`, in one copy."""
+    flat = torch.stack([t[key] for row in parts for t in row])  # (K*M, ...)
+    return flat.view(len(parts), len(parts[0]), *flat.shape[1:])
 
 
 def _options(options: dict) -> dict:
