@@ -15,7 +15,7 @@ from test_serve_engine import _run
 from tiny_models import tiny_tokenizer
 
 from adapterhub import Backbone, Composition
-from adapterhub.serve.engine import Engine
+from adapterhub.serve.engine import Engine, Failed
 from adapterhub.serve.errors import RequestError, UnknownAdapter
 from adapterhub.serve.sampling import Sampling
 
@@ -152,6 +152,8 @@ def test_http_refusals_and_keys(server):
     mixed = post({"composition": {"adapters": [{"name": "a0"}, {"name": "a1"}]}})
     assert mixed.status_code == 400 and "mixes adapter types" in mixed.text
     assert post({"composition": {"adapters": [{"name": "a0"}, {"name": "nope"}]}}).status_code == 404
+    ranks = post({"composition": {"adapters": [{"name": "a0"}, {"name": "a2"}], "method": "linear"}})
+    assert ranks.status_code == 400 and "one rank" in ranks.text  # found when merging, at admission
     # the tenant may use a0 but not a2: a composition naming a2 is an unknown model to it
     assert post({"composition": {"adapters": [{"name": "a0"}]}}, headers=TENANT).status_code == 200
     assert post({"composition": CAT}, headers=TENANT).status_code == 404
@@ -196,3 +198,24 @@ def test_concurrent_compositions_share_one_materialization(server):
         "adapterhub_composition_materializations_total",
     )
     assert after - before == 1
+
+
+def test_replacing_an_input_drops_its_materialization(dirs):
+    backbone = Backbone(served_llama(), max_adapters=4, max_rank=8)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny").start()
+    try:
+        for name in ("a0", "a3"):
+            engine.add_adapter(name, str(dirs[name]))
+        first = _run(engine, [(Composition.parse(TIES), "hello")], Sampling(max_tokens=4, temperature=0))
+        assert sum(n.startswith("composition:") for n in backbone.names) == 1
+        engine.add_adapter("a3", str(dirs["a2"]))  # a new version of an input: the old one is unloaded
+        assert not any(n.startswith("composition:") for n in backbone.names)
+        events, ended = [], threading.Event()  # a2 has another rank: TIES cannot combine them, found when merging
+        engine.submit(Composition.parse(TIES), [5], Sampling(max_tokens=2), lambda e: (events.append(e), ended.set()))
+        assert ended.wait(30) and isinstance(events[-1], Failed) and events[-1].status == 400
+        assert "one rank" in events[-1].message and not engine._users  # nothing left counted or pinned
+        assert not any(backbone.info(n).pinned for n in backbone.names)
+        engine.add_adapter("a3", str(dirs["a3"]))  # the same files again: the same content, merged anew
+        assert _run(engine, [(Composition.parse(TIES), "hello")], Sampling(max_tokens=4, temperature=0)) == first
+    finally:
+        engine.stop()

@@ -124,11 +124,12 @@ class Request:
 
     @property
     def residents(self) -> tuple[str, ...]:
-        """The resident adapters it uses (each counts it as a user): its adapter, or its composition's
-        inputs and, once made, their materialization."""
+        """The resident adapters it uses (each counts it as a user): its adapter, or, once made, its
+        composition's materialization and then the composition's inputs (released in this order, so
+        that an input unloaded on release also unloads the materialization made from it)."""
         if self.composition is None:
             return () if self.resident is None else (self.resident,)
-        return self.composition.names + (() if self.materialized is None else (self.materialized,))
+        return (() if self.materialized is None else (self.materialized,)) + self.composition.names
 
     @property
     def route(self) -> str | Composition | None:
