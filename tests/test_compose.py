@@ -235,3 +235,49 @@ def test_refusals_name_the_problem(saved, tmp_path):
     with bb.use(spec(["a0", "r4"], "cat")):  # the routing of the refused batches did not linger
         assert bb.table.in_flight
     assert not bb.table.in_flight
+
+
+@pytest.mark.parametrize(("method", "options"), [("ties", {"density": 0.3}), ("svd", {"svd_rank": 2})])
+def test_one_adapter_is_scaled_as_peft_does(saved, method, options):
+    """PEFT combines a single adapter by "linear" whatever the method asked for: no pruning, no SVD."""
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=4, max_rank=16)
+    bb.load(saved["llama"][0], name="a0")
+    batch = ids()
+    with bb.use({"adapters": [{"name": "a0", "weight": 0.7}], "method": method, **options}):
+        ours = logits(model, batch)
+    reference = PeftModel.from_pretrained(tiny_llama(), saved["llama"][0], adapter_name="a0")
+    reference.add_weighted_adapter(["a0"], [0.7], "one", combination_type=method, **options)
+    reference.set_adapter("one")
+    torch.testing.assert_close(ours, logits(reference.eval(), batch), **TOL)
+
+
+def test_rewritten_inputs_and_unequal_module_ranks(saved, tmp_path):
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=6, max_rank=16)
+    bb.load(saved["llama"][0], name="a0")
+    bb.load(saved["llama"][1], name="a1")
+    blend = spec(["a0", "a1"], "linear")
+    before = logits_routed(bb, model, blend, ids())
+    adapter = bb._extract("a0")
+    for tensors in adapter.modules.values():
+        tensors["B"] = tensors["B"] * 3
+    bb.rewrite("a0", adapter)  # trained in place: its digest stays, what was merged from it must not
+    after = logits_routed(bb, model, blend, ids())
+    assert not torch.allclose(before, after, atol=1e-4)
+    fresh = ah.Backbone(tiny_llama(), max_adapters=4, max_rank=16)
+    fresh.add("a0", adapter)
+    fresh.load(saved["llama"][1], name="a1")
+    torch.testing.assert_close(after, logits_routed(fresh, fresh.model, blend, ids()), **TOL)
+
+    patterned = LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, rank_pattern={"q_proj": 4})
+    bb.load(save_peft(tiny_llama, tmp_path / "patterned", seed=5, config=patterned), name="p")
+    with (
+        pytest.raises(ah.AdapterError, match=r"q_proj' with ranks \[8, 4\]"),
+        bb.use(spec(["a0", "p"], "ties", density=0.5)),
+    ):
+        pass
+    with pytest.raises(ah.AdapterError, match="above 0"), bb.use(spec(["a0", "a1"], "dare_linear", density=0)):
+        pass
+    with pytest.raises(ah.AdapterError, match="compositions' own"):
+        bb.load(saved["llama"][0], name="composition:mine")

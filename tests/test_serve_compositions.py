@@ -219,3 +219,45 @@ def test_replacing_an_input_drops_its_materialization(dirs):
         assert _run(engine, [(Composition.parse(TIES), "hello")], Sampling(max_tokens=4, temperature=0)) == first
     finally:
         engine.stop()
+
+
+def test_a_failing_merge_fails_its_request_and_the_engine_serves_on(dirs, monkeypatch):
+    backbone = Backbone(served_llama(), max_adapters=4, max_rank=8)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny").start()
+    try:
+        for name in ("a0", "a3"):
+            engine.add_adapter(name, str(dirs[name]))
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("out of memory (simulated)")
+
+        monkeypatch.setattr(type(backbone.types.get("lora")), "compose", broken)
+        events, ended = [], threading.Event()
+        engine.submit(Composition.parse(TIES), [5], Sampling(max_tokens=2), lambda e: (events.append(e), ended.set()))
+        assert ended.wait(30) and isinstance(events[-1], Failed) and events[-1].status == 500
+        assert _run(engine, [(None, "abc")], Sampling(max_tokens=3, temperature=0)) != [""]  # still serving
+        assert not engine._users
+    finally:
+        engine.stop()
+
+
+def test_compositions_that_need_every_slot_take_turns(dirs, tmp_path):
+    """Two slots, two queued "cat" compositions of four different adapters: each needs both slots at
+    once; neither may hold one slot while waiting for the other (that deadlocked)."""
+    offline = Offline(dirs)
+    backbone = Backbone(served_llama(), max_adapters=2, max_rank=8)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny", max_batch=4, fair_wait=0.2)
+    for name in ("a0", "a2", "a3"):
+        engine.add_adapter(name, str(dirs[name]))
+    engine.add_adapter("a4", str(dirs["a3"]))
+    first = Composition.parse({"adapters": ["a0", "a3"]})
+    second = Composition.parse({"adapters": ["a2", "a4"]})
+    try:
+        engine.start()
+        texts = _run(engine, [(first, "hello"), (second, "hello")], Sampling(max_tokens=4, temperature=0), timeout=60)
+        assert texts[0] == offline.complete({"adapters": ["a0", "a3"]}, "hello", 4)
+        assert texts[1] == offline.complete({"adapters": ["a2", "a3"]}, "hello", 4)  # a4 holds a3's files
+        with pytest.raises(RequestError, match="needs 3 adapter slots"):  # inputs and the merge never fit
+            engine.submit(Composition.parse(TIES), [5], Sampling(max_tokens=2), lambda e: None)
+    finally:
+        engine.stop()

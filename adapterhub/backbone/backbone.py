@@ -34,7 +34,7 @@ from ..errors import AdapterError, NoFreeSlot
 from ..formats import CONFIG_FILE, Adapter, check_config, find_linears, read_json_object
 from ..hub import resolve
 from ..plugins import AdapterType, ModuleSlots, Registry, registry
-from .composer import Composer, Slots
+from .composer import MATERIALIZED, Composer, Slots
 from .composition import Composition
 from .digest import adapter_digest
 from .heads import HeadSlots
@@ -285,6 +285,7 @@ class Backbone:
                 finally:
                     for name in names:
                         del self._training[name]
+                        self.composer.forget_input(name)  # its weights changed: what was merged from it is stale
                         if name not in pinned:
                             self.table.pinned.discard(name)
 
@@ -321,6 +322,7 @@ class Backbone:
         copies when the tensors require grad, so gradients reach them from the slots."""
         with self._lock:
             record, slot = self._record(name), self.table.slot_of[name]
+            self.composer.forget_input(name)
             for path in record.modules:
                 self._module_slots[(record.type, path)].write(slot, adapter.modules[path])
             for path in record.heads:
@@ -329,7 +331,7 @@ class Backbone:
     def _put(self, name: str, source: str, key: tuple, adapter: Adapter, digest: str, pin: bool = False) -> None:
         with self._placing(key, adapter, digest):
             self._wait_for_training_steps()
-            self._check_new_name(name)
+            self._check_new_name(name, materialized=key[0] == "composition")
             slot = self._free_slot(name)
             self._write(slot, adapter)
             self._remember(name, slot, source, key, adapter, digest)
@@ -420,7 +422,7 @@ class Backbone:
         cache (`pin` pins it), or None for "cat", which merges nothing. An AdapterError if it cannot
         run; NoFreeSlot if no slot can be freed for it."""
         with self._lock:
-            composition = self.composer.named[spec] if isinstance(spec, str) else Composition.parse(spec)
+            composition = self._composition(spec)
             adapter_type, method = self.composer.plan(composition)
             if method == "cat":
                 return None
@@ -436,8 +438,21 @@ class Backbone:
         """sha256 hex naming what a composition computes: its inputs' content digests and weights, its
         method and options (a server keys its prefix cache by it). An AdapterError if it cannot run."""
         with self._lock:
-            composition = self.composer.named[spec] if isinstance(spec, str) else Composition.parse(spec)
+            composition = self._composition(spec)
             return self.composer.key(composition, self.composer.plan(composition)[1])
+
+    def composition_method(self, spec: Composition | Mapping | str) -> str:
+        """The method a composition runs with (its own, or its adapters' type's default); an
+        AdapterError if it cannot run."""
+        with self._lock:
+            return self.composer.plan(self._composition(spec))[1]
+
+    def _composition(self, spec: Composition | Mapping | str) -> Composition:
+        if isinstance(spec, str):
+            if spec not in self.composer.named:
+                raise AdapterError(f"no composition named {spec!r}; compositions: {sorted(self.composer.named)}")
+            return self.composer.named[spec]
+        return Composition.parse(spec)
 
     # ---- routing -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -547,7 +562,9 @@ class Backbone:
         composition = self.composer.named[row] if isinstance(row, str) else Composition.parse(row)
         return self.composer.resolve(composition)
 
-    def _check_new_name(self, name: str) -> None:
+    def _check_new_name(self, name: str, materialized: bool = False) -> None:
+        if name.startswith(MATERIALIZED) and not materialized:
+            raise AdapterError(f"names starting with {MATERIALIZED!r} are the compositions' own; choose another name")
         if name in self.composer.named:
             raise AdapterError(f"{name!r} names a composition (Backbone.compose); unload it first or use another name")
         if name in self._records:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("adapterhub")
 
+MATERIALIZED = "composition:"  # the prefix of materializations' resident names, reserved for them
 Slots = int | tuple[tuple[int, float], ...]  # one slot (-1: base), or a "cat" row's (slot, weight) pairs
 
 
@@ -101,7 +102,7 @@ class Composer:
         host cache, or computed from the resident inputs now."""
         bb = self.backbone
         key = self.key(composition, method)
-        name = self._made.get(key, f"composition:{key[:16]}")
+        name = self._made.get(key, f"{MATERIALIZED}{key[:16]}")
         if name in bb._records:
             bb.table.touch(name)
             if pin:

@@ -88,6 +88,8 @@ class Composition:
             options.append((key, spec[key]))
         if method is not None and method.startswith(NEEDS_DENSITY) and "density" not in dict(options):
             raise AdapterError(f'{where}: method "{method}" prunes, so it needs a density in [0, 1] (e.g. 0.5)')
+        if method is not None and method.startswith("dare") and dict(options).get("density") == 0:
+            raise AdapterError(f'{where}.density must be above 0 for "{method}", which rescales by 1/density')
         return cls(adapters, method, tuple(options))
 
 

@@ -203,7 +203,11 @@ def create_app(
     @app.get("/v1/models", responses=ERROR_RESPONSES[401,])
     async def models(request: Request):
         adapters = {a["id"]: a for a in await backend.adapters()}
-        adapters |= {n: {"source": "composition"} for n in await backend.compositions()}
+        loaded = set(adapters)
+        for name, composition in (await backend.compositions()).items():  # listed if every input may be used
+            usable = set(composition.names) <= loaded
+            if usable and len(visible(request, [name, *composition.names])) == len(composition.names) + 1:
+                adapters[name] = {"source": "composition"}
         created = int(time.time())
         data = [
             {

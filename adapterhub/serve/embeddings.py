@@ -100,6 +100,15 @@ class EmbedBackend(LocalBackend):
     def generate(self, adapter, body, tenant: str = ""):
         raise ApiError(400, GENERATE_ON_EMBED, "model")
 
+    async def compositions(self) -> dict:
+        return {}  # an embedding server does not combine adapters
+
+    async def add_composition(self, name: str, composition) -> None:
+        raise ApiError(400, "an embedding server (--task embed) does not combine adapters", "name")
+
+    async def remove_composition(self, name: str) -> None:
+        raise ApiError(404, f"no composition named {name!r}", "name")
+
     async def embed(self, adapter: str | None, inputs: list[str] | list[list[int]], tenant: str = ""):
         """(vectors (len(inputs), dim) fp32, tokens in all); ApiError 404 an unknown adapter, 400 an input
         that can never run, 429 no room in the queue now, 504 past --request-timeout, 500/503 a failure."""

@@ -36,6 +36,7 @@ import inspect
 import itertools
 import logging
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -104,6 +105,12 @@ class Failed:
 
 Event = Token | Finished | Failed | PromptLogprobs
 _NO_TOKENS = torch.empty(0, dtype=torch.long)
+
+
+def public_names(message: str) -> str:
+    """A Backbone message as a client may read it: resident names ('name#3') by their public names,
+    without the list of every resident adapter (other tenants')."""
+    return re.sub(r"; loaded: \[.*\]", "", re.sub(r"#\d+'", "'", message))
 
 
 @dataclass
@@ -366,6 +373,9 @@ class Engine:
             virtual = prefix.size(0)
         self.backbone.unpin(resident)
         with self._lock:
+            if name in self._compositions:  # registered while this loaded
+                self.backbone.unload(resident)
+                raise AdapterError(f"{name!r} names a composition; delete it first or choose another adapter name")
             old = self._adapters.get(name)
             entry = _Entry(source, revision, resident, info.digest, virtual, label or source, root)
             self._adapters[name] = self._residents[resident] = entry
@@ -442,11 +452,20 @@ class Engine:
                 )
         residents = dict(zip(adapter.names, (e.resident for e in entries)))
         routed = adapter.renamed(residents.__getitem__)
+        method = adapter.method
         if set(routed.names) <= set(self.backbone.names):  # else checked once its inputs are loaded again
             try:
-                self.backbone.composition_key(routed)
+                method = self.backbone.composition_method(routed)
             except AdapterError as error:
-                raise RequestError(f"the composition cannot run: {error}") from None
+                if set(routed.names) <= set(self.backbone.names):  # not an input evicted meanwhile
+                    raise RequestError(f"the composition cannot run: {public_names(str(error))}") from None
+        slots = len(routed.names) + (method not in ("cat", None))
+        if slots > self.backbone.max_adapters:
+            raise RequestError(
+                f"the composition needs {slots} adapter slots at once (its inputs"
+                f"{'' if slots == len(routed.names) else ' and their merge'}), more than the server's "
+                f"{self.backbone.max_adapters}; combine fewer adapters"
+            )
         return routed
 
     # ---- requests ------------------------------------------------------------------------
@@ -577,20 +596,50 @@ class Engine:
         for request in self._queue.fair_order(running):
             if rows + request.sampling.n > self.max_batch:
                 break
-            evicted = [name for name in request.residents if not self._pin(name)]
+            evicted = self._pin_all(request.residents, taken)
+            overdue = time.perf_counter() - request.submitted > self.fair_wait
+            if evicted and overdue:  # let go of what only queued requests hold, so that its loads find slots
+                self._let_go(keep=set(request.residents), taken=taken)
             for name in evicted:
                 self._start_load(name)
             ready = not evicted and self._materialize(request)
             if request.released:  # its composition cannot run: failed
                 continue
             if not ready:
-                if time.perf_counter() - request.submitted > self.fair_wait:
+                if overdue:
                     break  # admit nobody behind it, so that pinned adapters drain and a slot frees for it
                 continue
             self._queue.remove(request, admitted=True)
             taken.append(request)
             rows += request.sampling.n
         return taken
+
+    def _held(self, taken: list[Request]) -> set[str]:
+        """Resident names that requests in flight (or admitted in this pass) use."""
+        return {name for r in [*(row.request for row in self._rows), *taken] for name in r.residents}
+
+    def _pin_all(self, names: tuple[str, ...], taken: list[Request]) -> list[str]:
+        """Pins all of `names` or none (a composition needs every input at once; pins held for part
+        of one could deadlock two); returns those evicted, which must be loaded first."""
+        pinned, evicted = [], []
+        for name in names:
+            (pinned if self._pin(name) else evicted).append(name)
+        if evicted:
+            held = self._held(taken)
+            for name in pinned:
+                if name not in held:
+                    with contextlib.suppress(AdapterError):
+                        self.backbone.unpin(name)
+        return evicted
+
+    def _let_go(self, keep: set[str], taken: list[Request]) -> None:
+        """Unpins the adapters that only queued requests hold (loaded for them, pinned until they run),
+        except `keep`: a request that waited past fair_wait needs their slots for its own inputs."""
+        held = self._held(taken) | keep
+        for name in self.backbone.names:
+            if name not in held:
+                with contextlib.suppress(AdapterError):
+                    self.backbone.unpin(name)
 
     def _materialize(self, request: Request) -> bool:
         """Its composition's merged weights resident and pinned (methods other than "cat"), made on the
@@ -602,10 +651,13 @@ class Engine:
             made = self.backbone.materialize(request.composition, pin=True)
         except NoFreeSlot:
             return False
-        except AdapterError as error:
+        except Exception as error:  # not this request's to survive: the engine thread must
+            status = 400 if isinstance(error, AdapterError) else 500
+            if status == 500:
+                log.exception("materializing a composition failed")
             self._queue.remove(request)
             request.unfinished = 0
-            request.emit(Failed(400, f"the composition cannot run: {error}"))
+            request.emit(Failed(status, f"the composition cannot run: {public_names(str(error))}"))
             self._release(request)
             return False
         if made is not None:
@@ -1025,7 +1077,7 @@ class Engine:
 
     def _start_load(self, resident: str) -> None:
         """Reloads an evicted adapter on a worker thread, when a slot can be freed for it."""
-        pinned = len(set(self._users) & set(self.backbone.names))
+        pinned = sum(1 for info in map(self._info, self.backbone.names) if info is not None and info.pinned)
         if resident in self._loading or pinned + len(self._loading) >= self.backbone.max_adapters:
             return
         entry = self._residents[resident]

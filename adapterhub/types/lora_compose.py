@@ -25,6 +25,7 @@ from ..plugins.merging import TASK_ARITHMETIC, merge
 
 SVD = tuple(f"{m}_svd" if m != "linear" else "svd" for m in TASK_ARITHMETIC)
 METHODS = ("cat", *TASK_ARITHMETIC, *SVD)
+SVD_BUDGET = 256 << 20  # bytes of dense deltas and factors an _svd merge holds at once
 
 
 def config_rank(config: dict) -> int:
@@ -43,6 +44,8 @@ def compose_lora(adapters: list[Adapter], weights: list[float], method: str, opt
     for adapter in adapters:
         if adapter.config.get("use_dora"):
             raise AdapterError(f"{adapter.source}: DoRA adapters cannot be composed (PEFT cannot merge them either)")
+    if len(adapters) == 1:  # PEFT's rule: one adapter is only ever scaled ("linear")
+        method = "linear"
     ranks = [config_rank(a.config) for a in adapters]
     if method.endswith("svd"):
         rank = options.get("svd_rank") or max(ranks)
@@ -64,17 +67,23 @@ def compose_lora(adapters: list[Adapter], weights: list[float], method: str, opt
         )
         groups.setdefault((present, shapes), []).append(path)
     modules = {}
-    for (present, _), group in groups.items():
-        parts = [[adapters[k].modules[path] for path in group] for k in present]  # [K][M]
-        scaled = [[weights[k] * float(t["scale"]) for t in row] for k, row in zip(present, parts)]
-        merge_group = _svd if method.endswith("svd") else _split
-        A, B = merge_group(parts, scaled, [weights[k] for k in present], method, rank, options, generator)
-        for m, path in enumerate(group):
-            modules[path] = {
-                "A": A[m].contiguous(),
-                "B": B[m].contiguous(),
-                "scale": torch.tensor(scale, dtype=torch.float64),
-            }
+    for (present, shapes), paths_of_shape in groups.items():
+        if not method.endswith("svd") and len(set(shapes)) > 1:
+            raise AdapterError(
+                f'method "{method}" merges A and B of one shape, but the adapters adapt {paths_of_shape[0]!r} '
+                f'with ranks {[a for (a, _), _ in shapes]} (rank_pattern); use "cat" or an "_svd" method'
+            )
+        for group in _chunks(paths_of_shape, shapes, method):
+            parts = [[adapters[k].modules[path] for path in group] for k in present]  # [K][M]
+            scaled = [[weights[k] * float(t["scale"]) for t in row] for k, row in zip(present, parts)]
+            merge_group = _svd if method.endswith("svd") else _split
+            A, B = merge_group(parts, scaled, [weights[k] for k in present], method, rank, options, generator)
+            for m, path in enumerate(group):
+                modules[path] = {
+                    "A": A[m].contiguous(),
+                    "B": B[m].contiguous(),
+                    "scale": torch.tensor(scale, dtype=torch.float64),
+                }
     first = adapters[0].config
     config = {
         **first,
@@ -85,6 +94,17 @@ def compose_lora(adapters: list[Adapter], weights: list[float], method: str, opt
         "target_modules": sorted({p.rsplit(".", 1)[-1] for p in paths}),
     }
     return Adapter(type=adapters[0].type, config=config, modules=modules, source=f"composition ({method})")
+
+
+def _chunks(paths: list[str], shapes: tuple, method: str) -> list[list[str]]:
+    """`paths` in groups small enough to merge at once: the _svd methods hold K dense (out, in) deltas
+    per module (and SVD factors), so they go in chunks of at most SVD_BUDGET bytes."""
+    if not method.endswith("svd"):
+        return [paths]
+    (_, in_features), (out_features, _) = shapes[0]
+    per_module = 4 * out_features * (len(shapes) * in_features + out_features + in_features)
+    size = max(1, SVD_BUDGET // per_module)
+    return [paths[i : i + size] for i in range(0, len(paths), size)]
 
 
 def _stack(parts: list[list[dict]], key: str) -> torch.Tensor:
