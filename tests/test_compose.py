@@ -281,3 +281,30 @@ def test_rewritten_inputs_and_unequal_module_ranks(saved, tmp_path):
         pass
     with pytest.raises(ah.AdapterError, match="compositions' own"):
         bb.load(saved["llama"][0], name="composition:mine")
+
+
+def test_a_pinned_materialization_is_not_reused_after_its_input_changes(saved):
+    """rewrite (or training) keeps an input's digest; a materialization still in use must not be
+    found again for the new weights, and errors from a merge name adapters, not server paths."""
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=6, max_rank=16)
+    bb.load(saved["llama"][0], name="a0")
+    bb.load(saved["llama"][1], name="a1")
+    blend = spec(["a0", "a1"], "ties", density=0.5)
+    first = bb.materialize(blend, pin=True)  # a request in flight holds it
+    adapter = bb._extract("a0")
+    for tensors in adapter.modules.values():
+        tensors["B"] = tensors["B"] * 3
+    bb.rewrite("a0", adapter)
+    second = bb.materialize(blend, pin=True)
+    assert second != first and first in bb.names  # the old one stays for its users, never found again
+    fresh = ah.Backbone(tiny_llama(), max_adapters=4, max_rank=16)
+    fresh.add("a0", adapter)
+    fresh.load(saved["llama"][1], name="a1")
+    torch.testing.assert_close(logits_routed(bb, model, second, ids()), logits_routed(fresh, fresh.model, blend, ids()))
+
+    dora = saved["llama"][0].parent / "dora"
+    save_peft(tiny_llama, dora, seed=3, config=LoraConfig(r=8, lora_alpha=8, use_dora=True, target_modules=["q_proj"]))
+    bb.load(dora, name="d")
+    with pytest.raises(ah.AdapterError, match=r"^adapter 'd': DoRA adapters cannot be composed"):
+        bb.materialize(spec(["d", "a1"], "linear"))

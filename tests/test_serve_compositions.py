@@ -261,3 +261,44 @@ def test_compositions_that_need_every_slot_take_turns(dirs, tmp_path):
             engine.submit(Composition.parse(TIES), [5], Sampling(max_tokens=2), lambda e: None)
     finally:
         engine.stop()
+
+
+def test_two_merged_compositions_that_each_fit_take_turns(dirs, tmp_path):
+    """Four slots, two TIES compositions of two inputs each (three slots each, with the merge): both
+    requests' inputs loaded and pinned left no slot for either merge until one let go."""
+    offline = Offline(dirs)
+    backbone = Backbone(served_llama(), max_adapters=4, max_rank=8)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny", max_batch=4, fair_wait=0.2)
+    for name, files in (("a0", "a0"), ("a3", "a3"), ("a4", "a3"), ("a5", "a0")):
+        engine.add_adapter(name, str(dirs[files]))
+    first = Composition.parse(TIES)
+    second = Composition.parse({**TIES, "adapters": [{"name": "a4", "weight": 0.7}, {"name": "a5", "weight": 0.6}]})
+    with engine._lock:  # both admitted in one pass before any step: all four inputs pinned at once
+        for composition in (first, second):
+            engine.submit(composition, [5, 6], Sampling(max_tokens=2), lambda e: None)
+        engine._admit()
+    try:
+        engine.start()
+        texts = _run(
+            engine, [(first, "hello"), (second, "hello"), (None, "abc")], Sampling(max_tokens=3, temperature=0)
+        )
+        reversed_ties = {**TIES, "adapters": [{"name": "a3", "weight": 0.7}, {"name": "a0", "weight": 0.6}]}
+        assert texts[:2] == [offline.complete(TIES, "hello", 3), offline.complete(reversed_ties, "hello", 3)]
+    finally:
+        engine.stop()
+
+
+def test_default_method_counts_its_merge_slot_even_when_evicted(dirs):
+    """IA3 composes by "linear" (merged) by default: with two slots, two IA3 inputs and their merge
+    never fit, whether the inputs are resident when the request comes or not."""
+    backbone = Backbone(served_llama(), max_adapters=2, max_rank=8)
+    engine = Engine(backbone, tiny_tokenizer(), base_name="tiny").start()
+    try:
+        engine.add_adapter("a1", str(dirs["a1"]))
+        engine.add_adapter("b1", str(dirs["a1"]))
+        engine.add_adapter("a0", str(dirs["a0"]))  # evicts a1
+        ia3 = Composition.parse({"adapters": ["a1", "b1"]})
+        with pytest.raises(RequestError, match="needs 3 adapter slots"):
+            engine.submit(ia3, [5], Sampling(max_tokens=2), lambda e: None)
+    finally:
+        engine.stop()

@@ -153,6 +153,11 @@ class Backbone:
             self._record(name)
             self.table.pinned.add(name)
 
+    def pinned_count(self) -> int:
+        """How many resident adapters are pinned."""
+        with self._lock:
+            return len(self.table.pinned)
+
     def unpin(self, name: str) -> None:
         with self._lock:
             self._record(name)

@@ -36,6 +36,7 @@ class Composer:
         self._made: dict[str, str] = {}  # content key -> resident name of its materialization
         self._inputs: dict[str, tuple[str, ...]] = {}  # materialization's resident name -> its inputs
         self._keys: dict[str, str] = {}  # materialization's resident name -> its content key
+        self._generation: dict[str, int] = {}  # input name -> times its weights changed in place (key part)
         self.materialized = 0  # materializations computed (not found resident or in the host cache)
         self.materialize_seconds = 0.0
 
@@ -76,7 +77,7 @@ class Composer:
         """sha256 hex of the inputs' content digests and weights, the method and its options."""
         bb = self.backbone
         body = {
-            "inputs": [[bb._record(n).digest, w] for n, w in composition.adapters],
+            "inputs": [[bb._record(n).digest, self._generation.get(n, 0), w] for n, w in composition.adapters],
             "method": method,
             "options": [[k, v] for k, v in composition.options],
         }
@@ -116,6 +117,8 @@ class Composer:
         else:
             start = time.perf_counter()
             inputs = [bb._extract(n) for n in composition.names]
+            for input_name, adapter in zip(composition.names, inputs):
+                adapter.source = f"adapter {input_name!r}"  # what compose's errors name: never a server path
             adapter = adapter_type.compose(inputs, list(composition.weights), method, dict(composition.options))
             rank = adapter_type.rank(adapter)  # made from checked inputs: only its rank can be new (svd_rank)
             if rank > bb.max_rank:
@@ -133,9 +136,11 @@ class Composer:
         return name
 
     def forget_input(self, name: str) -> None:
-        """`name` is being unloaded or swapped: materializations made from it are stale. Unpinned
-        ones are unloaded now; pinned ones stay for their users and are never found again."""
+        """`name` is being unloaded, swapped, rewritten or trained: materializations made from it are
+        stale. Unpinned ones are unloaded now; pinned ones stay for their users and are never found
+        again (the key counts `name`'s changes, as its digest may stay: training keeps it)."""
         bb = self.backbone
+        self._generation[name] = self._generation.get(name, 0) + 1
         for made, inputs in list(self._inputs.items()):
             if name not in inputs:
                 continue

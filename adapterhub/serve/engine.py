@@ -211,6 +211,7 @@ class _Entry:
     virtual: int = 0  # virtual tokens put before each row's prompt (prompt tuning)
     label: str = ""  # how listings show the source (never a server path the client did not give)
     root: str | None = None  # the directory its files must resolve inside, at every (re)load
+    type: str = ""  # its adapter type (what a composition of it defaults to)
 
 
 class Engine:
@@ -377,7 +378,7 @@ class Engine:
                 self.backbone.unload(resident)
                 raise AdapterError(f"{name!r} names a composition; delete it first or choose another adapter name")
             old = self._adapters.get(name)
-            entry = _Entry(source, revision, resident, info.digest, virtual, label or source, root)
+            entry = _Entry(source, revision, resident, info.digest, virtual, label or source, root, info.type)
             self._adapters[name] = self._residents[resident] = entry
             if old is not None:
                 self._retire(old.resident)
@@ -452,14 +453,15 @@ class Engine:
                 )
         residents = dict(zip(adapter.names, (e.resident for e in entries)))
         routed = adapter.renamed(residents.__getitem__)
-        method = adapter.method
+        methods = self.backbone.types.get(entries[0].type).composition_methods() if entries[0].type else ()
+        method = adapter.method or (methods[0] if methods else None)  # None: counted as a merge below
         if set(routed.names) <= set(self.backbone.names):  # else checked once its inputs are loaded again
             try:
                 method = self.backbone.composition_method(routed)
             except AdapterError as error:
                 if set(routed.names) <= set(self.backbone.names):  # not an input evicted meanwhile
                     raise RequestError(f"the composition cannot run: {public_names(str(error))}") from None
-        slots = len(routed.names) + (method not in ("cat", None))
+        slots = len(routed.names) + (method != "cat")
         if slots > self.backbone.max_adapters:
             raise RequestError(
                 f"the composition needs {slots} adapter slots at once (its inputs"
@@ -596,8 +598,8 @@ class Engine:
         for request in self._queue.fair_order(running):
             if rows + request.sampling.n > self.max_batch:
                 break
-            evicted = self._pin_all(request.residents, taken)
             overdue = time.perf_counter() - request.submitted > self.fair_wait
+            evicted = self._pin_all(request.residents, taken, keep_partial=overdue)
             if evicted and overdue:  # let go of what only queued requests hold, so that its loads find slots
                 self._let_go(keep=set(request.residents), taken=taken)
             for name in evicted:
@@ -607,6 +609,8 @@ class Engine:
                 continue
             if not ready:
                 if overdue:
+                    if not evicted:  # no slot for its merge: take the slots only queued requests hold
+                        self._let_go(keep=set(request.residents), taken=taken)
                     break  # admit nobody behind it, so that pinned adapters drain and a slot frees for it
                 continue
             self._queue.remove(request, admitted=True)
@@ -618,13 +622,14 @@ class Engine:
         """Resident names that requests in flight (or admitted in this pass) use."""
         return {name for r in [*(row.request for row in self._rows), *taken] for name in r.residents}
 
-    def _pin_all(self, names: tuple[str, ...], taken: list[Request]) -> list[str]:
+    def _pin_all(self, names: tuple[str, ...], taken: list[Request], keep_partial: bool) -> list[str]:
         """Pins all of `names` or none (a composition needs every input at once; pins held for part
-        of one could deadlock two); returns those evicted, which must be loaded first."""
+        of one could deadlock two), unless `keep_partial` (the one request past fair_wait, whose
+        loads must not evict its other inputs); returns those evicted, which must be loaded first."""
         pinned, evicted = [], []
         for name in names:
             (pinned if self._pin(name) else evicted).append(name)
-        if evicted:
+        if evicted and not keep_partial:
             held = self._held(taken)
             for name in pinned:
                 if name not in held:
@@ -635,11 +640,9 @@ class Engine:
     def _let_go(self, keep: set[str], taken: list[Request]) -> None:
         """Unpins the adapters that only queued requests hold (loaded for them, pinned until they run),
         except `keep`: a request that waited past fair_wait needs their slots for its own inputs."""
-        held = self._held(taken) | keep
-        for name in self.backbone.names:
-            if name not in held:
-                with contextlib.suppress(AdapterError):
-                    self.backbone.unpin(name)
+        for name in set(self._users) - self._held(taken) - keep:  # adapters the engine pinned for requests
+            with contextlib.suppress(AdapterError):
+                self.backbone.unpin(name)
 
     def _materialize(self, request: Request) -> bool:
         """Its composition's merged weights resident and pinned (methods other than "cat"), made on the
@@ -1077,8 +1080,10 @@ class Engine:
 
     def _start_load(self, resident: str) -> None:
         """Reloads an evicted adapter on a worker thread, when a slot can be freed for it."""
-        pinned = sum(1 for info in map(self._info, self.backbone.names) if info is not None and info.pinned)
-        if resident in self._loading or pinned + len(self._loading) >= self.backbone.max_adapters:
+        if resident in self._loading:
+            return
+        loading = sum(1 for future in self._loading.values() if not future.done())  # done ones are pinned
+        if self.backbone.pinned_count() + loading >= self.backbone.max_adapters:
             return
         entry = self._residents[resident]
         future = self._loader.submit(self._load, resident, entry.source, entry.revision, entry.root)

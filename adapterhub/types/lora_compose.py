@@ -102,7 +102,7 @@ def _chunks(paths: list[str], shapes: tuple, method: str) -> list[list[str]]:
     if not method.endswith("svd"):
         return [paths]
     (_, in_features), (out_features, _) = shapes[0]
-    per_module = 4 * out_features * (len(shapes) * in_features + out_features + in_features)
+    per_module = 4 * (len(shapes) * out_features * in_features + out_features**2 + in_features**2)  # deltas, U, Vh
     size = max(1, SVD_BUDGET // per_module)
     return [paths[i : i + size] for i in range(0, len(paths), size)]
 
