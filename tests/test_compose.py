@@ -308,3 +308,37 @@ def test_a_pinned_materialization_is_not_reused_after_its_input_changes(saved):
     bb.load(dora, name="d")
     with pytest.raises(ah.AdapterError, match=r"^adapter 'd': DoRA adapters cannot be composed"):
         bb.materialize(spec(["d", "a1"], "linear"))
+
+
+def test_inputs_changed_in_place_keep_their_own_merges_and_files(saved):
+    """Two names of one file, each rewritten differently, get merges of their own weights (their
+    digests stay alike); a rewritten adapter evicted never comes back as its files' content."""
+    model = tiny_llama()
+    bb = ah.Backbone(model, max_adapters=6, max_rank=16)
+    for name in ("a", "b"):
+        bb.load(saved["llama"][0], name=name)
+    bb.load(saved["llama"][1], name="c")
+    rewritten = {}
+    for name, factor in (("a", 3.0), ("b", -2.0)):
+        adapter = bb._extract(name)
+        for tensors in adapter.modules.values():
+            tensors["B"] = tensors["B"] * factor
+        bb.rewrite(name, adapter)
+        rewritten[name] = adapter
+    made = {name: bb.materialize(spec([name, "c"], "linear")) for name in ("a", "b")}
+    assert made["a"] != made["b"]
+    fresh = ah.Backbone(tiny_llama(), max_adapters=4, max_rank=16)
+    fresh.add("b", rewritten["b"])
+    fresh.load(saved["llama"][1], name="c")
+    want = logits_routed(fresh, fresh.model, spec(["b", "c"], "linear"), ids())
+    torch.testing.assert_close(logits_routed(bb, model, spec(["b", "c"], "linear"), ids()), want)
+
+    small = ah.Backbone(tiny_llama(), max_adapters=2, max_rank=16)
+    small.load(saved["llama"][0], name="a")
+    files = logits_routed(small, small.model, "a", ids())
+    small.rewrite("a", rewritten["a"])
+    small.load(saved["llama"][1], name="p")
+    small.load(saved["llama-ranks"][0], name="q")  # evicts the rewritten "a" to the host cache
+    assert "a" not in small.names
+    small.load(saved["llama"][0], name="again")  # the files themselves, not a's rewritten weights
+    torch.testing.assert_close(logits_routed(small, small.model, "again", ids()), files)

@@ -290,7 +290,7 @@ class Backbone:
                 finally:
                     for name in names:
                         del self._training[name]
-                        self.composer.forget_input(name)  # its weights changed: what was merged from it is stale
+                        self._changed_in_place(name)
                         if name not in pinned:
                             self.table.pinned.discard(name)
 
@@ -327,11 +327,18 @@ class Backbone:
         copies when the tensors require grad, so gradients reach them from the slots."""
         with self._lock:
             record, slot = self._record(name), self.table.slot_of[name]
-            self.composer.forget_input(name)
+            self._changed_in_place(name)
             for path in record.modules:
                 self._module_slots[(record.type, path)].write(slot, adapter.modules[path])
             for path in record.heads:
                 self._heads[path].write(slot, adapter.modules_to_save[path])
+
+    def _changed_in_place(self, name: str) -> None:
+        """`name`'s slot now holds other weights than its files (rewritten, trained): what was merged
+        from it is stale, and evicted it must not go to the host cache as those files' content."""
+        self.composer.forget_input(name)
+        if name in self._records:
+            self._records[name].source_key = ("memory", name, object())
 
     def _put(self, name: str, source: str, key: tuple, adapter: Adapter, digest: str, pin: bool = False) -> None:
         with self._placing(key, adapter, digest):
@@ -394,7 +401,7 @@ class Backbone:
                 del self.composer.named[name]
                 return
             self._check_not_training(name, "unload")
-            self.composer.forget_input(name)
+            self.composer.forget_input(name, unloaded=True)
             self.table.remove(name)
             del self._records[name]
 

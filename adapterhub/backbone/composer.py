@@ -11,6 +11,7 @@ the materializations made from it are dropped. All methods run under the Backbon
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -36,7 +37,8 @@ class Composer:
         self._made: dict[str, str] = {}  # content key -> resident name of its materialization
         self._inputs: dict[str, tuple[str, ...]] = {}  # materialization's resident name -> its inputs
         self._keys: dict[str, str] = {}  # materialization's resident name -> its content key
-        self._generation: dict[str, int] = {}  # input name -> times its weights changed in place (key part)
+        self._generation: dict[str, int] = {}  # input name -> the id of its last in-place change (key part)
+        self._changes = itertools.count(1)  # unique per change, so two names' changes never look alike
         self.materialized = 0  # materializations computed (not found resident or in the host cache)
         self.materialize_seconds = 0.0
 
@@ -135,12 +137,16 @@ class Composer:
         self._made[key], self._inputs[name], self._keys[name] = name, composition.names, key
         return name
 
-    def forget_input(self, name: str) -> None:
+    def forget_input(self, name: str, unloaded: bool = False) -> None:
         """`name` is being unloaded, swapped, rewritten or trained: materializations made from it are
         stale. Unpinned ones are unloaded now; pinned ones stay for their users and are never found
-        again (the key counts `name`'s changes, as its digest may stay: training keeps it)."""
+        again: the key holds the id of `name`'s last change, as its digest may stay (training keeps
+        it). `unloaded`: the name is gone, so is that id (loaded again, it holds its files' content)."""
         bb = self.backbone
-        self._generation[name] = self._generation.get(name, 0) + 1
+        if unloaded:
+            self._generation.pop(name, None)
+        else:
+            self._generation[name] = next(self._changes)
         for made, inputs in list(self._inputs.items()):
             if name not in inputs:
                 continue

@@ -50,17 +50,19 @@ class Route:
     def pairs(self, n0: int, rows: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The routing as K columns of (slot (rows,), weight (rows,) fp32 or None = 1), contiguous, for
         ops that take one slot per row: a row's effect is the weighted sum over the columns."""
+        if torch.compiler.is_compiling():  # traced: no cache lookups (they would break the graph)
+            return self._pairs(n0, rows, device)
         key = ("pairs", n0, rows, device)
-        if key in self._cache and not torch.compiler.is_compiling():
-            return self._cache[key]
-        index, weight = self.rows(n0, rows, device), self.weights(n0, rows, device)
-        if weight is None:
-            found = [(index, None)]
-        else:
-            found = [(index[:, k].contiguous(), weight[:, k].contiguous()) for k in range(index.size(1))]
-        if not torch.compiler.is_compiling():
-            self._cache[key] = found
-        return found
+        if key not in self._cache:
+            self._cache[key] = self._pairs(n0, rows, device)
+        return self._cache[key]
+
+    def _pairs(self, n0: int, rows: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        index = self.rows(n0, rows, device)
+        if self.weight is None:
+            return [(index, None)]
+        weight = self.weights(n0, rows, device)
+        return [(index[:, k].contiguous(), weight[:, k].contiguous()) for k in range(index.size(1))]
 
     def weights(self, n0: int, rows: int, device: torch.device) -> torch.Tensor | None:
         """(rows, K) fp32 weight of each row's (slot, weight) pairs, as `rows` lays out the slots; None
@@ -70,7 +72,7 @@ class Route:
     def _per_row(self, table: torch.Tensor, n0: int, rows: int, device: torch.device) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._expand(table, n0, rows).to(device)
-        key = (table is self.weight, n0, rows, device)
+        key = (table is not self.index, n0, rows, device)
         if key not in self._cache:
             self._cache[key] = self._expand(table, n0, rows).to(device)
         return self._cache[key]

@@ -453,7 +453,10 @@ class Engine:
                 )
         residents = dict(zip(adapter.names, (e.resident for e in entries)))
         routed = adapter.renamed(residents.__getitem__)
-        methods = self.backbone.types.get(entries[0].type).composition_methods() if entries[0].type else ()
+        kind = entries[0].type
+        methods = self.backbone.types.get(kind).composition_methods() if kind else ()
+        if kind and not methods:
+            raise RequestError(f"{kind} adapters cannot be composed (their type declares no composition methods)")
         method = adapter.method or (methods[0] if methods else None)  # None: counted as a merge below
         if set(routed.names) <= set(self.backbone.names):  # else checked once its inputs are loaded again
             try:
@@ -602,21 +605,30 @@ class Engine:
             evicted = self._pin_all(request.residents, taken, keep_partial=overdue)
             if evicted and overdue:  # let go of what only queued requests hold, so that its loads find slots
                 self._let_go(keep=set(request.residents), taken=taken)
-            for name in evicted:
-                self._start_load(name)
+            if evicted and (overdue or self._fits_together(request.residents)):
+                for name in evicted:
+                    self._start_load(name)
             ready = not evicted and self._materialize(request)
+            if not ready and not evicted and overdue and not request.released:
+                self._let_go(keep=set(request.residents), taken=taken)  # no slot for its merge: take theirs
+                ready = self._materialize(request)
             if request.released:  # its composition cannot run: failed
                 continue
             if not ready:
                 if overdue:
-                    if not evicted:  # no slot for its merge: take the slots only queued requests hold
-                        self._let_go(keep=set(request.residents), taken=taken)
                     break  # admit nobody behind it, so that pinned adapters drain and a slot frees for it
                 continue
             self._queue.remove(request, admitted=True)
             taken.append(request)
             rows += request.sampling.n
         return taken
+
+    def _fits_together(self, names: tuple[str, ...]) -> bool:
+        """Whether every one of `names` can be resident and pinned at once beside today's pins and
+        loads: else loading some of them for a request not yet past fair_wait would only evict the
+        others (a composition's inputs reloading in turn)."""
+        loading = sum(1 for future in self._loading.values() if not future.done())
+        return len(names) == 1 or self.backbone.pinned_count() + loading + len(names) <= self.backbone.max_adapters
 
     def _held(self, taken: list[Request]) -> set[str]:
         """Resident names that requests in flight (or admitted in this pass) use."""
@@ -630,7 +642,7 @@ class Engine:
         for name in names:
             (pinned if self._pin(name) else evicted).append(name)
         if evicted and not keep_partial:
-            held = self._held(taken)
+            held = self._held(taken) | set(self._loading)
             for name in pinned:
                 if name not in held:
                     with contextlib.suppress(AdapterError):
@@ -640,7 +652,7 @@ class Engine:
     def _let_go(self, keep: set[str], taken: list[Request]) -> None:
         """Unpins the adapters that only queued requests hold (loaded for them, pinned until they run),
         except `keep`: a request that waited past fair_wait needs their slots for its own inputs."""
-        for name in set(self._users) - self._held(taken) - keep:  # adapters the engine pinned for requests
+        for name in set(self._users) - self._held(taken) - set(self._loading) - keep:  # pinned for requests
             with contextlib.suppress(AdapterError):
                 self.backbone.unpin(name)
 
@@ -1096,17 +1108,19 @@ class Engine:
             error = future.exception()
             entry = self._residents.get(resident)
             if error is not None and not isinstance(error, NoFreeSlot):
-                self._fail_queued(resident, f"reloading adapter {resident.split('#')[0]!r} failed: {error}")
+                message = public_names(str(error))
+                self._fail_queued(resident, f"reloading adapter {resident.split('#')[0]!r} failed: {message}")
             elif error is None and entry is None:  # deleted (and its last request gone) while it reloaded
                 with contextlib.suppress(AdapterError):
                     self.backbone.unload(resident)
             elif error is None:
-                digest = future.result().digest
-                if digest != entry.digest:  # its files changed on disk since it was added: what runs now
-                    log.warning("adapter %r reloaded from changed files (digest %s)", resident, digest[:12])
-                    entry.digest = digest
+                info = future.result()
+                if info.digest != entry.digest:  # its files changed on disk since it was added: what runs now
+                    log.warning("adapter %r reloaded from changed files (digest %s)", resident, info.digest[:12])
+                    entry.digest, entry.type = info.digest, info.type
                 if not self._users[resident]:  # its requests went away meanwhile
-                    self.backbone.unpin(resident)
+                    with contextlib.suppress(AdapterError):
+                        self.backbone.unpin(resident)
             self._lock.notify_all()
 
     def _fail_queued(self, resident: str, message: str) -> None:
@@ -1128,4 +1142,7 @@ class Engine:
             raise
         self.metrics.loads.labels(result="ok").inc()
         self.metrics.load_seconds.observe(time.perf_counter() - start)
-        return self.backbone.info(resident)
+        try:
+            return self.backbone.info(resident)
+        except AdapterError:  # evicted already (unpinned by the engine meanwhile): loaded again when asked
+            raise NoFreeSlot(f"{resident} was evicted right after loading") from None
