@@ -45,33 +45,42 @@ def oracle_shrink(x, A, index, ranks=None):
     return t
 
 
-def oracle_expand(y, t, B, scale, index, ranks=None):
-    """Returns y (rows, out) float64 + scale[s] * t[i, :r] @ B[s, :, :r].T per row (y is not touched)."""
+def oracle_expand(y, t, B, scale, index, ranks=None, weight=None):
+    """Returns y (rows, out) float64 + weight[i] * scale[s] * t[i, :r] @ B[s, :, :r].T per row (weight
+    None: 1; y is not touched)."""
     out = y.double().clone()
     for i in range(y.size(0)):
         s = int(index[i])
         if s == -1:
             continue
         r = _rank(ranks, s, B.size(2))
-        out[i] += float(scale[s]) * (t[i, :r].double() @ B[s, :, :r].double().T)
+        w = 1.0 if weight is None else float(weight[i])
+        out[i] += w * float(scale[s]) * (t[i, :r].double() @ B[s, :, :r].double().T)
     return out
 
 
-def oracle_linear(x, W, bias, A, B, scale, index, ranks=None):
-    """x (n0, ..., in) -> (n0, ..., out) float64; entry i of index routes all of x[i].
+def oracle_linear(x, W, bias, A, B, scale, index, ranks=None, weight=None):
+    """x (n0, ..., in), index (n0,) or (n0, K) -> (n0, ..., out) float64; entry i of index routes all
+    of x[i]: base + sum_k weight[i, k] * scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T, s = index[i, k]
+    (weight None: 1).
 
     Differentiable: for float64 leaves, autograd through this loop gives the true gradients.
     """
+    idx = index if index.dim() == 2 else index[:, None]  # (n0, K)
+    w = None if weight is None else weight.reshape(idx.shape)
     rows = []
     for i in range(x.size(0)):
         xi = x[i].double()  # (..., in)
         yi = xi @ W.double().T
         if bias is not None:
             yi = yi + bias.double()
-        s = int(index[i])
-        if s != -1:
+        for k in range(idx.size(1)):
+            s = int(idx[i, k])
+            if s == -1:
+                continue
             r = _rank(ranks, s, A.size(1))
-            yi = yi + float(scale[s]) * ((xi @ A[s, :r].double().T) @ B[s, :, :r].double().T)
+            wk = 1.0 if w is None else float(w[i, k])
+            yi = yi + wk * float(scale[s]) * ((xi @ A[s, :r].double().T) @ B[s, :, :r].double().T)
         rows.append(yi)
     if not rows:
         return torch.zeros(*x.shape[:-1], W.size(0), dtype=torch.float64)

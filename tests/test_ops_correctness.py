@@ -434,44 +434,6 @@ def test_compile_dynamic_batch_size_does_not_recompile():
 # ---- composition: several (slot, weight) pairs per row --------------------------------------
 
 
-def oracle_expand_weighted(y, t, B, scale, index, ranks, weight):
-    """y (rows, out) float64 + weight[i] * scale[s] * t[i, :r] @ B[s, :, :r].T, one row at a time."""
-    out = y.double().clone()
-    for i in range(y.size(0)):
-        s = int(index[i])
-        if s != -1:
-            r = B.size(2) if ranks is None else int(ranks[s])
-            out[i] += float(weight[i]) * float(scale[s]) * (t[i, :r].double() @ B[s, :, :r].double().T)
-    return out
-
-
-def oracle_composed(x, W, bias, A, B, scale, index, ranks=None, weight=None):
-    """x (n0, ..., in), index (n0,) or (n0, K) -> (n0, ..., out) float64, row by row, column by column:
-    base + sum_k weight[i, k] * scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T, s = index[i, k].
-
-    Differentiable: for float64 leaves, autograd through this loop gives the true gradients.
-    """
-    idx = index if index.dim() == 2 else index[:, None]  # (n0, K)
-    w = None if weight is None else weight.reshape(idx.shape)
-    rows = []
-    for i in range(x.size(0)):
-        xi = x[i].double()  # (..., in)
-        yi = xi @ W.double().T
-        if bias is not None:
-            yi = yi + bias.double()
-        for k in range(idx.size(1)):
-            s = int(idx[i, k])
-            if s == -1:
-                continue
-            r = A.size(1) if ranks is None else int(ranks[s])
-            wk = 1.0 if w is None else float(w[i, k])
-            yi = yi + wk * float(scale[s]) * ((xi @ A[s, :r].double().T) @ B[s, :, :r].double().T)
-        rows.append(yi)
-    if not rows:
-        return torch.zeros(*x.shape[:-1], W.size(0), dtype=torch.float64)
-    return torch.stack(rows)
-
-
 def composed_case(index, slots, max_rank, dtype=torch.float32, ranks=None, seed=0, tokens=None, weighted=True):
     """A make_case batch routed by `index` (n0,) or (n0, K), with weight of its shape in [-1, 2) or None."""
     index = torch.as_tensor(index, dtype=torch.int64)
@@ -522,7 +484,7 @@ def test_expand_weight_matches_oracle(impl, dtype, c):
     IMPLS[impl].lora_expand(y, case.t, case.B, case.scale, case.index, case.ranks, weight)
     keep = untouched_rows(case)
     assert torch.equal(y[keep], case.y[keep])
-    assert_close(y, oracle_expand_weighted(case.y, case.t, case.B, case.scale, case.index, case.ranks, weight), dtype)
+    assert_close(y, oracle_expand(case.y, case.t, case.B, case.scale, case.index, case.ranks, weight), dtype)
 
 
 @parametrize_impl
@@ -544,7 +506,7 @@ def test_linear_composed_matches_oracle(impl, dtype, name):
     case, weight = build_composed(name, dtype)
     y = IMPLS[impl].lora_linear(*case.linear_args, weight)
     assert y.dtype == dtype and y.shape == (*case.x.shape[:-1], case.W.size(0))
-    assert_close(y, oracle_composed(*case.linear_args, weight), dtype)
+    assert_close(y, oracle_linear(*case.linear_args, weight), dtype)
 
 
 @parametrize_dtype
@@ -610,7 +572,7 @@ def test_composed_grads_match_oracle_autograd(dtype, name):
     grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     got = torch.autograd.grad(y, list(leaves.values()), grad_y.to(dtype))
     expected = torch.autograd.grad(
-        oracle_composed(*exact.values(), case.scale, case.index, case.ranks, weight), list(exact.values()), grad_y
+        oracle_linear(*exact.values(), case.scale, case.index, case.ranks, weight), list(exact.values()), grad_y
     )
     rtol, atol = TOL[dtype]
     for n, g, e in zip(names, got, expected):
@@ -681,6 +643,6 @@ def test_compile_composed_new_pairs_do_not_recompile():
                 new_weight = torch.rand(weight.shape, generator=g) * 2 - 1
                 index.copy_(new_index)
                 weight.copy_(new_weight)
-                expected = oracle_composed(*case.linear_args[:-2], new_index, case.ranks, new_weight)
+                expected = oracle_linear(*case.linear_args[:-2], new_index, case.ranks, new_weight)
                 assert_close(compiled(case.x, index, weight), expected, torch.float32)
                 assert_close(compiled(case.x, new_index, new_weight), expected, torch.float32)

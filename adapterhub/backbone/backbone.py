@@ -571,8 +571,7 @@ class Backbone:
             record = self._record(row)
             self.table.touch(row)
             return self.table.slot_of[row], record.type, record.features
-        composition = self.composer.named[row] if isinstance(row, str) else Composition.parse(row)
-        return self.composer.resolve(composition)
+        return self.composer.resolve(self._composition(row))
 
     def _check_new_name(self, name: str, materialized: bool = False) -> None:
         if name.startswith(MATERIALIZED) and not materialized:

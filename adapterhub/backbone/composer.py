@@ -34,9 +34,7 @@ class Composer:
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
         self.named: dict[str, Composition] = {}  # compositions registered under a name (Backbone.compose)
-        self._made: dict[str, str] = {}  # content key -> resident name of its materialization
-        self._inputs: dict[str, tuple[str, ...]] = {}  # materialization's resident name -> its inputs
-        self._keys: dict[str, str] = {}  # materialization's resident name -> its content key
+        self._made: dict[str, tuple[str, tuple[str, ...]]] = {}  # materialization -> (content key, inputs)
         self._generation: dict[str, int] = {}  # input name -> the id of its last in-place change (key part)
         self._changes = itertools.count(1)  # unique per change, so two names' changes never look alike
         self.materialized = 0  # materializations computed (not found resident or in the host cache)
@@ -105,12 +103,12 @@ class Composer:
         host cache, or computed from the resident inputs now."""
         bb = self.backbone
         key = self.key(composition, method)
-        name = self._made.get(key, f"{MATERIALIZED}{key[:16]}")
+        name = f"{MATERIALIZED}{key[:16]}"
         if name in bb._records:
             bb.table.touch(name)
             if pin:
                 bb.table.pinned.add(name)
-            self._made[key], self._inputs[name], self._keys[name] = name, composition.names, key
+            self._made[name] = (key, composition.names)
             return name
         source_key = ("composition", key)
         cached = bb.host_cache.pop(source_key)
@@ -134,7 +132,7 @@ class Composer:
             log.info("materialized %s composition of %s as %r", method, list(composition.names), name)
         label = f"{method} composition of " + ", ".join(f"{n} x {w:g}" for n, w in composition.adapters)
         bb._put(name, label, source_key, adapter, digest, pin)
-        self._made[key], self._inputs[name], self._keys[name] = name, composition.names, key
+        self._made[name] = (key, composition.names)
         return name
 
     def forget_input(self, name: str, unloaded: bool = False) -> None:
@@ -147,11 +145,10 @@ class Composer:
             self._generation.pop(name, None)
         else:
             self._generation[name] = next(self._changes)
-        for made, inputs in list(self._inputs.items()):
+        for made, (key, inputs) in list(self._made.items()):
             if name not in inputs:
                 continue
-            key = self._keys.pop(made)
-            del self._inputs[made], self._made[key]
+            del self._made[made]
             bb.host_cache.take(("composition", key))
             if made in bb._records and made not in bb.table.pinned:
                 bb.table.remove(made)

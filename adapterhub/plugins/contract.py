@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..formats.adapter import Adapter
+from ..ops.reference import columns
 
 
 class Route:
@@ -58,11 +59,7 @@ class Route:
         return self._cache[key]
 
     def _pairs(self, n0: int, rows: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        index = self.rows(n0, rows, device)
-        if self.weight is None:
-            return [(index, None)]
-        weight = self.weights(n0, rows, device)
-        return [(index[:, k].contiguous(), weight[:, k].contiguous()) for k in range(index.size(1))]
+        return list(columns(self.rows(n0, rows, device), self.weights(n0, rows, device)))
 
     def weights(self, n0: int, rows: int, device: torch.device) -> torch.Tensor | None:
         """(rows, K) fp32 weight of each row's (slot, weight) pairs, as `rows` lays out the slots; None

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..formats.targets import linear_weight
+from ..ops.reference import columns
 from .contract import ModuleSlots, Route
 
 
@@ -29,7 +30,7 @@ class _LowRankDelta(torch.autograd.Function):
     def forward(ctx, x2, base2, W, bias, A, B, scale, route, ranks):
         index, weight = route  # (rows,) and None, or (rows, K) both: several (slot, weight) pairs per row
         y = base2.detach().clone()  # (rows, out)
-        _add_pairs(y, x2, A, B, scale, index, weight, ranks)
+        _add_columns(y, x2, A, B, scale, columns(index, weight), ranks)
         ctx.save_for_backward(x2, W, A, B, scale, index, ranks, weight)
         ctx.has_bias = bias is not None
         return y
@@ -57,14 +58,11 @@ class _LowRankDelta(torch.autograd.Function):
         )
 
 
-def _add_pairs(y, x2, A, B, scale, index, weight, ranks) -> None:
-    """y (rows, out) += each row's delta: index (rows,) with weight None, or (rows, K) pairs with weights."""
-    if weight is None:
-        ops.lora_expand(y, ops.lora_shrink(x2, A, index, ranks), B, scale, index, ranks)
-        return
-    for k in range(index.size(1)):
-        column, w = index[:, k].contiguous(), weight[:, k].contiguous()
-        ops.lora_expand(y, ops.lora_shrink(x2, A, column, ranks), B, scale, column, ranks, w)
+def _add_columns(y, x2, A, B, scale, pairs, ranks) -> None:
+    """y (rows, out) += each row's delta, one shrink/expand per column of (slot (rows,), weight (rows,)
+    or None) pairs: one column for plain rows, K for a "cat" composition's."""
+    for index, weight in pairs:
+        ops.lora_expand(y, ops.lora_shrink(x2, A, index, ranks), B, scale, index, ranks, weight)
 
 
 class LowRankSlots(ModuleSlots):
@@ -119,10 +117,7 @@ class LowRankSlots(ModuleSlots):
                 x2, y2, linear_weight(base), bias, self.A, self.B, self.scale, route_rows, self.ranks
             )
             return y.view_as(output)
-        for index, weight in route.pairs(n0, rows, x.device):  # one pair per row, or a "cat" composition's K
-            ops.lora_expand(
-                y2, ops.lora_shrink(x2, self.A, index, self.ranks), self.B, self.scale, index, self.ranks, weight
-            )
+        _add_columns(y2, x2, self.A, self.B, self.scale, route.pairs(n0, rows, x.device), self.ranks)
         return output
 
     def after(self, module: nn.Module, args: tuple, output: torch.Tensor, route: Route) -> torch.Tensor:

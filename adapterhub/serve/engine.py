@@ -627,8 +627,13 @@ class Engine:
         """Whether every one of `names` can be resident and pinned at once beside today's pins and
         loads: else loading some of them for a request not yet past fair_wait would only evict the
         others (a composition's inputs reloading in turn)."""
+        return len(names) == 1 or self._room_for(len(names))
+
+    def _room_for(self, adapters: int) -> bool:
+        """Whether `adapters` more can be pinned beside the pinned ones and the loads still running
+        (a finished load is pinned already)."""
         loading = sum(1 for future in self._loading.values() if not future.done())
-        return len(names) == 1 or self.backbone.pinned_count() + loading + len(names) <= self.backbone.max_adapters
+        return self.backbone.pinned_count() + loading + adapters <= self.backbone.max_adapters
 
     def _held(self, taken: list[Request]) -> set[str]:
         """Resident names that requests in flight (or admitted in this pass) use."""
@@ -670,10 +675,7 @@ class Engine:
             status = 400 if isinstance(error, AdapterError) else 500
             if status == 500:
                 log.exception("materializing a composition failed")
-            self._queue.remove(request)
-            request.unfinished = 0
-            request.emit(Failed(status, f"the composition cannot run: {public_names(str(error))}"))
-            self._release(request)
+            self._fail(request, f"the composition cannot run: {public_names(str(error))}", status)
             return False
         if made is not None:
             request.materialized = made
@@ -1092,10 +1094,7 @@ class Engine:
 
     def _start_load(self, resident: str) -> None:
         """Reloads an evicted adapter on a worker thread, when a slot can be freed for it."""
-        if resident in self._loading:
-            return
-        loading = sum(1 for future in self._loading.values() if not future.done())  # done ones are pinned
-        if self.backbone.pinned_count() + loading >= self.backbone.max_adapters:
+        if resident in self._loading or not self._room_for(1):
             return
         entry = self._residents[resident]
         future = self._loader.submit(self._load, resident, entry.source, entry.revision, entry.root)
