@@ -20,10 +20,18 @@ TORCH_LIBRARY(adapterhub, m) {
       "Tensor index, Tensor? ranks=None, Tensor? weight=None) -> (Tensor, Tensor, Tensor)");
 }
 
+#ifdef ADAPTERHUB_WITH_CUDA
+namespace adapterhub {
+void raise_routing_errors();  // csrc/cuda/lora_cuda.cu
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adapterhub compiled core: gathered low-rank (LoRA) ops registered under torch.ops.adapterhub";
 #ifdef ADAPTERHUB_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.def("raise_routing_errors", &adapterhub::raise_routing_errors,
+        "Raises the first out-of-range routing value the CUDA kernels reported and no op raised yet");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -202,6 +202,8 @@ def test_leading_dims(dtype):
 
 
 # Runs in a child process: a crash while raising must fail this test, not end the session.
+# CPU ops raise at the call. CUDA ops check on the device without a host sync: the call runs the bad
+# row as "no adapter", and the error comes from the next op on the device or check_routing_errors().
 BAD_ROUTING = """
 import sys, torch
 from adapterhub import ops
@@ -209,6 +211,7 @@ bad, device = sys.argv[1], sys.argv[2]
 x, A, B = torch.randn(10, 16), torch.randn(4, 8, 16), torch.randn(4, 12, 8)
 t, y, scale = torch.randn(10, 8), torch.randn(10, 12), torch.ones(4)
 index, ranks = torch.arange(10) % 4, torch.full((4,), 8)
+good_index, good_ranks = index.clone(), ranks.clone()
 if bad == "index_high":
     index[3] = 4
 elif bad == "index_low":
@@ -217,15 +220,30 @@ elif bad == "ranks_high":
     ranks[1] = 9
 else:
     ranks[1] = -1
-x, A, B, t, y, scale, index, ranks = (v.to(device) for v in (x, A, B, t, y, scale, index, ranks))
+x, A, B, t, y, scale, index, ranks, good_index, good_ranks = (
+    v.to(device) for v in (x, A, B, t, y, scale, index, ranks, good_index, good_ranks)
+)
 y0 = y.clone()
-for call in (lambda: ops.lora_shrink(x, A, index, ranks), lambda: ops.lora_expand(y, t, B, scale, index, ranks)):
+
+def attempt(call):
     try:
         call()
         print("no error")
     except ValueError as error:
         print(str(error).splitlines()[0])
-print("y untouched:", torch.equal(y, y0))
+
+for call in (lambda: ops.lora_shrink(x, A, index, ranks), lambda: ops.lora_expand(y, t, B, scale, index, ranks)):
+    attempt(call)
+    attempt(ops.check_routing_errors)
+if device == "cuda":  # a pending error is raised by the next op, before it touches anything
+    y1 = y.clone()
+    ops.lora_expand(y, t, B, scale, index, ranks)
+    torch.cuda.synchronize()
+    attempt(lambda: ops.lora_expand(y, t, B, scale, good_index, good_ranks))
+    print("y untouched:", torch.equal(y, y1))
+    attempt(lambda: ops.lora_expand(y, t, B, scale, good_index, good_ranks))  # nothing pending any more
+else:
+    print("y untouched:", torch.equal(y, y0))
 """
 
 
@@ -242,9 +260,60 @@ def test_bad_routing_values_raise(bad, device):
     assert run.returncode == 0, f"crashed (rc {run.returncode}): {run.stderr[-2000:]}"
     what = "index" if bad.startswith("index") else "ranks"
     lines = run.stdout.splitlines()
-    assert lines[0].startswith(f"lora_shrink: {what} values must be in"), run.stdout
-    assert lines[1].startswith(f"lora_expand: {what} values must be in"), run.stdout
-    assert lines[2] == "y untouched: True"
+    if device == "cpu":
+        assert lines[0].startswith(f"lora_shrink: {what} values must be in"), run.stdout
+        assert lines[1] == "no error", run.stdout
+        assert lines[2].startswith(f"lora_expand: {what} values must be in"), run.stdout
+        assert lines[3:] == ["no error", "y untouched: True"], run.stdout
+        return
+    assert lines[0] == "no error", run.stdout
+    assert lines[1].startswith(f"lora_shrink: {what} values must be in"), run.stdout
+    assert lines[2] == "no error", run.stdout
+    assert lines[3].startswith(f"lora_expand: {what} values must be in"), run.stdout
+    assert lines[4].startswith(f"lora_expand: {what} values must be in"), run.stdout
+    assert lines[5:] == ["y untouched: True", "no error"], run.stdout
+
+
+@pytest.mark.parametrize("rows", [8, 512])  # BGMV and SGMV
+def test_bad_rows_run_as_no_adapter(rows):
+    """Out-of-range slots read as -1 in eager calls too (the error is reported, nothing is read out of bounds)."""
+    c = make_inputs(rows, 6, 8, 64, 48, torch.float32, seed=seed_of("bad rows", rows))
+    index = c["index"].clone()
+    index[::3] = 99
+    args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"])
+    got = ops.lora_linear(*map(cuda, args), cuda(index), cuda(c["ranks"]))
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"index values must be in \[-1, 6\) \(slots = 6\), got 99 at row \d+"):
+        ops.check_routing_errors()
+    effective = torch.where(index == 99, -1, index)
+    assert_close(got, reference.lora_linear(*map(f64, args), effective, c["ranks"]), torch.float32)
+    ops.check_routing_errors()  # raised once, then cleared
+
+
+@pytest.mark.parametrize("rows", [8, 512])  # BGMV and SGMV
+def test_eager_ops_do_not_sync(rows):
+    """An eager lora_linear forward issues no host synchronization (torch's sync debug mode errors on one)."""
+    c = {k: cuda(v) for k, v in make_inputs(rows, 6, 8, 64, 48, torch.bfloat16, seed=seed_of("sync", rows)).items()}
+    args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], c["index"], c["ranks"])
+    ops.lora_linear(*args)  # the first call on a device sets up its error sink
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            y = ops.lora_linear(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert_close(
+        y,
+        reference.lora_linear(
+            *map(f64, (c["x"].cpu(), *(v.cpu() for v in args[1:5]))),
+            c["scale"].cpu(),
+            c["index"].cpu(),
+            c["ranks"].cpu(),
+        ),
+        torch.bfloat16,
+    )
 
 
 def test_gradcheck_float64():
@@ -296,10 +365,10 @@ def test_compile_fullgraph():
     assert_close(got, expected, torch.bfloat16)
 
 
-def test_cuda_graph_replay_follows_index_in_place():
-    """Captured once; the index is rewritten in place between replays (one slot for all rows
-    would run SGMV eagerly, the graph runs BGMV); out-of-range values act as -1 under capture."""
-    rows, slots = 48, 8
+@pytest.mark.parametrize("rows", [48, 300])  # BGMV and SGMV (grouped on the device, inside the graph)
+def test_cuda_graph_replay_follows_index_in_place(rows):
+    """Captured once; the index is rewritten in place between replays; out-of-range values act as -1."""
+    slots = 8
     c = make_inputs(rows, slots, 16, 128, 96, torch.bfloat16, seed=9)
     W, bias, A, B, scale, ranks = (cuda(c[n]) for n in ("W", "bias", "A", "B", "scale", "ranks"))
     x, index = cuda(c["x"]), cuda(c["index"])
@@ -344,7 +413,7 @@ def composed_routing(rows, slots, g):
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES.keys(), "fp64"])
-@pytest.mark.parametrize("pattern", ["shuffled", "one_slot"])  # one_slot with 33+ rows runs SGMV
+@pytest.mark.parametrize("pattern", ["shuffled", "one_slot"])  # 512 rows run SGMV
 @pytest.mark.parametrize("rows", [1, 33, 512])
 def test_expand_weight_matches_reference(rows, pattern, dtype):
     c = make_inputs(rows, 8, 16, 136, 72, dtype, pattern, seed=seed_of("weight", rows, pattern, dtype))

@@ -67,4 +67,24 @@ def lora_linear(
     return torch.ops.adapterhub.lora_linear(x, W, bias, A, B, scale, index, ranks, weight)
 
 
-__all__ = ["backend", "lora_expand", "lora_linear", "lora_shrink"]
+def check_routing_errors() -> None:
+    """Raises the ValueError for an out-of-range index or ranks value a CUDA op met, if any.
+
+    CUDA ops check routing values on the device, without a host sync: the row with such a value
+    runs as "no adapter" and the error is raised by the next adapterhub op on that device. This
+    waits for the device (torch.cuda.synchronize) and raises it now. CPU and fallback ops raise
+    at the call itself, so there this only returns.
+
+    >>> from adapterhub import ops
+    >>> ops.check_routing_errors()  # nothing pending
+    """
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized() or _BACKEND != "compiled":
+        return
+    from .. import _C
+
+    if getattr(_C, "with_cuda", False):
+        torch.cuda.synchronize()
+        _C.raise_routing_errors()
+
+
+__all__ = ["backend", "check_routing_errors", "lora_expand", "lora_linear", "lora_shrink"]

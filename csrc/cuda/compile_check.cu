@@ -1,4 +1,4 @@
-// Instantiates every kernel of lora_kernels.cuh for every dtype, vector width and
+// Instantiates every kernel of lora_kernels.cuh (and the SGMV plan kernel) for every dtype, vector width and
 // configuration the launchers in lora_cuda.cu use, so compile_check.sh can build them
 // with nvcc alone (no torch, no GPU).
 #include "lora_kernels.cuh"
@@ -22,6 +22,8 @@ void instantiate() {
   instantiate_width<T, kVecWidth<T>>();
   instantiate_width<T, 1>();
 }
+
+const void* plan_kernel = reinterpret_cast<const void*>(&sgmv_plan_kernel<SgmvShrink::kRows>);
 
 template void instantiate<__half>();
 template void instantiate<__nv_bfloat16>();

@@ -3,29 +3,24 @@
 // multiplies scale in the fp32/fp64 accumulation); lora_linear and its backward come for free from
 // csrc/lora_linear.cpp (CompositeExplicitAutograd over these two and at::mm).
 //
-// Dispatch rule, per call (BGMV vs SGMV):
-//   - While the current stream is capturing a CUDA graph: BGMV over every row. It reads each
-//     row's slot on the device, so the graph stays valid when the index is rewritten in place
-//     between replays, and nothing is synchronised.
-//   - Otherwise the index is on the host anyway (validation below). Rows are grouped per slot
-//     (segments.h). No segment of >= kSgmvMinRows rows with rank > 0: BGMV over every row
-//     (decode: distinct or few-row slots). Else SGMV items of kRows rows for those long
-//     segments (each weight vector loaded once per item) plus BGMV for the rows of short
-//     segments, both from one small pinned host->device copy of the row lists (prefill).
+// Dispatch rule, per call, by shape only (nothing is read back from the device):
+//   - rows < kSgmvMinBatchRows (decode batches): BGMV, one block row per row, each reading its
+//     row's slot on the device.
+//   - Larger batches (prefill, chunked prefill): SGMV. One single-block kernel (sgmv_plan_kernel)
+//     groups the rows per slot on the device into items of kRows rows, so each weight vector
+//     loaded feeds kRows rows; then the SGMV kernels run over those items (empty ones exit).
+//   Both paths are the same in eager mode and under CUDA-graph capture: no host sync, no host
+//   copy, so a captured graph follows an index (or ranks) rewritten in place between replays.
 //   The SGMV path is a register-tiled CUDA-core kernel rather than cuBLAS per segment: the
 //   low-rank GEMMs are thin (rank <= 256 columns), t must come out in fp32 from fp16/bf16
 //   inputs, and one launch covers all segments instead of several launches per segment.
 //
-// Index validation rule (kernels never read out of bounds either way: a slot outside
-// [0, slots) acts as -1 and a rank is clamped to [0, max_rank]):
-//   - Not capturing: index (and ranks, concatenated on the device first) is copied to the host
-//     and checked with check_routing_values, giving the same error as the CPU backend. Cost:
-//     one tiny kernel (the concatenation, only with ranks), one device->host copy of
-//     8 * (rows + slots) bytes and a stream synchronisation, i.e. a few microseconds plus the
-//     launch bubble after it; lora_linear pays it twice (shrink and expand). Serve decode from
-//     CUDA graphs to avoid it.
-//   - Capturing: no check (a check needs a host sync, which capture forbids); whoever builds the
-//     index validates it. Out-of-range values then read as "no adapter" / clamped ranks.
+// Index validation rule: kernels never read out of bounds (a slot outside [0, slots) acts as -1,
+// a rank is clamped to [0, max_rank]), and report such values without a host sync: the first
+// one per device is written to pinned host memory (ErrorSink) and raised as the ValueError the
+// CPU backend gives, by the next adapterhub CUDA op called on that device (before it touches
+// anything) or by adapterhub.ops.check_routing_errors() (which synchronizes first). The call that
+// met the value ran its row as "no adapter". Ranks are checked for the slots rows use.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -35,11 +30,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
+#include <sstream>
+#include <unordered_map>
 #include <vector>
 
 #include "checks.h"
 #include "lora_kernels.cuh"
-#include "segments.h"
 
 namespace adapterhub {
 namespace {
@@ -52,7 +49,7 @@ using OptTensor = c10::optional<at::Tensor>;
 
 static_assert(SgmvShrink::kRows == SgmvExpand::kRows, "shrink and expand share the SGMV row lists");
 constexpr int kSgmvRows = SgmvShrink::kRows;
-constexpr int64_t kSgmvMinRows = 8;      // a segment this long runs as SGMV items
+constexpr int64_t kSgmvMinBatchRows = 128;  // batches this long run as SGMV items
 constexpr int64_t kMaxRank = 1024;       // bounds expand's shared memory (its t rows): kRows * R * 8 bytes
 constexpr int64_t kWideShrinkBlocks = 128;  // fewer shrink blocks than this: 8 warps per block, not 4
 
@@ -75,58 +72,102 @@ bool capturing() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
-// Which rows each kernel launch covers. all_rows: one BGMV launch over every row, no lists.
-// Else `lists` (device, int64) holds sgmv_items * kSgmvRows row ids (-1 pads) then bgmv_items ids.
-struct Plan {
-  bool all_rows = true;
-  at::Tensor lists;
-  int64_t sgmv_items = 0;
-  int64_t bgmv_items = 0;
+// ---- routing errors found on the device ----------------------------------------------
 
-  const int64_t* sgmv_list() const { return lists.data_ptr<int64_t>(); }
-  const int64_t* bgmv_list() const { return lists.data_ptr<int64_t>() + sgmv_items * kSgmvRows; }
+constexpr const char* kOpNames[] = {"lora_shrink", "lora_expand"};
+enum OpCode : int64_t { kShrink = 0, kExpand = 1 };
+
+// One per device, made at the first call outside capture and kept for the process: the claim word
+// (device) and the record (pinned host memory the device writes through its mapping).
+struct DeviceErrors {
+  unsigned long long* claim = nullptr;
+  int64_t* record = nullptr;  // host address
+  int64_t* mapped = nullptr;  // the record's device address
 };
 
-// Validates index/ranks values and groups rows per slot, unless capturing (see the rules at the top).
-Plan plan_routing(const char* op, const at::Tensor& index, const OptTensor& ranks, int64_t slots, int64_t max_rank) {
-  Plan plan;
-  if (capturing()) return plan;
-  const int64_t rows = index.size(0);
-  const at::Tensor host = (ranks.has_value() ? at::cat({index, *ranks}) : index).to(at::kCPU);
-  const int64_t* idx = host.data_ptr<int64_t>();
-  const int64_t* rk = ranks.has_value() ? idx + rows : nullptr;
-  check_routing_values(op, idx, rows, rk, slots, max_rank);
+std::mutex errors_mutex;
+std::unordered_map<int, DeviceErrors> device_errors;
 
-  const Segments seg = group_rows_by_slot(idx, rows, slots);
-  std::vector<int64_t> sgmv, bgmv;
-  for (int64_t k = 0; k < seg.count(); ++k) {
-    if (rk != nullptr && rk[seg.slot[k]] == 0) continue;
-    const int64_t n = seg.length(k);
-    const int64_t* r = seg.rows_of(k);
-    if (n < kSgmvMinRows) {
-      bgmv.insert(bgmv.end(), r, r + n);
-      continue;
-    }
-    sgmv.insert(sgmv.end(), r, r + n);
-    sgmv.resize((sgmv.size() + kSgmvRows - 1) / kSgmvRows * kSgmvRows, -1);  // pad the last item
+// The device's sink, made now unless capturing (allocating would break the capture): then
+// this call reports nothing.
+cuda::ErrorSink sink_for(int device, OpCode op) {
+  std::lock_guard<std::mutex> lock(errors_mutex);
+  auto found = device_errors.find(device);
+  if (found == device_errors.end()) {
+    if (capturing()) return {nullptr, nullptr, op};
+    DeviceErrors e;
+    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&e.record), cuda::kRecordFields * sizeof(int64_t),
+                                 cudaHostAllocMapped | cudaHostAllocPortable));
+    std::fill(e.record, e.record + cuda::kRecordFields, 0);
+    C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&e.claim), sizeof(unsigned long long)));
+    C10_CUDA_CHECK(cudaMemset(e.claim, 0, sizeof(unsigned long long)));
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&e.mapped), e.record, 0));
+    found = device_errors.emplace(device, e).first;
   }
-  if (sgmv.empty()) return plan;  // BGMV over every row, as under capture
+  return {found->second.claim, found->second.mapped, op};
+}
 
-  plan.all_rows = false;
-  plan.sgmv_items = static_cast<int64_t>(sgmv.size()) / kSgmvRows;
-  plan.bgmv_items = static_cast<int64_t>(bgmv.size());
-  auto staged = at::empty({plan.sgmv_items * kSgmvRows + plan.bgmv_items},
-                          at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* dst = staged.data_ptr<int64_t>();
-  std::copy(sgmv.begin(), sgmv.end(), dst);
-  std::copy(bgmv.begin(), bgmv.end(), dst + sgmv.size());
-  plan.lists = staged.to(index.device(), /*non_blocking=*/true);
+// Raises the routing error a kernel reported on `device` since the last one raised, if any (a
+// read of host memory, no sync), and frees the sink for the next report (stream-ordered).
+void raise_pending(int device) {
+  std::ostringstream message;
+  {
+    std::lock_guard<std::mutex> lock(errors_mutex);
+    auto found = device_errors.find(device);
+    if (found == device_errors.end()) return;
+    volatile int64_t* rec = found->second.record;
+    if (rec[0] == 0) return;
+    int64_t field[cuda::kRecordFields];
+    for (int i = 0; i < cuda::kRecordFields; ++i) field[i] = rec[i];
+    for (int i = 0; i < cuda::kRecordFields; ++i) rec[i] = 0;
+    if (!capturing()) {
+      C10_CUDA_CHECK(cudaMemsetAsync(found->second.claim, 0, sizeof(unsigned long long),
+                                     c10::cuda::getCurrentCUDAStream(device)));
+    }
+    const char* op = kOpNames[field[1] == kExpand ? 1 : 0];
+    if (field[2] == cuda::kBadIndex) {
+      message << op << ": index values must be in [-1, " << field[5] << ") (slots = " << field[5] << "), got "
+              << field[4] << " at row " << field[3];
+    } else {
+      message << op << ": ranks values must be in [0, max_rank = " << field[6] << "], got " << field[4]
+              << " for slot " << field[3];
+    }
+  }
+  TORCH_CHECK_VALUE(false, message.str(),
+                    "\n(found on the device by an earlier call on cuda:", device,
+                    ", which ran that row as 'no adapter'; CUDA ops check routing values without a host sync "
+                    "and raise at the next adapterhub op, or at adapterhub.ops.check_routing_errors())");
+}
+
+// Which rows each kernel launch covers. !sgmv: one BGMV launch over every row, no lists.
+// Else `items` (device, int64) holds `count` items of kSgmvRows row ids (-1 pads).
+struct Plan {
+  bool sgmv = false;
+  at::Tensor items;
+  int64_t count = 0;
+};
+
+// Chooses BGMV or SGMV by the batch's length; for SGMV, groups the rows on the device.
+Plan plan_routing(const at::Tensor& index, const cuda::Routing& route) {
+  Plan plan;
+  const int64_t rows = index.size(0);
+  if (rows < kSgmvMinBatchRows) return plan;
+  const int64_t capacity =
+      (rows + std::min(rows, route.slots) * (kSgmvRows - 1) + kSgmvRows - 1) / kSgmvRows * kSgmvRows;
+  plan.sgmv = true;
+  plan.count = capacity / kSgmvRows;
+  plan.items = at::empty({capacity}, index.options());
+  auto scratch = at::empty({2 * route.slots}, index.options().dtype(at::kInt));
+  const cuda::PlanParams p{route, rows, scratch.data_ptr<int32_t>(), scratch.data_ptr<int32_t>() + route.slots,
+                           plan.items.data_ptr<int64_t>(), capacity};
+  cuda::sgmv_plan_kernel<kSgmvRows><<<1, cuda::kPlanThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return plan;
 }
 
-cuda::Routing routing(const at::Tensor& index, const OptTensor& ranks, int64_t slots, int64_t max_rank) {
+cuda::Routing routing(const at::Tensor& index, const OptTensor& ranks, int64_t slots, int64_t max_rank, OpCode op) {
   return {index.data_ptr<int64_t>(), ranks.has_value() ? ranks->data_ptr<int64_t>() : nullptr, nullptr, slots,
-          max_rank};
+          max_rank, sink_for(index.get_device(), op)};
 }
 
 // ---- shrink -------------------------------------------------------------------------
@@ -155,23 +196,23 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::
   const int64_t rows = x.size(0), in = x.size(1), slots = A.size(0), max_rank = A.size(1);
   TORCH_CHECK_VALUE(max_rank <= kMaxRank, op, ": the CUDA kernels support max_rank up to ", kMaxRank,
                     ", got A.size(1) = ", max_rank);
+  if (!capturing()) raise_pending(x.get_device());
   const auto t_options = x.options().dtype(intermediate_dtype(x.scalar_type()));
   if (rows == 0 || max_rank == 0) return at::zeros({rows, max_rank}, t_options);
-  const Plan plan = plan_routing(op, index, ranks, slots, max_rank);
-  // BGMV over every row writes all of t; the row lists leave rows with no adapter to at::zeros.
-  auto t = plan.all_rows ? at::empty({rows, max_rank}, t_options) : at::zeros({rows, max_rank}, t_options);
+  const cuda::Routing route = routing(index, ranks, slots, max_rank, kShrink);
+  const Plan plan = plan_routing(index, route);
+  // BGMV over every row writes all of t; the SGMV items leave rows with no adapter to at::zeros.
+  auto t = plan.sgmv ? at::zeros({rows, max_rank}, t_options) : at::empty({rows, max_rank}, t_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_shrink_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     using Acc = cuda::acc_t<T>;
     const cuda::ShrinkParams<T> p{reinterpret_cast<const T*>(x.data_ptr<scalar_t>()),
-                                  reinterpret_cast<const T*>(A.data_ptr<scalar_t>()), t.data_ptr<Acc>(),
-                                  routing(index, ranks, slots, max_rank), in};
+                                  reinterpret_cast<const T*>(A.data_ptr<scalar_t>()), t.data_ptr<Acc>(), route, in};
     const bool vectorized = in % cuda::kVecWidth<T> == 0 && aligned16(p.x) && aligned16(p.A);
-    if (plan.all_rows) {
-      launch_shrink<T, BgmvShrink>(p, nullptr, rows, vectorized);
+    if (plan.sgmv) {
+      launch_shrink<T, SgmvShrink>(p, plan.items.data_ptr<int64_t>(), plan.count, vectorized);
     } else {
-      launch_shrink<T, SgmvShrink>(p, plan.sgmv_list(), plan.sgmv_items, vectorized);
-      launch_shrink<T, BgmvShrink>(p, plan.bgmv_list(), plan.bgmv_items, vectorized);
+      launch_shrink<T, BgmvShrink>(p, nullptr, rows, vectorized);
     }
   });
   return t;
@@ -204,26 +245,40 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, c
   const int64_t rows = y.size(0), out = y.size(1), slots = B.size(0), max_rank = B.size(2);
   TORCH_CHECK_VALUE(max_rank <= kMaxRank, op, ": the CUDA kernels support max_rank up to ", kMaxRank,
                     ", got B.size(2) = ", max_rank);
+  if (!capturing()) raise_pending(y.get_device());
   if (rows == 0 || out == 0 || max_rank == 0) return;
-  const Plan plan = plan_routing(op, index, ranks, slots, max_rank);
+  const cuda::Routing route = routing(index, ranks, slots, max_rank, kExpand);
+  const Plan plan = plan_routing(index, route);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "lora_expand_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     using Acc = cuda::acc_t<T>;
     const cuda::ExpandParams<T> p{reinterpret_cast<T*>(y.data_ptr<scalar_t>()), t.data_ptr<Acc>(),
                                   reinterpret_cast<const T*>(B.data_ptr<scalar_t>()), scale.data_ptr<float>(),
-                                  weight.has_value() ? weight->data_ptr<float>() : nullptr,
-                                  routing(index, ranks, slots, max_rank), out, 1};
+                                  weight.has_value() ? weight->data_ptr<float>() : nullptr, route, out, 1};
     const bool vectorized = max_rank % cuda::kVecWidth<T> == 0 && aligned16(p.B);
-    if (plan.all_rows) {
-      launch_expand<T, BgmvExpand>(p, nullptr, rows, vectorized);
+    if (plan.sgmv) {
+      launch_expand<T, SgmvExpand>(p, plan.items.data_ptr<int64_t>(), plan.count, vectorized);
     } else {
-      launch_expand<T, SgmvExpand>(p, plan.sgmv_list(), plan.sgmv_items, vectorized);
-      launch_expand<T, BgmvExpand>(p, plan.bgmv_list(), plan.bgmv_items, vectorized);
+      launch_expand<T, BgmvExpand>(p, nullptr, rows, vectorized);
     }
   });
 }
 
 }  // namespace
+
+// Raises the first routing error the kernels reported on any device and no op has raised yet
+// (adapterhub.ops.check_routing_errors synchronizes first, so every call so far is covered).
+void raise_routing_errors() {
+  std::vector<int> devices;
+  {
+    std::lock_guard<std::mutex> lock(errors_mutex);
+    for (const auto& entry : device_errors) devices.push_back(entry.first);
+  }
+  for (int device : devices) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    raise_pending(device);
+  }
+}
 
 TORCH_LIBRARY_IMPL(adapterhub, CUDA, m) {
   m.impl("lora_shrink", &lora_shrink_cuda);

@@ -11,15 +11,20 @@
 //     CUDA-graph capture (no host knowledge of the index needed).
 //   SGMV (kRows > 1): the host groups a segment's rows into items (Routing::items), so each
 //     weight vector loaded feeds kRows rows; prefill batches.
+//   The item lists come from sgmv_plan_kernel, on the device (no host sync, capturable).
 // Both accumulate in fp32 (fp64 for fp64), load 16-byte vectors when VEC > 1 (the launcher
 // checks sizes and alignment), never read A/B padding beyond the slot's rank (B vectors
 // straddling r are masked), and are safe for any index/ranks values: a slot outside
 // [0, slots) acts as -1 and a rank is clamped to [0, R], so nothing is read out of bounds.
+// Such values are also reported, without a host sync, through Routing::errors (the plan
+// kernel checks every row of an SGMV call, the BGMV kernels the row of each block).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cub/block/block_scan.cuh>
 
 #include <cstdint>
 #include <cstring>
@@ -106,13 +111,40 @@ __device__ __forceinline__ A warp_sum(A v, int width = 32) {
 
 // ---- routing ------------------------------------------------------------------------
 
+// Where the kernels report a routing value out of its range, without a host sync: the first
+// report claims `claim` (device memory, 0 = free) and writes `record` (pinned host memory mapped
+// into the device), which the host reads at its next op call (lora_cuda.cu, raise_pending).
+// record: [ready, op, what, position, value, slots, max_rank]; claim == nullptr: no reports.
+enum RoutingErrorKind : int64_t { kBadIndex = 1, kBadRank = 2 };
+constexpr int kRecordFields = 7;
+struct ErrorSink {
+  unsigned long long* claim;
+  int64_t* record;
+  int64_t op;  // which op reports (lora_cuda.cu names them)
+};
+
 struct Routing {
   const int64_t* index;  // (rows,) slot per row, -1 = no adapter
   const int64_t* ranks;  // (slots,) rank in use per slot, or nullptr: every slot has max_rank
   const int64_t* items;  // (items * kRows,) row ids grouped by slot, -1 pads; nullptr: item w is row w
   int64_t slots;
   int64_t max_rank;
+  ErrorSink errors;
 };
+
+__device__ __forceinline__ void report_error(const Routing& route, int64_t what, int64_t position, int64_t value) {
+  const ErrorSink& e = route.errors;
+  if (e.claim == nullptr || atomicCAS(e.claim, 0ull, 1ull) != 0ull) return;
+  volatile int64_t* rec = e.record;
+  rec[1] = e.op;
+  rec[2] = what;
+  rec[3] = position;
+  rec[4] = value;
+  rec[5] = route.slots;
+  rec[6] = route.max_rank;
+  __threadfence_system();  // the fields reach the host before `ready`
+  rec[0] = 1;
+}
 
 __device__ __forceinline__ int64_t slot_of(const Routing& route, int64_t row) {
   const int64_t s = route.index[row];
@@ -124,6 +156,21 @@ __device__ __forceinline__ int64_t rank_of(const Routing& route, int64_t slot) {
   if (route.ranks == nullptr) return route.max_rank;
   const int64_t r = route.ranks[slot];
   return r < 0 ? 0 : (r > route.max_rank ? route.max_rank : r);
+}
+
+// Reports row's index value, and its slot's rank, when out of range (the host check's messages).
+__device__ __forceinline__ void check_row(const Routing& route, int64_t row) {
+  const int64_t s = route.index[row];
+  if (s < -1 || s >= route.slots) {
+    report_error(route, kBadIndex, row, s);
+  } else if (s >= 0 && route.ranks != nullptr && (route.ranks[s] < 0 || route.ranks[s] > route.max_rank)) {
+    report_error(route, kBadRank, s, route.ranks[s]);
+  }
+}
+
+// BGMV (no item lists): the first thread of the first block of each row checks that row.
+__device__ __forceinline__ void check_bgmv_row(const Routing& route) {
+  if (route.items == nullptr && blockIdx.y == 0 && threadIdx.x == 0) check_row(route, blockIdx.x);
 }
 
 // Rows of item w and their shared slot (that of the first row). A row is valid when it
@@ -184,6 +231,7 @@ __global__ void __launch_bounds__(32 * kShrinkMaxWarps) lora_shrink_kernel(Shrin
   bool valid[M];
   const int64_t slot = item_rows<M>(p.route, blockIdx.x, row, valid);
   const int64_t r = rank_of(p.route, slot);
+  check_bgmv_row(p.route);
 
   if (q0 >= r) {  // whole block in the padding (or no adapter): zeros, no weight reads
     for (int i = threadIdx.x; i < M * Q; i += blockDim.x) {
@@ -289,6 +337,7 @@ __global__ void __launch_bounds__(kExpandThreads, 2) lora_expand_kernel(ExpandPa
   bool valid[M];
   const int64_t slot = item_rows<M>(p.route, blockIdx.x, row, valid);
   const int64_t r = rank_of(p.route, slot);
+  check_bgmv_row(p.route);
   if (r == 0) return;  // no adapter: y untouched, nothing read
 
   for (int64_t i = threadIdx.x; i < M * R; i += blockDim.x) {
@@ -345,6 +394,65 @@ __global__ void __launch_bounds__(kExpandThreads, 2) lora_expand_kernel(ExpandPa
         store(yo, to_acc(*yo) + coef[m] * v);
       }
     }
+  }
+}
+
+// ---- SGMV plan ----------------------------------------------------------------------
+
+// The item lists of an SGMV launch, built on the device in one block: rows grouped by slot (a
+// counting sort), each group padded with -1 to a multiple of M rows, so item w is
+// items[w * M .. w * M + M). Rows with no adapter, a rank-0 slot or an out-of-range value (reported)
+// are left out; items past the groups are all -1 (the kernels skip them). Order within a group is
+// unspecified (a row's result does not depend on it).
+//   capacity >= rows + min(rows, slots) * (M - 1), a multiple of M: every grouping fits.
+constexpr int kPlanThreads = 512;
+
+struct PlanParams {
+  Routing route;     // index, ranks, slots, max_rank, errors (items unused)
+  int64_t rows;
+  int32_t* start;    // (slots,) scratch: row count, then the group's first item entry
+  int32_t* cursor;   // (slots,) scratch: rows placed so far
+  int64_t* items;    // (capacity,) out
+  int64_t capacity;
+};
+
+// The slot whose low-rank delta row `row` adds, or -1 (none, rank 0, or out of range).
+__device__ __forceinline__ int64_t planned_slot(const Routing& route, int64_t row) {
+  const int64_t s = slot_of(route, row);
+  return rank_of(route, s) > 0 ? s : -1;
+}
+
+// grid 1, block kPlanThreads.
+template <int M>
+__global__ void __launch_bounds__(kPlanThreads) sgmv_plan_kernel(PlanParams p) {
+  using Scan = cub::BlockScan<int64_t, kPlanThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  const int64_t slots = p.route.slots;
+  for (int64_t s = threadIdx.x; s < slots; s += kPlanThreads) p.start[s] = p.cursor[s] = 0;
+  for (int64_t i = threadIdx.x; i < p.capacity; i += kPlanThreads) p.items[i] = -1;
+  __syncthreads();
+  for (int64_t row = threadIdx.x; row < p.rows; row += kPlanThreads) {
+    check_row(p.route, row);
+    const int64_t s = planned_slot(p.route, row);
+    if (s >= 0) atomicAdd(&p.start[s], 1);
+  }
+  __syncthreads();
+  // Each thread owns a run of consecutive slots: padded counts -> exclusive prefix over the block.
+  const int64_t per = (slots + kPlanThreads - 1) / kPlanThreads;
+  const int64_t lo = min(static_cast<int64_t>(threadIdx.x) * per, slots), hi = min(lo + per, slots);
+  int64_t mine = 0;
+  for (int64_t s = lo; s < hi; ++s) mine += (p.start[s] + M - 1) / M * M;
+  int64_t offset = 0;
+  Scan(scan).ExclusiveSum(mine, offset);
+  for (int64_t s = lo; s < hi; ++s) {
+    const int64_t padded = (p.start[s] + M - 1) / M * M;
+    p.start[s] = static_cast<int32_t>(offset);
+    offset += padded;
+  }
+  __syncthreads();
+  for (int64_t row = threadIdx.x; row < p.rows; row += kPlanThreads) {
+    const int64_t s = planned_slot(p.route, row);
+    if (s >= 0) p.items[p.start[s] + atomicAdd(&p.cursor[s], 1)] = row;
   }
 }
 
