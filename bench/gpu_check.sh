@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check of issue 4, for an NVIDIA machine without network: build adapterhub._C with
-# its CUDA kernels, run the `cuda` tests, run the GPU benchmark (on an H100: build 50 s,
-# tests 45 s, benchmark 20 s).
-# Logs and the benchmark table go to $OUT (the device tool's folder), else bench/results/.
-# Exit status: non-zero if the build, a test or the benchmark failed.
+# The whole GPU check (issues 4 and 19), for an NVIDIA machine without network, in under 8 minutes:
+#   1. build adapterhub._C with its CUDA kernels (system g++; ~50 s on an H100)
+#   2. the `cuda` tests: the ops vs float64 (tests/test_cuda.py) and CUDA-graph replay of a tiny
+#      Llama with new routings (tests/test_graph_routing.py)
+#   3. bench.bench_gpu: the ops against the memory floor, launches, prefill vs grouped GEMM
+#   4. bench.gpu_stack: Backbone and a training step vs PEFT on the GPU, bf16
+#   5. bench.serve.gpu_engine: the serving engine under load (1 and 64 adapters, shortened)
+# Each step gets what is left of CHECK_SECONDS (default 450) minus what the later steps keep back.
+# Writes gpu_check_<device>.md (the summary), gpu_ops_<device>.md, gpu_stack_<device>.md,
+# gpu_serve_<device>.md and the logs to $OUT (the device tool's folder), else bench/results/.
+# Exit status: non-zero if the build, a test or a benchmark failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
@@ -14,10 +20,18 @@ export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TOR
 # any C++ exception from the extension then crashes the process (seen: rc 139). Build with the
 # system compiler (ADAPTERHUB_CXX / ADAPTERHUB_CC choose another).
 if [[ -x /usr/bin/g++ ]]; then export CC="${ADAPTERHUB_CC:-/usr/bin/gcc}" CXX="${ADAPTERHUB_CXX:-/usr/bin/g++}"; fi
-deadline=$((SECONDS + ${CHECK_SECONDS:-400}))
+deadline=$((SECONDS + ${CHECK_SECONDS:-450}))
 status=0
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+device="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($NF)}')"
+device="${device:-gpu}"
+summary="$out/gpu_check_$device.md"
+step() {  # step NAME SECONDS STATUS: a line of the summary
+  echo "| $1 | $2 s | $3 |" >>"$summary"
+}
+printf '# bench/gpu_check.sh on %s\n\n%s\n\n| step | time | result |\n|---|---|---|\n' \
+  "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" "$(tail -n +2 "$out/gpu.txt" | tr '\n' ' ')" >"$summary"
 "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)' | tee -a "$out/gpu.txt"
 
 # A stale build (this checkout's CPU build, another torch) must not be picked up.
@@ -39,9 +53,10 @@ start=$SECONDS
 if ! "$PY" setup.py build_ext --inplace >"$out/build.log" 2>&1; then
   tail -20 "$out/build.log"
   echo "setup.py build_ext failed; building with torch.utils.cpp_extension.load"
-  build_jit >>"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; echo "BUILD FAILED"; exit 1; }
+  build_jit >>"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; echo "BUILD FAILED"; step build $((SECONDS - start)) FAILED; exit 1; }
 fi
 echo "build: $((SECONDS - start)) s"
+step build $((SECONDS - start)) ok
 "$PY" -c 'import adapterhub, adapterhub._C as C; print("backend", adapterhub.backend(), "with_cuda", C.with_cuda)' \
   || exit 1
 
@@ -62,12 +77,25 @@ left() { local s=$((deadline - SECONDS - $1)); echo $((s > 30 ? s : 30)); }  # s
 timeout_flag=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && timeout_flag=(--timeout=120)
 start=$SECONDS
-timeout "$(left 100)" "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider \
+timeout "$(left 300)" "$PY" -m pytest -m cuda tests/test_cuda.py tests/test_graph_routing.py -q -p no:cacheprovider \
   --durations=8 "${timeout_flag[@]}" 2>&1 | tee "$out/pytest.log" | tail -40
-[[ ${PIPESTATUS[0]} == 0 ]] || status=1
-echo "tests: $((SECONDS - start)) s"
+rc=${PIPESTATUS[0]}
+[[ $rc == 0 ]] || status=1
+step "cuda tests" $((SECONDS - start)) "$(tail -1 "$out/pytest.log" | tr -d '=|') (rc $rc)"
 
-start=$SECONDS
-timeout "$(left 0)" "$PY" -m bench.bench_gpu --out "$out/bench_gpu.md" || status=1
-echo "benchmark: $((SECONDS - start)) s"
+run_step() {  # run_step NAME KEEP_BACK COMMAND...: one benchmark, bounded by what is left
+  local name=$1 keep=$2 start=$SECONDS rc
+  shift 2
+  timeout "$(left "$keep")" "$@" >"$out/$name.log" 2>&1
+  rc=$?
+  tail -15 "$out/$name.log"
+  [[ $rc == 0 ]] || status=1
+  step "$name" $((SECONDS - start)) "$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc $rc, see $name.log)")"
+}
+run_step bench_gpu 220 "$PY" -m bench.bench_gpu --out "$out/gpu_ops_$device.md"
+run_step gpu_stack 100 "$PY" -m bench.gpu_stack --out "$out"
+run_step gpu_serve 0 "$PY" -m bench.serve.gpu_engine --out "$out" --adapters 1 64 --requests 128
+echo "total: $SECONDS s"
+echo "total: $SECONDS s; exit status $status" >>"$summary"
+cat "$summary"
 exit $status
