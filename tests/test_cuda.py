@@ -395,6 +395,10 @@ def test_cuda_graph_replay_follows_index_in_place(rows):
         index.copy_(new)
         graph.replay()
         torch.cuda.synchronize()
+        if new is invalid:  # reported from inside the graph too, raised once
+            with pytest.raises(ValueError, match="lora_shrink: index values must be in"):
+                ops.check_routing_errors()
+        ops.check_routing_errors()
         effective = torch.where((new >= 0) & (new < slots), new, -1)
         expected = reference.lora_linear(
             *map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"], effective, c["ranks"]
