@@ -2,7 +2,8 @@
 
 The public API, and all an adapter-type plugin may import besides `adapterhub.formats`:
 
-    Backbone, AdapterInfo, Composition             the runtime (adapterhub/backbone/)
+    Backbone, AdapterInfo, Composition,
+    RoutingBuffers                                 the runtime (adapterhub/backbone/)
     Adapter, AdapterType, ModuleSlots, Route,
     LowRankSlots, hookimpl, check_shape            the adapter-type contract (adapterhub/plugins/)
     AdapterError, NoFreeSlot                       errors (adapterhub/errors.py)
@@ -11,6 +12,7 @@ The public API, and all an adapter-type plugin may import besides `adapterhub.fo
 
 from . import ops
 from .backbone import AdapterInfo, Backbone, Composition
+from .backbone.routing import RoutingBuffers
 from .errors import AdapterError, NoFreeSlot
 from .formats import Adapter, check_shape
 from .ops import backend
@@ -28,6 +30,7 @@ __all__ = [
     "ModuleSlots",
     "NoFreeSlot",
     "Route",
+    "RoutingBuffers",
     "__version__",
     "backend",
     "check_shape",

@@ -33,13 +33,13 @@ from torch import nn
 from ..errors import AdapterError, NoFreeSlot
 from ..formats import CONFIG_FILE, Adapter, check_config, find_linears, read_json_object
 from ..hub import resolve
-from ..plugins import AdapterType, ModuleSlots, Registry, registry
+from ..plugins import AdapterType, ModuleSlots, Registry, Route, registry
 from .composer import MATERIALIZED, Composer, Slots
 from .composition import Composition
 from .digest import adapter_digest
 from .heads import HeadSlots
 from .host_cache import HostCache, source_key
-from .routing import ALL_ROWS, Routing, attach, routes_for
+from .routing import ALL_ROWS, Routing, RoutingBuffers, attach, routes_for
 from .slot_table import SlotTable
 from .trainable import Trainable
 
@@ -117,6 +117,7 @@ class Backbone:
         self._modules = dict(model.named_modules())  # before our slot modules are attached
         self._module_slots: dict[tuple[str, str], ModuleSlots] = {}  # (type, module path) -> its slot tensors
         self._heads: dict[str, HeadSlots] = {}  # module path -> slot tensors of its modules_to_save copies
+        self._hooked: Counter[str] = Counter()  # route key (type, ALL_ROWS) -> modules with its hooks attached
         self._training: dict[str, Trainable] = {}  # name -> the Trainable of the training() block it is in
         self.composer = Composer(self)
         targets = find_linears(model, target_modules)
@@ -467,9 +468,39 @@ class Backbone:
         return Composition.parse(spec)
 
     # ---- routing -------------------------------------------------------------------------
+    def routing_buffers(self, rows: int, columns: int = 1) -> RoutingBuffers:
+        """Routes on fixed tensors, on the model's device, for batches of `rows` rows: pass them to
+        `use(names, buffers=...)`, which rewrites them in place, so that a CUDA graph captured inside
+        one such block replays inside another with that block's routing (docs/cuda-graphs.md).
+
+        One route per adapter type that has slots or resident adapters and runs per token
+        (`AdapterType.packed`: all but prompt tuning, which changes the sequence), with the features of
+        its resident adapters, plus ALL_ROWS (modules_to_save heads). `columns` > 1: the types that
+        compose with "cat" get (rows, columns) routes, for "cat" rows of up to that many adapters.
+        Make them once the first adapter of each type (and of each feature, e.g. DoRA) is loaded:
+        `use` refuses batches that the tensors made now could not route."""
+        if rows < 1 or columns < 1:
+            raise ValueError(f"routing_buffers needs rows >= 1 and columns >= 1, got {rows} and {columns}")
+        with self._lock:
+            layout = {}
+            for type_name in sorted({t for t, _ in self._module_slots} | {r.type for r in self._records.values()}):
+                adapter_type = self.types.get(type_name)
+                if adapter_type.packed:
+                    width = columns if "cat" in adapter_type.composition_methods() else 1
+                    found = [r.features for r in self._records.values() if r.type == type_name]
+                    layout[type_name] = (width, frozenset().union(*found))
+            layout[ALL_ROWS] = (1, frozenset().union(*(f for _, f in layout.values())))
+            hooked = {key: self._hooked[key] for key in layout}
+            return RoutingBuffers(rows, layout, self._device(), self.routing, hooked)
+
     @contextlib.contextmanager
     def use(
-        self, names: Row | Sequence[Row] | None, *, repeat: int = 1, lengths: Sequence[int] | None = None
+        self,
+        names: Row | Sequence[Row] | None,
+        *,
+        repeat: int = 1,
+        lengths: Sequence[int] | None = None,
+        buffers: RoutingBuffers | None = None,
     ) -> Iterator[None]:
         """Routes every forward of the model inside the block.
 
@@ -482,6 +513,11 @@ class Backbone:
         `lengths`: a packed batch (the server's ragged steps): the forward gets one sequence
         (1, sum(lengths)) in which the next lengths[i] tokens are names[i]'s, each routed to its own
         adapter; for adapter types that run packed (`AdapterType.packed`: not prompt tuning).
+        `buffers` (`routing_buffers`): write the routing into those fixed tensors, in place, and route
+        with them, for CUDA graphs: one name per buffer row (len(names) * repeat == rows) or one for
+        all. Refused with an AdapterError (leaving no slot acquired and the buffers as they were) with
+        `lengths`, or for a batch they cannot route: a type or feature they were made without, a "cat"
+        row wider than their columns, slots attached to more modules since they were made.
         One block runs at a time (blocks in other threads wait; blocks do not nest), and while
         it runs it routes this model's forwards from every thread. Loads, swaps and unloads from
         other threads go on meanwhile.
@@ -497,6 +533,8 @@ class Backbone:
                     f"Backbone.use(names, lengths=...) needs a list of names and one token count >= 0 per "
                     f"name (and no repeat); got {len(per_row)} name(s), {len(lengths)} length(s), repeat={repeat}"
                 )
+        if buffers is not None:
+            self._check_buffers(buffers, None if broadcast else len(per_row) * repeat, lengths)
         if self._use_owner == threading.get_ident():
             raise AdapterError("Backbone.use blocks do not nest: leave the current block first")
         with self._use_lock:
@@ -507,7 +545,11 @@ class Backbone:
                 try:
                     if lengths is not None:
                         self._check_packed(per_row, types)
-                    self.routing.set(routes_for(slots, types, features, broadcast, repeat, self._device(), lengths))
+                    if buffers is None:
+                        routes = routes_for(slots, types, features, broadcast, repeat, self._device(), lengths)
+                    else:
+                        routes = self._written(buffers, per_row, slots, types, features, broadcast, repeat)
+                    self.routing.set(routes)
                     yield
                 finally:
                     self.routing.clear()
@@ -517,6 +559,63 @@ class Backbone:
                 self._use_owner = None
 
     # ---- internals -----------------------------------------------------------------------
+    def _check_buffers(self, buffers: RoutingBuffers, rows: int | None, lengths: Sequence[int] | None) -> None:
+        """Refuses `use(..., buffers=)` calls the buffers can never route, before anything is acquired;
+        rows: the batch's rows (None: one name for all)."""
+        if buffers.owner is not self.routing:
+            raise AdapterError("these routing buffers were made by another Backbone; make them with this one's")
+        if lengths is not None:
+            raise AdapterError(
+                "Backbone.use(lengths=...) routes a packed batch, whose token count changes every step, and "
+                "routing buffers hold a fixed number of rows; route one name per row of a fixed-shape batch "
+                "with buffers, or packed batches without buffers"
+            )
+        if rows is not None and rows != buffers.rows:
+            raise AdapterError(
+                f"these routing buffers route {buffers.rows} rows, but Backbone.use got {rows} (names x repeat); "
+                f"give one name per row (None for padding rows), or make buffers with routing_buffers({rows})"
+            )
+        grown = sorted(
+            "modules_to_save heads" if key == ALL_ROWS else f"{key} slots"
+            for key, count in buffers.hooked.items()
+            if self._hooked[key] != count
+        )
+        if grown:
+            raise AdapterError(
+                f"{' and '.join(grown)} went onto more modules since these routing buffers were made (an adapter "
+                "adapting other modules was loaded), and a graph captured with them would skip those modules; "
+                "make new buffers with Backbone.routing_buffers() and capture again"
+            )
+
+    def _written(
+        self,
+        buffers: RoutingBuffers,
+        rows: list[Row],
+        slots: list[Slots],
+        types: list[str | None],
+        features: list[frozenset[str]],
+        broadcast: bool,
+        repeat: int,
+    ) -> dict[str, Route]:
+        """The batch's routing written into `buffers` (their routes, every one set), or an AdapterError
+        naming the row whose type they have no route for."""
+        routes = routes_for(slots, types, features, broadcast, repeat, torch.device("cpu"))
+        for row, type_name in zip(rows, types):
+            if type_name is not None and type_name not in buffers.routes:
+                if not self.types.get(type_name).packed:
+                    raise AdapterError(
+                        f"{row!r:.80} is a {type_name} adapter, which cannot run with routing buffers: it "
+                        "changes the sequence itself, which no fixed-shape CUDA graph holds; route it with "
+                        "Backbone.use(names) without buffers"
+                    )
+                raise AdapterError(
+                    f"{row!r:.80} is a {type_name} adapter, and these routing buffers have no {type_name} route "
+                    "(its type had no slots when they were made); make new buffers with "
+                    "Backbone.routing_buffers() now that it is loaded, and capture again"
+                )
+        buffers.write(routes, broadcast)
+        return buffers.routes
+
     def _device(self) -> torch.device:
         """Where the routing index is made (each module moves it to its own device if needed)."""
         return next(iter(self.model.parameters())).device
@@ -688,6 +787,7 @@ class Backbone:
             slots = adapter_type.allocate(module, path, self.max_adapters, self.max_rank)
             attach(module, slots, self.routing, adapter_type.name, f"adapterhub_{adapter_type.name}")
             self._module_slots[key] = slots
+            self._hooked[adapter_type.name] += 1
         return self._module_slots[key]
 
     def _write(self, slot: int, adapter: Adapter) -> None:
@@ -708,6 +808,7 @@ class Backbone:
             head = HeadSlots(module, self.max_adapters)
             attach(module, head, self.routing, ALL_ROWS, "adapterhub_head")
             self._heads[path] = head
+            self._hooked[ALL_ROWS] += 1
         return self._heads[path]
 
     def _remember(self, name: str, slot: int, source: str, key: tuple, adapter: Adapter, digest: str) -> None:

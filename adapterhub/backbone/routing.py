@@ -5,6 +5,9 @@ row's adapter is of that type, -1 elsewhere) and one over all rows (`ALL_ROWS`, 
 modules_to_save heads). The slot tensors of a type on a module (its `ModuleSlots`) are called
 through forward hooks only when their route is set, so a batch of one type costs nothing in the
 others' modules.
+
+`RoutingBuffers` are routes that stay: fixed device tensors that `Backbone.use(names, buffers=...)`
+rewrites in place, so that a CUDA graph captured in one block replays another block's routing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import AdapterError
 from ..plugins.contract import ModuleSlots, Route
 from .composer import Slots
 
@@ -29,6 +33,89 @@ class Routing:
 
     def clear(self) -> None:
         self.routes = {}
+
+
+class RoutingBuffers:
+    """Routes on fixed device tensors for batches of `rows` rows, made by `Backbone.routing_buffers`.
+
+    Each `Backbone.use(names, buffers=...)` block writes its batch's routing into these very tensors
+    (in place: their storage never changes) and routes with these very `Route`s, every one of them
+    set in every block (-1 in the rows of other types), so a CUDA graph captured inside one block
+    holds every type's hooks and, replayed inside another block, runs that block's routing.
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        layout: dict[str, tuple[int, frozenset[str]]],
+        device: torch.device,
+        owner: Routing,
+        hooked: dict[str, int],
+    ):
+        # layout: route key (adapter type, ALL_ROWS) -> (columns, features); columns > 1: a (rows, K)
+        # index and weight, for "cat" rows of up to K adapters, else a (rows,) index and no weight
+        self.rows = rows
+        self.owner = owner  # the Routing of the Backbone that made them
+        self.hooked = hooked  # route key -> modules with its hooks when made (a graph holds those only)
+        self._at: dict[str, tuple[int, int, int]] = {}  # route key -> (index offset, weight offset, columns)
+        at = weighted = 0
+        for key, (width, _) in layout.items():
+            self._at[key] = (at, weighted, width)
+            at += rows * width
+            weighted += rows * width if width > 1 else 0
+        # Every route's index back to back (-1: no adapter), then the (rows, K) routes' weights: a block
+        # writes each with one host-to-device copy.
+        self.index = torch.full((at,), -1, dtype=torch.long, device=device)
+        self.weight = torch.zeros(weighted, dtype=torch.float32, device=device)
+        self.routes: dict[str, Route] = {}
+        for key, (width, features) in layout.items():
+            index, weight = self._views(key, self.index, self.weight)
+            self.routes[key] = Route(
+                index if width > 1 else index[:, 0], features, broadcast=False, weight=weight, live=True
+            )
+
+    def _views(self, key: str, index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Route `key`'s part of flat `index` as (rows, columns), and of `weight` (None with one column)."""
+        at, weighted, width = self._at[key]
+        part = index[at : at + self.rows * width].view(self.rows, width)
+        if width == 1:
+            return part, None
+        return part, weight[weighted : weighted + self.rows * width].view(self.rows, width)
+
+    def write(self, routes: dict[str, Route], broadcast: bool) -> None:
+        """Copies a batch's routes (made on the host by `routes_for`: one entry per row, or one for all
+        rows when `broadcast`) into the buffers, in place; a route key absent from `routes` gets -1 in
+        every row. An AdapterError, before anything is written, if the buffers cannot hold them."""
+        index = torch.full(self.index.shape, -1, dtype=torch.long)  # host staging, laid out as the buffers
+        weight = torch.zeros(self.weight.shape, dtype=torch.float32)
+        for key, route in routes.items():
+            self._check(key, route)
+            into, into_weight = self._views(key, index, weight)
+            src = route.index if route.index.dim() == 2 else route.index[:, None]  # (n, K)
+            src_weight = torch.ones(src.shape) if route.weight is None else route.weight  # plain rows weigh 1
+            if broadcast:
+                src, src_weight = src.expand(self.rows, -1), src_weight.expand(self.rows, -1)
+            into[:, : src.size(1)] = src
+            if into_weight is not None:
+                into_weight[:, : src.size(1)] = src_weight
+        self.index.copy_(index)
+        self.weight.copy_(weight)
+
+    def _check(self, key: str, route: Route) -> None:
+        mine = self.routes[key]
+        missing = route.features - mine.features
+        if missing:
+            raise AdapterError(
+                f"this batch's {key} adapters need {sorted(missing)}, and these routing buffers route {key} "
+                f"without them (they take the features of the adapters resident when made); make new buffers "
+                "with Backbone.routing_buffers() now that those adapters are loaded, and capture again"
+            )
+        wanted, width = (route.index.size(1) if route.index.dim() == 2 else 1), self._at[key][2]
+        if wanted > width:
+            raise AdapterError(
+                f'a row of this batch composes {wanted} {key} adapters with "cat", and these routing buffers '
+                f"hold {width} per row; make them with Backbone.routing_buffers(rows, columns={wanted})"
+            )
 
 
 def attach(module: nn.Module, slots: ModuleSlots, routing: Routing, key: str, child: str) -> None:

@@ -23,6 +23,10 @@ class Route:
 
     A packed route (`Backbone.use(names, lengths=...)`) routes a ragged batch flattened into one
     sequence, x (1, T, features): its index holds one slot per token, so `rows` is per position.
+
+    A live route (`Backbone.routing_buffers`) keeps the same index and weight tensors for good; each
+    `Backbone.use(names, buffers=...)` block rewrites them in place. Nothing derived from their values
+    is cached then: every forward, and every op a CUDA graph recorded, reads the current block's routing.
     """
 
     def __init__(
@@ -32,6 +36,7 @@ class Route:
         broadcast: bool,
         packed: bool = False,
         weight: torch.Tensor | None = None,
+        live: bool = False,
     ):
         # (n,) int64: the slot of each row (packed: of each token) of this type, -1 elsewhere; (n, K)
         # when a row is a "cat" composition of K adapters (-1 pads shorter rows), with `weight`
@@ -40,6 +45,7 @@ class Route:
         self.features = features  # union of AdapterType.features over the batch's adapters of this type
         self.broadcast = broadcast  # index holds one slot for every row of any batch
         self.packed = packed
+        self.live = live  # index and weight are rewritten in place between forwards: cache nothing
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def rows(self, n0: int, rows: int, device: torch.device) -> torch.Tensor:
@@ -51,7 +57,7 @@ class Route:
     def pairs(self, n0: int, rows: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The routing as K columns of (slot (rows,), weight (rows,) fp32 or None = 1), contiguous, for
         ops that take one slot per row: a row's effect is the weighted sum over the columns."""
-        if torch.compiler.is_compiling():  # traced: no cache lookups (they would break the graph)
+        if self.live or torch.compiler.is_compiling():  # live: would go stale; traced: a lookup breaks the graph
             return self._pairs(n0, rows, device)
         key = ("pairs", n0, rows, device)
         if key not in self._cache:
@@ -67,7 +73,7 @@ class Route:
         return None if self.weight is None else self._per_row(self.weight, n0, rows, device)
 
     def _per_row(self, table: torch.Tensor, n0: int, rows: int, device: torch.device) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if self.live or torch.compiler.is_compiling():  # live: a cached copy would go stale
             return self._expand(table, n0, rows).to(device)
         key = (table is not self.index, n0, rows, device)
         if key not in self._cache:
@@ -91,7 +97,11 @@ class Route:
                 "per row (with repeat=k when generate() expands each row k times: num_beams x "
                 "num_return_sequences), or a single name for all rows"
             )
-        return index if rows == n0 else index.repeat_interleave(rows // n0, dim=0)
+        if rows == n0:
+            return index
+        # = repeat_interleave(rows // n0, dim=0), as a view and one copy: never a host sync (CUDA graphs)
+        per = rows // n0
+        return index.unsqueeze(1).expand(n0, per, *index.shape[1:]).reshape(rows, *index.shape[1:]).contiguous()
 
 
 class ModuleSlots(nn.Module):
