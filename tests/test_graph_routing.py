@@ -5,7 +5,7 @@ On the CPU: blocks with buffers give exactly the outputs of plain blocks, mixed 
 routing (LoRA, a "cat" composition, IA3, bottleneck, a modules_to_save head, the base), the tensors
 never move, and refusals leave the slot table, the pins and the buffers as they were. On a GPU: a
 captured decode step of a tiny Llama replays new routings as eager forwards compute them, and an
-eager forward over buffers makes no host sync.
+eager forward over buffers (LoRA, IA3, a head) makes no host sync.
 """
 
 from __future__ import annotations
@@ -270,23 +270,30 @@ class Plain(nn.Module):
         return self.head(self.down(torch.relu(self.up(x))))
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-def test_eager_forward_over_buffers_makes_no_host_sync():
-    """IA3 (input and output scales) and a modules_to_save head, routed from buffers: no host sync in
-    the forward. LoRA and bottleneck are left out on purpose: their compiled ops check the index on
-    the host in eager mode (one sync per call, by design) and skip that check only under capture,
-    which test_captured_step_replays_new_routings covers."""
-    model = Plain().cuda().eval()
-    bb = ah.Backbone(model, max_adapters=4, target_modules=["up"], preallocate=())
+def plain_backbone(device: str) -> tuple[nn.Module, ah.Backbone]:
+    """`Plain` with a LoRA adapter on both linears and an IA3 adapter with a modules_to_save head."""
+    model = Plain().to(device).eval()
+    bb = ah.Backbone(model, max_adapters=4, target_modules=["up", "down"], preallocate=())
+    lora = get_type("lora").init(model, {"r": 4, "lora_alpha": 8, "target_modules": ["up", "down"]})
+    bb.add("lora", randomized(lora, 2))
     config = {"target_modules": ["up", "down"], "feedforward_modules": ["down"]}
     adapter = randomized(get_type("ia3").init(model, config), 1)
     adapter.modules_to_save["head"] = {"weight": torch.randn(4, 16), "bias": torch.randn(4)}
     bb.add("ia3", adapter)
+    return model, bb
+
+
+@pytest.mark.cuda
+@needs_cuda_build
+def test_eager_forward_over_buffers_makes_no_host_sync():
+    """LoRA (the compiled CUDA ops check routing values on the device), IA3 (input and output scales)
+    and a modules_to_save head, routed from buffers: no host sync in an eager forward."""
+    model, bb = plain_backbone("cuda")
     buffers = bb.routing_buffers(4)
     x = torch.randn(4, 3, 16, device="cuda")
-    names = ["ia3", None, "ia3", None]
+    names = ["ia3", "lora", None, "ia3"]
     with bb.use(names, buffers=buffers), torch.no_grad():
+        model(x)  # the first op call on the device sets up its error sink
         torch.cuda.synchronize()
         mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
