@@ -13,12 +13,11 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "lora_linear.h"
 #include "segments.h"
 
 namespace adapterhub {
 namespace {
-
-using OptTensor = c10::optional<at::Tensor>;
 
 at::Tensor call_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& index, const OptTensor& ranks) {
   static auto op = c10::Dispatcher::singleton()
@@ -56,25 +55,7 @@ OptTensor column(const OptTensor& m, int64_t k) {
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& W, const OptTensor& bias, const at::Tensor& A,
                        const at::Tensor& B, const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks,
                        const OptTensor& weight) {
-  check_linear_args("lora_linear", x, W, bias, A, B, scale, index, ranks, weight);
-  if (index.device().is_cpu()) {  // on a GPU the kernels check, without a sync when capturing
-    check_routing_values("lora_linear", index.data_ptr<int64_t>(), index.size(0),
-                         ranks.has_value() ? ranks->data_ptr<int64_t>() : nullptr, A.size(0), A.size(1),
-                         index.dim() == 2 ? index.size(1) : 0);
-  }
-  const int64_t in = x.size(-1), out = W.size(0);
-  auto x2 = x.view({-1, in});                                              // (rows, in)
-  auto y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (rows, out)
-  auto idx = index_per_row(index, x2.size(0));  // (rows,) or (rows, K)
-  const OptTensor w = weight.has_value() ? OptTensor(index_per_row(*weight, x2.size(0))) : c10::nullopt;
-  for (int64_t k = 0; k < column_count(idx); ++k) {
-    const auto idx_k = column(idx, k);
-    auto t = call_shrink(x2, A, idx_k, ranks);  // (rows, max_rank) fp32
-    call_expand(y, t, B, scale, idx_k, ranks, column(w, k));
-  }
-  auto shape = x.sizes().vec();
-  shape.back() = out;
-  return y.view(shape);
+  return lora_linear_with(&add_delta_by_ops, x, W, bias, A, B, scale, index, ranks, weight);
 }
 
 // Gradients of lora_linear for 2-D grad_y (rows, out) and x (rows, in), index (rows,) or (rows, K):
@@ -129,6 +110,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(const at::Te
 }
 
 }  // namespace
+
+void add_delta_by_ops(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+                      const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks,
+                      const OptTensor& weight) {
+  auto t = call_shrink(x2, A, index, ranks);  // (rows, max_rank) fp32
+  call_expand(y, t, B, scale, index, ranks, weight);
+}
+
+at::Tensor lora_linear_with(DeltaAdder add, const at::Tensor& x, const at::Tensor& W, const OptTensor& bias,
+                            const at::Tensor& A, const at::Tensor& B, const at::Tensor& scale,
+                            const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight) {
+  check_linear_args("lora_linear", x, W, bias, A, B, scale, index, ranks, weight);
+  if (index.device().is_cpu()) {  // on a GPU the kernels check, on the device
+    check_routing_values("lora_linear", index.data_ptr<int64_t>(), index.size(0),
+                         ranks.has_value() ? ranks->data_ptr<int64_t>() : nullptr, A.size(0), A.size(1),
+                         index.dim() == 2 ? index.size(1) : 0);
+  }
+  const int64_t in = x.size(-1), out = W.size(0);
+  auto x2 = x.view({-1, in});                                              // (rows, in)
+  auto y = bias.has_value() ? at::addmm(*bias, x2, W.t()) : at::mm(x2, W.t());  // (rows, out)
+  auto idx = index_per_row(index, x2.size(0));  // (rows,) or (rows, K)
+  const OptTensor w = weight.has_value() ? OptTensor(index_per_row(*weight, x2.size(0))) : c10::nullopt;
+  for (int64_t k = 0; k < column_count(idx); ++k) add(y, x2, A, B, scale, column(idx, k), ranks, column(w, k));
+  auto shape = x.sizes().vec();
+  shape.back() = out;
+  return y.view(shape);
+}
 
 TORCH_LIBRARY_IMPL(adapterhub, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_linear);
