@@ -344,7 +344,7 @@ def prefill_rule(points: list[tuple[int, float, dict[str, float | None]]]) -> st
     alt = winners[0] if len(winners) == 1 else f"cuBLAS ({' or '.join(winners)}, whichever is faster)"
     threshold = min(tpa for tpa, name in judged if name)
     if not all((name is not None) == (tpa >= threshold) for tpa, name in judged):
-        per_shape = ", ".join(f"{tpa}: {name or 'SGMV'}" for tpa, name in sorted(judged))
+        per_shape = ", ".join(f"{tpa}: {name or 'SGMV'}" for tpa, name in sorted(judged, key=lambda point: point[0]))
         return f"no clean threshold on tokens per adapter (fastest by tokens/adapter: {per_shape})."
     losers = [tpa for tpa, name in judged if name is None]
     if not losers:
@@ -598,6 +598,16 @@ def run_sweep(timer, device, peak, cfg: Config, results: dict) -> dict:
 LAUNCH_HEADER = ["call", "weight bytes", "floor µs", "eager µs", "eager host µs", "graph µs", "graph / floor"]
 
 
+def fused_decode_switch(device: torch.device) -> Callable[[str], str] | None:
+    """adapterhub._C.set_cuda_decode ("fused" / "split", returns the previous mode) where lora_linear has a
+    fused decode kernel: the CUDA build on sm_90+; None elsewhere."""
+    if device.type != "cuda" or ops.backend() != "compiled" or torch.cuda.get_device_capability(device)[0] < 9:
+        return None
+    from adapterhub import _C
+
+    return getattr(_C, "set_cuda_decode", None)
+
+
 def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
     """The decode target's shape: each launch alone and together, eager and graph."""
     in_f, out_f, rank, rows, workload = cfg.decode
@@ -623,11 +633,32 @@ def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
         ),
         "lora_linear (base + both)": (lambda: ops.lora_linear(x, W, None, A, B, scale, index), w_b + a_b + b_b),
     }
+    fused_note = ""
+    decode = fused_decode_switch(device)
+    if decode is not None:  # lora_linear's fused decode kernel (sm_90+), checked against the split one first
+        split = ops.lora_linear(x, W, None, A, B, scale, index)
+        previous = decode("fused")
+        try:
+            fused = ops.lora_linear(x, W, None, A, B, scale, index)
+        finally:
+            decode(previous)
+        err = rel_err(fused.double(), split.double())
+        fused_note = f" Fused vs split lora_linear outputs: max error {err:.1e} of the largest value."
+        calls["lora_linear, fused decode kernel"] = (
+            lambda: ops.lora_linear(x, W, None, A, B, scale, index),
+            w_b + a_b + b_b,
+            "fused",
+        )
     res, rows_md = {}, []
-    for name, (fn, nbytes) in calls.items():
-        eager = timer(fn)
-        host = timer.host_s
-        graph = timer(graphed(fn, device))
+    for name, (fn, nbytes, *mode) in calls.items():
+        previous = decode(mode[0]) if mode else None
+        try:
+            eager = timer(fn)
+            host = timer.host_s
+            graph = timer(graphed(fn, device))
+        finally:
+            if previous is not None:
+                decode(previous)
         res[name] = dict(eager=eager, host=host, graph=graph, floor=nbytes / peak)
         rows_md.append(
             [
@@ -655,7 +686,7 @@ def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
             f"of {us(pair['floor'])} µs, which a fused kernel reads too: fusing can save at most {us(gain)} µs "
             f"({100 * gain / lin['graph']:.0f}% of lora_linear's {us(lin['graph'])} µs). lora_linear - base = "
             f"{us(lin['graph'] - base['graph'])} µs (graph); base + pair, timed apart = "
-            f"{us(base['graph'] + pair['graph'])} µs.",
+            f"{us(base['graph'] + pair['graph'])} µs." + fused_note,
         ]
     )
     return text, res

@@ -58,15 +58,15 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& W, const OptTensor
   return lora_linear_with(&add_delta_by_ops, x, W, bias, A, B, scale, index, ranks, weight);
 }
 
+}  // namespace
+
 // Gradients of lora_linear for 2-D grad_y (rows, out) and x (rows, in), index (rows,) or (rows, K):
 // grad_x (rows, in) including grad_y @ W, grad_A like A, grad_B like B, summed over the columns
 // (a slot may recur across rows and columns). Rows are grouped per slot on the host, per column;
 // each segment is a handful of small GEMMs. A row's weight scales both paths through its delta.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(const at::Tensor& grad_y, const at::Tensor& x,
-                                                                    const at::Tensor& W, const at::Tensor& A,
-                                                                    const at::Tensor& B, const at::Tensor& scale,
-                                                                    const at::Tensor& index, const OptTensor& ranks,
-                                                                    const OptTensor& weight) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_composite(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& W, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight) {
   const char* op = "lora_linear_backward";
   check_backward_args(op, grad_y, x, W);
   check_linear_args(op, x, W, c10::nullopt, A, B, scale, index, ranks, weight);
@@ -109,8 +109,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(const at::Te
   return {grad_x, grad_A.to(A.scalar_type()), grad_B.to(B.scalar_type())};
 }
 
-}  // namespace
-
 void add_delta_by_ops(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
                       const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks,
                       const OptTensor& weight) {
@@ -140,7 +138,7 @@ at::Tensor lora_linear_with(DeltaAdder add, const at::Tensor& x, const at::Tenso
 
 TORCH_LIBRARY_IMPL(adapterhub, CompositeExplicitAutograd, m) {
   m.impl("lora_linear", &lora_linear);
-  m.impl("lora_linear_backward", &lora_linear_backward);
+  m.impl("lora_linear_backward", &lora_linear_backward_composite);
 }
 
 }  // namespace adapterhub

@@ -24,4 +24,9 @@ at::Tensor lora_linear_with(DeltaAdder add, const at::Tensor& x, const at::Tenso
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& scale,
                             const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight);
 
+// lora_linear_backward (the op contract's), composed from ATen; groups rows on the host.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_composite(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& W, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight);
+
 }  // namespace adapterhub

@@ -22,8 +22,9 @@ TORCH_LIBRARY(adapterhub, m) {
 
 #ifdef ADAPTERHUB_WITH_CUDA
 namespace adapterhub {
-void raise_routing_errors();  // csrc/cuda/lora_cuda.cu
-}
+void raise_routing_errors();                        // csrc/cuda/lora_cuda.cu
+std::string set_cuda_decode(const std::string& mode);  // csrc/cuda/lora_cuda.cu
+}  // namespace adapterhub
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -32,6 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = true;
   m.def("raise_routing_errors", &adapterhub::raise_routing_errors,
         "Raises the first out-of-range routing value the CUDA kernels reported and no op raised yet");
+  m.def("set_cuda_decode", &adapterhub::set_cuda_decode,
+        "lora_linear's decode kernel on sm_90+ from now on: 'split' (shrink, expand) or 'fused' (one launch); "
+        "returns the previous one");
 #else
   m.attr("with_cuda") = false;
 #endif

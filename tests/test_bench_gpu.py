@@ -202,6 +202,9 @@ def test_prefill_rule():
     assert bg.prefill_rule(pts((32, 1.0, 0.5, 3.0), (128, 1.0, 1.5, 3.0), (512, 1.0, 0.5, 3.0))).startswith(
         "no clean threshold"
     )
+    # two shapes with the same tokens per adapter, one won by an alternative and one by ours
+    tie = bg.prefill_rule(pts((32, 1.0, 0.5, 3.0), (32, 1.0, 1.5, 3.0), (128, 1.0, 0.5, 3.0)))
+    assert tie.startswith("no clean threshold") and "32: SGMV" in tie and "32: grouped GEMM" in tie
 
 
 def test_markdown_table_and_cells():

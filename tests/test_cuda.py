@@ -236,9 +236,9 @@ for call in (lambda: ops.lora_shrink(x, A, index, ranks), lambda: ops.lora_expan
     attempt(call)
     attempt(ops.check_routing_errors)
 if device == "cuda":  # a pending error is raised by the next op, before it touches anything
-    y1 = y.clone()
     ops.lora_expand(y, t, B, scale, index, ranks)
     torch.cuda.synchronize()
+    y1 = y.clone()
     attempt(lambda: ops.lora_expand(y, t, B, scale, good_index, good_ranks))
     print("y untouched:", torch.equal(y, y1))
     attempt(lambda: ops.lora_expand(y, t, B, scale, good_index, good_ranks))  # nothing pending any more
@@ -281,9 +281,11 @@ def test_bad_rows_run_as_no_adapter(rows):
     index = c["index"].clone()
     index[::3] = 99
     args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"])
-    got = ops.lora_linear(*map(cuda, args), cuda(index), cuda(c["ranks"]))
+    got = ops.lora_linear(*map(cuda, args), cuda(index), cuda(c["ranks"]))  # raises only what was pending before
     torch.cuda.synchronize()
-    with pytest.raises(ValueError, match=r"index values must be in \[-1, 6\) \(slots = 6\), got 99 at row \d+"):
+    with pytest.raises(
+        ValueError, match=r"lora_linear: index values must be in \[-1, 6\) \(slots = 6\), got 99 at row"
+    ):
         ops.check_routing_errors()
     effective = torch.where(index == 99, -1, index)
     assert_close(got, reference.lora_linear(*map(f64, args), effective, c["ranks"]), torch.float32)
@@ -396,7 +398,7 @@ def test_cuda_graph_replay_follows_index_in_place(rows):
         graph.replay()
         torch.cuda.synchronize()
         if new is invalid:  # reported from inside the graph too, raised once
-            with pytest.raises(ValueError, match="lora_shrink: index values must be in"):
+            with pytest.raises(ValueError, match="lora_linear: index values must be in"):
                 ops.check_routing_errors()
         ops.check_routing_errors()
         effective = torch.where((new >= 0) & (new < slots), new, -1)
@@ -510,3 +512,108 @@ def test_cuda_graph_replay_follows_composed_routing_in_place():
             *map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"], new_index, c["ranks"], new_weight
         )
         assert_close(y, expected, torch.bfloat16)
+
+
+# ---- lora_linear's fused decode kernel (sm_90+: one launch, a thread block cluster per row) -----------
+
+
+def _has_clusters() -> bool:
+    return _cuda_build() and torch.cuda.get_device_capability()[0] >= 9
+
+
+needs_clusters = pytest.mark.skipif(not _has_clusters(), reason="the fused decode kernel needs sm_90+")
+
+
+@pytest.fixture
+def fused():
+    """lora_linear's decode batches (< 128 rows) run the fused kernel in the test, split again after."""
+    from adapterhub import _C
+
+    previous = _C.set_cuda_decode("fused")
+    yield
+    _C.set_cuda_decode(previous)
+
+
+@needs_clusters
+@pytest.mark.parametrize("dtype", [*DTYPES.values(), torch.float64], ids=[*DTYPES.keys(), "fp64"])
+@pytest.mark.parametrize("pattern", ["shuffled", "all_none", "one_slot"])
+@pytest.mark.parametrize("rows", [1, 33, 127])
+@pytest.mark.parametrize("rank", [1, 16, 64])
+def test_fused_decode_matches_reference(fused, rank, rows, pattern, dtype):
+    """Odd features (scalar loads) for rank 1, vector loads otherwise; NaN in the slots' padding."""
+    in_f, out_f = FEATURES[rank]
+    c = make_inputs(rows, 8, rank, in_f, out_f, dtype, pattern, seed=seed_of("fused", rank, rows, pattern, dtype))
+    args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], c["index"], c["ranks"])
+    got = ops.lora_linear(*map(cuda, args))
+    assert_close(got, reference.lora_linear(*map(f64, args[:5]), *args[5:]), dtype)
+
+
+@needs_clusters
+@pytest.mark.parametrize("in_f, out_f", [(4096, 4096), (4096, 11008), (11008, 4096), (4099, 5)])
+def test_fused_decode_large_and_composed(fused, in_f, out_f):
+    """Decode shapes of real models, and a (rows, K) index with weights (one fused launch per column)."""
+    g = torch.Generator().manual_seed(seed_of("fused large", in_f, out_f))
+    c = make_inputs(64, 8, 16, in_f, out_f, torch.bfloat16, seed=seed_of("fused large", in_f, out_f))
+    index, weight = composed_routing(64, 8, g)
+    for idx, w in ((c["index"], None), (index, weight)):
+        args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], idx, c["ranks"], w)
+        got = ops.lora_linear(*map(cuda, args))
+        assert_close(got, reference.lora_linear(*map(f64, args[:5]), *args[5:]), torch.bfloat16)
+
+
+@needs_clusters
+def test_fused_decode_in_a_graph_follows_index_and_reports(fused):
+    """Captured with the fused kernel; the index is rewritten between replays; bad slots act as -1 and
+    are raised once, as lora_linear's."""
+    rows, slots = 48, 8
+    c = make_inputs(rows, slots, 16, 128, 96, torch.bfloat16, seed=21)
+    W, bias, A, B, scale, ranks = (cuda(c[n]) for n in ("W", "bias", "A", "B", "scale", "ranks"))
+    x, index = cuda(c["x"]), cuda(c["index"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.lora_linear(x, W, bias, A, B, scale, index, ranks)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.lora_linear(x, W, bias, A, B, scale, index, ranks)
+    g = torch.Generator().manual_seed(5)
+    invalid = torch.randint(-1, slots, (rows,), generator=g)
+    invalid[::4] = 50
+    for new in (torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), 0), invalid):
+        index.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        if new is invalid:
+            with pytest.raises(ValueError, match="lora_linear: index values must be in"):
+                ops.check_routing_errors()
+        ops.check_routing_errors()
+        effective = torch.where((new >= 0) & (new < slots), new, -1)
+        expected = reference.lora_linear(
+            *map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"], effective, c["ranks"]
+        )
+        assert_close(y, expected, torch.bfloat16)
+
+
+@needs_clusters
+def test_fused_decode_does_not_sync(fused):
+    c = {k: cuda(v) for k, v in make_inputs(16, 6, 8, 64, 48, torch.bfloat16, seed=22).items()}
+    args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], c["index"], c["ranks"])
+    ops.lora_linear(*args)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.lora_linear(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_set_cuda_decode_refuses_unknown_modes():
+    from adapterhub import _C
+
+    with pytest.raises(
+        (ValueError, RuntimeError), match="set_cuda_decode: mode must be 'fused' or 'split', got 'fast'"
+    ):
+        _C.set_cuda_decode("fast")
+    assert _C.set_cuda_decode("split") == "split"

@@ -218,8 +218,8 @@ def _cuda_build() -> bool:
     return bool(_C.with_cuda)
 
 
-# The compiled CUDA ops run BGMV under capture, reading the index on the device; the PyTorch
-# fallback groups rows on the host (a sync), so a GPU without the CUDA build cannot capture.
+# The compiled CUDA ops read the index on the device and never sync (eagerly or under capture); the
+# PyTorch fallback groups rows on the host (a sync), so a GPU without the CUDA build cannot capture.
 needs_cuda_build = pytest.mark.skipif(not _cuda_build(), reason="needs an NVIDIA GPU and adapterhub._C built with CUDA")
 GPU_ROUTINGS = [  # eight rows each
     [None, "lora_a", "ia3", "seq_bn", CAT, "lora_b", "lora_head", "lora_a"],
@@ -254,7 +254,7 @@ def test_captured_step_replays_new_routings(length):
             torch.cuda.synchronize()  # the slots stay acquired until the replay has read them
         with bb.use(names):
             want = logits(model, batch)
-        # fp32; BGMV in the graph vs SGMV/BGMV eagerly, and SDPA may pick another kernel under capture
+        # fp32; the same lora kernels in the graph and eagerly, but SDPA may pick another kernel under capture
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=str(names))
 
 

@@ -541,6 +541,8 @@ class Backbone:
             self._use_owner = threading.get_ident()
             try:
                 with self._lock:
+                    if buffers is not None:  # under the lock: no load hooks more modules until _routed is done
+                        self._check_hooks(buffers)
                     slots, types, features, used = self._routed(per_row)
                 try:
                     if lengths is not None:
@@ -575,6 +577,9 @@ class Backbone:
                 f"these routing buffers route {buffers.rows} rows, but Backbone.use got {rows} (names x repeat); "
                 f"give one name per row (None for padding rows), or make buffers with routing_buffers({rows})"
             )
+
+    def _check_hooks(self, buffers: RoutingBuffers) -> None:
+        """Under the lock: refuses buffers made before some type's slots or heads went onto more modules."""
         grown = sorted(
             "modules_to_save heads" if key == ALL_ROWS else f"{key} slots"
             for key, count in buffers.hooked.items()

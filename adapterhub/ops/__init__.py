@@ -72,8 +72,9 @@ def check_routing_errors() -> None:
 
     CUDA ops check routing values on the device, without a host sync: the row with such a value
     runs as "no adapter" and the error is raised by the next adapterhub op on that device. This
-    waits for the device (torch.cuda.synchronize) and raises it now. CPU and fallback ops raise
-    at the call itself, so there this only returns.
+    waits for every device (torch.cuda.synchronize) and raises it now; while a CUDA graph is being
+    captured it does nothing. CPU and fallback ops raise at the call itself, so there this only
+    returns.
 
     >>> from adapterhub import ops
     >>> ops.check_routing_errors()  # nothing pending
@@ -82,8 +83,9 @@ def check_routing_errors() -> None:
         return
     from .. import _C
 
-    if getattr(_C, "with_cuda", False):
-        torch.cuda.synchronize()
+    if getattr(_C, "with_cuda", False) and not torch.cuda.is_current_stream_capturing():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(device)
         _C.raise_routing_errors()
 
 

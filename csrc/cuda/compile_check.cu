@@ -13,6 +13,7 @@ void instantiate_width() {
       reinterpret_cast<const void*>(&lora_shrink_kernel<T, VEC, SgmvShrink>),
       reinterpret_cast<const void*>(&lora_expand_kernel<T, VEC, BgmvExpand>),
       reinterpret_cast<const void*>(&lora_expand_kernel<T, VEC, SgmvExpand>),
+      reinterpret_cast<const void*>(&lora_fused_decode_kernel<T, VEC>),
   };
   (void)kernels;
 }

@@ -30,13 +30,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <mutex>
 #include <sstream>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "checks.h"
 #include "lora_kernels.cuh"
+#include "lora_linear.h"
 
 namespace adapterhub {
 namespace {
@@ -74,8 +78,8 @@ bool capturing() {
 
 // ---- routing errors found on the device ----------------------------------------------
 
-constexpr const char* kOpNames[] = {"lora_shrink", "lora_expand"};
-enum OpCode : int64_t { kShrink = 0, kExpand = 1 };
+constexpr const char* kOpNames[] = {"lora_shrink", "lora_expand", "lora_linear"};
+enum OpCode : int64_t { kShrink = 0, kExpand = 1, kLinear = 2 };
 
 // One per device, made at the first call outside capture and kept for the process: the claim word
 // (device) and the record (pinned host memory the device writes through its mapping).
@@ -124,7 +128,7 @@ void raise_pending(int device) {
       C10_CUDA_CHECK(cudaMemsetAsync(found->second.claim, 0, sizeof(unsigned long long),
                                      c10::cuda::getCurrentCUDAStream(device)));
     }
-    const char* op = kOpNames[field[1] == kExpand ? 1 : 0];
+    const char* op = kOpNames[field[1] >= kShrink && field[1] <= kLinear ? field[1] : kShrink];
     if (field[2] == cuda::kBadIndex) {
       message << op << ": index values must be in [-1, " << field[5] << ") (slots = " << field[5] << "), got "
               << field[4] << " at row " << field[3];
@@ -188,21 +192,12 @@ void launch_shrink(cuda::ShrinkParams<T> p, const int64_t* items, int64_t count,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& index,
-                            const OptTensor& ranks) {
-  const char* op = "lora_shrink";
-  check_shrink_args(op, x, A, index, ranks);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t rows = x.size(0), in = x.size(1), slots = A.size(0), max_rank = A.size(1);
-  TORCH_CHECK_VALUE(max_rank <= kMaxRank, op, ": the CUDA kernels support max_rank up to ", kMaxRank,
-                    ", got A.size(1) = ", max_rank);
-  if (!capturing()) raise_pending(x.get_device());
+// t (rows, R) for checked arguments with rows, R > 0.
+at::Tensor shrink(const at::Tensor& x, const at::Tensor& A, const cuda::Routing& route, const Plan& plan) {
+  const int64_t rows = x.size(0), in = x.size(1);
   const auto t_options = x.options().dtype(intermediate_dtype(x.scalar_type()));
-  if (rows == 0 || max_rank == 0) return at::zeros({rows, max_rank}, t_options);
-  const cuda::Routing route = routing(index, ranks, slots, max_rank, kShrink);
-  const Plan plan = plan_routing(index, route);
   // BGMV over every row writes all of t; the SGMV items leave rows with no adapter to at::zeros.
-  auto t = plan.sgmv ? at::zeros({rows, max_rank}, t_options) : at::empty({rows, max_rank}, t_options);
+  auto t = plan.sgmv ? at::zeros({rows, route.max_rank}, t_options) : at::empty({rows, route.max_rank}, t_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_shrink_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     using Acc = cuda::acc_t<T>;
@@ -216,6 +211,20 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::
     }
   });
   return t;
+}
+
+at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& index,
+                            const OptTensor& ranks) {
+  const char* op = "lora_shrink";
+  check_shrink_args(op, x, A, index, ranks);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0), slots = A.size(0), max_rank = A.size(1);
+  TORCH_CHECK_VALUE(max_rank <= kMaxRank, op, ": the CUDA kernels support max_rank up to ", kMaxRank,
+                    ", got A.size(1) = ", max_rank);
+  if (!capturing()) raise_pending(x.get_device());
+  if (rows == 0 || max_rank == 0) return at::zeros({rows, max_rank}, x.options().dtype(intermediate_dtype(x.scalar_type())));
+  const cuda::Routing route = routing(index, ranks, slots, max_rank, kShrink);
+  return shrink(x, A, route, plan_routing(index, route));
 }
 
 // ---- expand -------------------------------------------------------------------------
@@ -237,6 +246,25 @@ void launch_expand(cuda::ExpandParams<T> p, const int64_t* items, int64_t count,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// y (rows, out) += the delta of t, for checked arguments with rows, out, R > 0.
+void expand(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, const at::Tensor& scale,
+            const OptTensor& weight, const cuda::Routing& route, const Plan& plan) {
+  const int64_t rows = y.size(0), out = y.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "lora_expand_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    using Acc = cuda::acc_t<T>;
+    const cuda::ExpandParams<T> p{reinterpret_cast<T*>(y.data_ptr<scalar_t>()), t.data_ptr<Acc>(),
+                                  reinterpret_cast<const T*>(B.data_ptr<scalar_t>()), scale.data_ptr<float>(),
+                                  weight.has_value() ? weight->data_ptr<float>() : nullptr, route, out, 1};
+    const bool vectorized = route.max_rank % cuda::kVecWidth<T> == 0 && aligned16(p.B);
+    if (plan.sgmv) {
+      launch_expand<T, SgmvExpand>(p, plan.items.data_ptr<int64_t>(), plan.count, vectorized);
+    } else {
+      launch_expand<T, BgmvExpand>(p, nullptr, rows, vectorized);
+    }
+  });
+}
+
 void lora_expand_cuda(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, const at::Tensor& scale,
                       const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight) {
   const char* op = "lora_expand";
@@ -248,26 +276,102 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, c
   if (!capturing()) raise_pending(y.get_device());
   if (rows == 0 || out == 0 || max_rank == 0) return;
   const cuda::Routing route = routing(index, ranks, slots, max_rank, kExpand);
-  const Plan plan = plan_routing(index, route);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "lora_expand_cuda", [&] {
+  expand(y, t, B, scale, weight, route, plan_routing(index, route));
+}
+
+// ---- lora_linear: one plan per column, or the fused decode kernel ---------------------
+
+// Which decode kernel lora_linear uses on sm_90+: 0 = shrink then expand (two launches), 1 = fused
+// (one launch, a cluster per row). ADAPTERHUB_CUDA_DECODE=fused|split at start, set_cuda_decode later.
+std::atomic<int> decode_mode{std::getenv("ADAPTERHUB_CUDA_DECODE") != nullptr &&
+                             std::string(std::getenv("ADAPTERHUB_CUDA_DECODE")) == "fused"};
+
+bool has_clusters(int device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9;
+}
+
+template <typename T, int VEC>
+void launch_fused(const cuda::FusedParams<T>& p, int64_t rows) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(rows * cuda::kFusedCluster));
+  config.blockDim = dim3(cuda::kFusedThreads);
+  config.dynamicSmemBytes = cuda::fused_smem_bytes<T>(p.route.max_rank);
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = cuda::kFusedCluster;
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  config.attrs = cluster;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, cuda::lora_fused_decode_kernel<T, VEC>, p));
+}
+
+void fused_delta(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+                 const at::Tensor& scale, const OptTensor& weight, const cuda::Routing& route) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "lora_fused_decode", [&] {
     using T = typename CudaType<scalar_t>::type;
-    using Acc = cuda::acc_t<T>;
-    const cuda::ExpandParams<T> p{reinterpret_cast<T*>(y.data_ptr<scalar_t>()), t.data_ptr<Acc>(),
-                                  reinterpret_cast<const T*>(B.data_ptr<scalar_t>()), scale.data_ptr<float>(),
-                                  weight.has_value() ? weight->data_ptr<float>() : nullptr, route, out, 1};
-    const bool vectorized = max_rank % cuda::kVecWidth<T> == 0 && aligned16(p.B);
-    if (plan.sgmv) {
-      launch_expand<T, SgmvExpand>(p, plan.items.data_ptr<int64_t>(), plan.count, vectorized);
+    const cuda::FusedParams<T> p{reinterpret_cast<const T*>(x2.data_ptr<scalar_t>()),
+                                 reinterpret_cast<const T*>(A.data_ptr<scalar_t>()),
+                                 reinterpret_cast<const T*>(B.data_ptr<scalar_t>()),
+                                 reinterpret_cast<T*>(y.data_ptr<scalar_t>()),
+                                 scale.data_ptr<float>(),
+                                 weight.has_value() ? weight->data_ptr<float>() : nullptr,
+                                 route,
+                                 x2.size(1),
+                                 y.size(1)};
+    constexpr int V = cuda::kVecWidth<T>;
+    const bool vectorized = x2.size(1) % V == 0 && route.max_rank % V == 0 && aligned16(p.x) && aligned16(p.A) &&
+                            aligned16(p.B);
+    if (vectorized) {
+      launch_fused<T, V>(p, x2.size(0));
     } else {
-      launch_expand<T, BgmvExpand>(p, nullptr, rows, vectorized);
+      launch_fused<T, 1>(p, x2.size(0));
     }
   });
 }
 
+// lora_linear's DeltaAdder on CUDA (arguments checked by lora_linear_with): errors found on the
+// device are reported as lora_linear's, and raised by the next op (never half-way through this one).
+void add_delta_cuda(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+                    const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks,
+                    const OptTensor& weight) {
+  const int64_t rows = x2.size(0), slots = A.size(0), max_rank = A.size(1);
+  if (rows == 0 || y.size(1) == 0 || max_rank == 0) return;
+  const cuda::Routing route = routing(index, ranks, slots, max_rank, kLinear);
+  if (decode_mode.load() == 1 && rows < kSgmvMinBatchRows && has_clusters(x2.get_device())) {
+    fused_delta(y, x2, A, B, scale, weight, route);
+    return;
+  }
+  const Plan plan = plan_routing(index, route);  // one grouping for both kernels
+  expand(y, shrink(x2, A, route, plan), B, scale, weight, route, plan);
+}
+
+at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& W, const OptTensor& bias, const at::Tensor& A,
+                            const at::Tensor& B, const at::Tensor& scale, const at::Tensor& index,
+                            const OptTensor& ranks, const OptTensor& weight) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK_VALUE(A.dim() != 3 || A.size(1) <= kMaxRank, "lora_linear: the CUDA kernels support max_rank up to ",
+                    kMaxRank, ", got A.size(1) = ", A.size(1));
+  if (!capturing()) raise_pending(x.get_device());
+  return lora_linear_with(&add_delta_cuda, x, W, bias, A, B, scale, index, ranks, weight);
+}
+
+// The backward groups rows on the host (a sync; training only), after raising what is pending.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& W, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (!capturing()) raise_pending(x.get_device());
+  return lora_linear_backward_composite(grad_y, x, W, A, B, scale, index, ranks, weight);
+}
+
 }  // namespace
 
-// Raises the first routing error the kernels reported on any device and no op has raised yet
-// (adapterhub.ops.check_routing_errors synchronizes first, so every call so far is covered).
+// Raises the first routing error the kernels reported on any device and no op has raised yet;
+// adapterhub.ops.check_routing_errors synchronizes every device first, so every call so far is covered.
 void raise_routing_errors() {
   std::vector<int> devices;
   {
@@ -280,9 +384,18 @@ void raise_routing_errors() {
   }
 }
 
+// "fused" or "split": lora_linear's decode kernel on sm_90+ from now on; returns the previous one.
+std::string set_cuda_decode(const std::string& mode) {
+  TORCH_CHECK_VALUE(mode == "fused" || mode == "split", "set_cuda_decode: mode must be 'fused' or 'split', got '",
+                    mode, "'");
+  return decode_mode.exchange(mode == "fused" ? 1 : 0) == 1 ? "fused" : "split";
+}
+
 TORCH_LIBRARY_IMPL(adapterhub, CUDA, m) {
   m.impl("lora_shrink", &lora_shrink_cuda);
   m.impl("lora_expand", &lora_expand_cuda);
+  m.impl("lora_linear", &lora_linear_cuda);
+  m.impl("lora_linear_backward", &lora_linear_backward_cuda);
 }
 
 }  // namespace adapterhub

@@ -7,11 +7,11 @@
 //   x (rows, in), A (slots, R, in), t (rows, R), B (slots, out, R), y (rows, out), all contiguous.
 //
 // Work comes in items of kRows rows that share one slot:
-//   BGMV (kRows = 1): one item per row, the slot read on the device; decode batches and
-//     CUDA-graph capture (no host knowledge of the index needed).
-//   SGMV (kRows > 1): the host groups a segment's rows into items (Routing::items), so each
-//     weight vector loaded feeds kRows rows; prefill batches.
-//   The item lists come from sgmv_plan_kernel, on the device (no host sync, capturable).
+//   BGMV (kRows = 1): one item per row, the slot read on the device; decode batches.
+//   SGMV (kRows > 1): a segment's rows grouped into items (Routing::items), so each weight
+//     vector loaded feeds kRows rows; prefill batches. The item lists come from
+//     sgmv_plan_kernel, on the device (no host sync, capturable).
+//   Fused decode (lora_fused_decode_kernel, sm_90+): shrink and expand in one launch.
 // Both accumulate in fp32 (fp64 for fp64), load 16-byte vectors when VEC > 1 (the launcher
 // checks sizes and alignment), never read A/B padding beyond the slot's rank (B vectors
 // straddling r are masked), and are safe for any index/ranks values: a slot outside
@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 
 #include <cstdint>
@@ -454,6 +455,105 @@ __global__ void __launch_bounds__(kPlanThreads) sgmv_plan_kernel(PlanParams p) {
     const int64_t s = planned_slot(p.route, row);
     if (s >= 0) p.items[p.start[s] + atomicAdd(&p.cursor[s], 1)] = row;
   }
+}
+
+// ---- fused decode (sm_90+: thread block clusters) ------------------------------------
+
+// y[i] += w[i] * scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T in one launch, for decode batches:
+// a cluster of kFusedCluster blocks per row. Block b shrinks the b-th chunk of `in` into partial
+// sums of t in its shared memory; after a cluster barrier every block adds up all blocks' partials
+// (distributed shared memory) into the whole t, then expands its own b-th chunk of `out`. So x, A
+// and B are each read once per row, with no t round trip through global memory and no second
+// launch. Same routing rules as the other kernels (a bad slot acts as -1 and is reported).
+constexpr int kFusedCluster = 8;
+constexpr int kFusedThreads = 256;
+
+template <typename T>
+struct FusedParams {
+  const T* x;           // (rows, in)
+  const T* A;           // (slots, R, in)
+  const T* B;           // (slots, out, R)
+  T* y;                 // (rows, out)
+  const float* scale;   // (slots,)
+  const float* weight;  // (rows,) or nullptr: 1
+  Routing route;        // items unused: cluster c is row c
+  int64_t in;
+  int64_t out;
+};
+
+// Dynamic shared memory: 2 * R accumulators (this block's partial t, then the whole t).
+template <typename T>
+inline size_t fused_smem_bytes(int64_t max_rank) {
+  return 2 * static_cast<size_t>(max_rank) * sizeof(acc_t<T>);
+}
+
+// grid (rows * kFusedCluster), cluster (kFusedCluster), block kFusedThreads; VEC divides in and R.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kFusedThreads) lora_fused_decode_kernel(FusedParams<T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  using Acc = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t R = p.route.max_rank;
+  Acc* partial = reinterpret_cast<Acc*>(smem);  // (R,) this block's share of t
+  Acc* t = partial + R;                          // (R,) all of t, zero from r on
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned int part = cluster.block_rank();
+  const int64_t row = blockIdx.x / kFusedCluster;
+  if (part == 0 && threadIdx.x == 0) check_row(p.route, row);
+  const int64_t slot = slot_of(p.route, row);
+  const int64_t r = rank_of(p.route, slot);
+  if (r == 0) return;  // the same for every block of the cluster: none waits at a barrier
+
+  // Shrink this block's chunk of `in`: warp w takes ranks w, w + warps, ...
+  const int warps = kFusedThreads / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t nvec = p.in / VEC, per = (nvec + kFusedCluster - 1) / kFusedCluster;
+  const int64_t lo = min(static_cast<int64_t>(part) * per, nvec), hi = min(lo + per, nvec);
+  const T* xrow = p.x + row * p.in;
+  for (int64_t q = warp; q < r; q += warps) {
+    const T* arow = p.A + (slot * R + q) * p.in;
+    Acc acc = 0;
+    for (int64_t v = lo + lane; v < hi; v += 32) {
+      const Vec<T, VEC> xv = load_vec<T, VEC>(xrow + v * VEC, true);
+      const Vec<T, VEC> av = load_vec<T, VEC>(arow + v * VEC, true);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc += to_acc(xv.v[e]) * to_acc(av.v[e]);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) partial[q] = acc;
+  }
+  cluster.sync();  // every block's partial t is written
+
+  for (int64_t q = threadIdx.x; q < R; q += kFusedThreads) {
+    Acc sum = 0;
+    if (q < r) {
+      for (unsigned int b = 0; b < kFusedCluster; ++b) sum += cluster.map_shared_rank(partial, b)[q];
+    }
+    t[q] = sum;
+  }
+  cluster.sync();  // all reads of other blocks' partials are done (none may exit before), t is whole
+
+  // Expand this block's chunk of `out`: a thread per output, its B row read in vectors.
+  const Acc coef = static_cast<Acc>(p.scale[slot]) * (p.weight != nullptr ? static_cast<Acc>(p.weight[row]) : Acc(1));
+  const int64_t per_out = (p.out + kFusedCluster - 1) / kFusedCluster;
+  const int64_t o_lo = min(static_cast<int64_t>(part) * per_out, p.out), o_hi = min(o_lo + per_out, p.out);
+  const int64_t rvec = (r + VEC - 1) / VEC;
+  const T* Bs = p.B + slot * p.out * R;
+  for (int64_t o = o_lo + threadIdx.x; o < o_hi; o += kFusedThreads) {
+    Acc acc = 0;
+    for (int64_t pv = 0; pv < rvec; ++pv) {
+      const Vec<T, VEC> bv = load_vec<T, VEC>(Bs + o * R + pv * VEC, true);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int64_t q = pv * VEC + e;
+        if (q < r) acc += t[q] * to_acc(bv.v[e]);  // B padding may hold anything
+      }
+    }
+    T* yo = p.y + row * p.out + o;
+    store(yo, to_acc(*yo) + coef * acc);
+  }
+#endif
 }
 
 }  // namespace cuda
