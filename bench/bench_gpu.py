@@ -636,14 +636,14 @@ def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
     fused_note = ""
     decode = fused_decode_switch(device)
     if decode is not None:  # lora_linear's fused decode kernel (sm_90+), checked against the split one first
-        split = ops.lora_linear(x, W, None, A, B, scale, index)
-        previous = decode("fused")
-        try:
-            fused = ops.lora_linear(x, W, None, A, B, scale, index)
-        finally:
-            decode(previous)
-        err = rel_err(fused.double(), split.double())
-        fused_note = f" Fused vs split lora_linear outputs: max error {err:.1e} of the largest value."
+        initial = decode("split")  # the other rows time the two launches, whatever ADAPTERHUB_CUDA_DECODE says
+        base_y = F.linear(x, W).double()
+        split = ops.lora_linear(x, W, None, A, B, scale, index).double() - base_y
+        decode("fused")
+        fused = ops.lora_linear(x, W, None, A, B, scale, index).double() - base_y
+        decode("split")
+        err = rel_err(fused, split)
+        fused_note = f" Fused vs split lora_linear deltas (output - base): max error {err:.1e} of the largest delta."
         calls["lora_linear, fused decode kernel"] = (
             lambda: ops.lora_linear(x, W, None, A, B, scale, index),
             w_b + a_b + b_b,
@@ -651,14 +651,14 @@ def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
         )
     res, rows_md = {}, []
     for name, (fn, nbytes, *mode) in calls.items():
-        previous = decode(mode[0]) if mode else None
+        before = decode(mode[0]) if mode else None
         try:
             eager = timer(fn)
             host = timer.host_s
             graph = timer(graphed(fn, device))
         finally:
-            if previous is not None:
-                decode(previous)
+            if before is not None:
+                decode(before)
         res[name] = dict(eager=eager, host=host, graph=graph, floor=nbytes / peak)
         rows_md.append(
             [
@@ -689,6 +689,8 @@ def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
             f"{us(base['graph'] + pair['graph'])} µs." + fused_note,
         ]
     )
+    if decode is not None:
+        decode(initial)
     return text, res
 
 

@@ -6,7 +6,7 @@
 #   3. bench.bench_gpu: the ops against the memory floor, launches, prefill vs grouped GEMM
 #   4. bench.gpu_stack: Backbone and a training step vs PEFT on the GPU, bf16
 #   5. bench.serve.gpu_engine: the serving engine under load (1 and 64 adapters, shortened)
-# Each step gets what is left of CHECK_SECONDS (default 450) minus what the later steps keep back.
+# Each step gets what is left of CHECK_SECONDS (default 470) minus what the later steps keep back (at least 30 s).
 # Writes gpu_check_<device>.md (the summary), gpu_ops_<device>.md, gpu_stack_<device>.md,
 # gpu_serve_<device>.md and the logs to $OUT (the device tool's folder), else bench/results/.
 # Exit status: non-zero if the build, a test or a benchmark failed.
@@ -20,12 +20,15 @@ export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TOR
 # any C++ exception from the extension then crashes the process (seen: rc 139). Build with the
 # system compiler (ADAPTERHUB_CXX / ADAPTERHUB_CC choose another).
 if [[ -x /usr/bin/g++ ]]; then export CC="${ADAPTERHUB_CC:-/usr/bin/gcc}" CXX="${ADAPTERHUB_CXX:-/usr/bin/g++}"; fi
-deadline=$((SECONDS + ${CHECK_SECONDS:-450}))
+deadline=$((SECONDS + ${CHECK_SECONDS:-470}))
 status=0
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-device="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($NF)}')"
-device="${device:-gpu}"
+# The device's name as every GPU benchmark spells it in its file name (bench.serve.gpu_engine.device_slug):
+# "NVIDIA H100 80GB HBM3" -> nvidia-h100-80gb-hbm3.
+device="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr '[:upper:]' '[:lower:]' \
+  | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')"
+device="${device:-device}"
 summary="$out/gpu_check_$device.md"
 step() {  # step NAME SECONDS STATUS: a line of the summary
   echo "| $1 | $2 s | $3 |" >>"$summary"
@@ -77,7 +80,7 @@ left() { local s=$((deadline - SECONDS - $1)); echo $((s > 30 ? s : 30)); }  # s
 timeout_flag=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && timeout_flag=(--timeout=120)
 start=$SECONDS
-timeout "$(left 300)" "$PY" -m pytest -m cuda tests/test_cuda.py tests/test_graph_routing.py -q -p no:cacheprovider \
+timeout "$(left 220)" "$PY" -m pytest -m cuda tests/test_cuda.py tests/test_graph_routing.py -q -p no:cacheprovider \
   --durations=8 "${timeout_flag[@]}" 2>&1 | tee "$out/pytest.log" | tail -40
 rc=${PIPESTATUS[0]}
 [[ $rc == 0 ]] || status=1
@@ -92,8 +95,8 @@ run_step() {  # run_step NAME KEEP_BACK COMMAND...: one benchmark, bounded by wh
   [[ $rc == 0 ]] || status=1
   step "$name" $((SECONDS - start)) "$([[ $rc == 0 ]] && echo ok || echo "FAILED (rc $rc, see $name.log)")"
 }
-run_step bench_gpu 220 "$PY" -m bench.bench_gpu --out "$out/gpu_ops_$device.md"
-run_step gpu_stack 100 "$PY" -m bench.gpu_stack --out "$out"
+run_step bench_gpu 150 "$PY" -m bench.bench_gpu --out "$out/gpu_ops_$device.md"
+run_step gpu_stack 70 "$PY" -m bench.gpu_stack --out "$out"
 run_step gpu_serve 0 "$PY" -m bench.serve.gpu_engine --out "$out" --adapters 1 64 --requests 128
 echo "total: $SECONDS s"
 echo "total: $SECONDS s; exit status $status" >>"$summary"

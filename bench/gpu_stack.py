@@ -39,7 +39,6 @@ import copy
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ import torch
 import adapterhub as ah
 from adapterhub import ops
 from bench.bench_backbone import run_step
-from bench.serve.gpu_engine import TARGETS, build
+from bench.serve.gpu_engine import TARGETS, build, device_slug
 
 ADAPTERS = {
     "attn_r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
@@ -467,10 +466,6 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or Path(__file__).parent / "results"))
@@ -495,24 +490,34 @@ def main(argv: list[str] | None = None) -> int:
     del model
     print(f"stacks built ({time.perf_counter() - start:.1f} s)", flush=True)
     errors: dict[str, str] = {}
-    report = {"env": env, "sizes": size, "tolerances": TOL, "errors": errors}
+    report = {"env": env, "sizes": size, "tolerances": TOL, "errors": errors, "logits": [], "grads": None}
+    report["times"] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"gpu_stack_{device_slug(env['device'] if device.type == 'cuda' else 'cpu')}"
+
+    def save() -> str:
+        """Writes the report so far (a run cut short by its time limit still leaves what it measured)."""
+        checks = [(r["ok_bf16"], r["ok_fp32"]) for r in report["logits"]]
+        checks += [(report["grads"]["ok_bf16"], report["grads"]["ok_fp32"])] if report["grads"] else []
+        report["ok"] = not errors and bool(checks) and all(a and b for a, b in checks)
+        report["wall_s"] = time.perf_counter() - start
+        text = render(report)
+        (args.out / f"{name}.md").write_text(text)
+        (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+        return text
+
     report["logits"] = compare_logits(stacks, ids, errors)
+    save()
     report["grads"] = attempt("gradients", lambda: compare_grads(stacks, ids), errors)
+    save()
     del stacks["fp32"]
     if device.type == "cuda":
         torch.cuda.empty_cache()
     report["times"] = timings(stacks["bf16"], size, vocab, device, errors)
+    save()
     train = attempt("time: train step", lambda: train_timing(stacks["bf16"], size, vocab, device), errors)
     report["times"] += [train] if train else []
-    checks = [(r["ok_bf16"], r["ok_fp32"]) for r in report["logits"]]
-    checks += [(report["grads"]["ok_bf16"], report["grads"]["ok_fp32"])] if report["grads"] else []
-    report["ok"] = not errors and all(a and b for a, b in checks)
-    report["wall_s"] = time.perf_counter() - start
-    text = render(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"gpu_stack_{slug(env['device'] if device.type == 'cuda' else 'cpu')}"
-    (args.out / f"{name}.md").write_text(text)
-    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    text = save()
     print(text, flush=True)
     print(f"written: {args.out / name}.md, .json", flush=True)
     return 0 if report["ok"] else 1

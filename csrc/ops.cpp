@@ -31,8 +31,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adapterhub compiled core: gathered low-rank (LoRA) ops registered under torch.ops.adapterhub";
 #ifdef ADAPTERHUB_WITH_CUDA
   m.attr("with_cuda") = true;
-  m.def("raise_routing_errors", &adapterhub::raise_routing_errors,
-        "Raises the first out-of-range routing value the CUDA kernels reported and no op raised yet");
+  m.def("raise_routing_errors", &adapterhub::raise_routing_errors, py::call_guard<py::gil_scoped_release>(),
+        "Waits for the devices the ops ran on, then raises the first out-of-range routing value their "
+        "kernels reported and no op raised yet");
   m.def("set_cuda_decode", &adapterhub::set_cuda_decode,
         "lora_linear's decode kernel on sm_90+ from now on: 'split' (shrink, expand) or 'fused' (one launch); "
         "returns the previous one");

@@ -72,8 +72,8 @@ def check_routing_errors() -> None:
 
     CUDA ops check routing values on the device, without a host sync: the row with such a value
     runs as "no adapter" and the error is raised by the next adapterhub op on that device. This
-    waits for every device (torch.cuda.synchronize) and raises it now; while a CUDA graph is being
-    captured it does nothing. CPU and fallback ops raise at the call itself, so there this only
+    waits for every device the ops ran on and raises it now; while this thread captures a CUDA
+    graph it does nothing. CPU and fallback ops raise at the call itself, so there this only
     returns.
 
     >>> from adapterhub import ops
@@ -84,9 +84,7 @@ def check_routing_errors() -> None:
     from .. import _C
 
     if getattr(_C, "with_cuda", False) and not torch.cuda.is_current_stream_capturing():
-        for device in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(device)
-        _C.raise_routing_errors()
+        _C.raise_routing_errors()  # waits for each device the ops ran on first
 
 
 __all__ = ["backend", "check_routing_errors", "lora_expand", "lora_linear", "lora_shrink"]

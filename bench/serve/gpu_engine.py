@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import tempfile
 import threading
 import time
@@ -36,6 +37,12 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def device_slug(name: str) -> str:
+    """A device's name as the GPU benchmarks' file names spell it ("NVIDIA H100 80GB HBM3" ->
+    "nvidia-h100-80gb-hbm3"); bench/gpu_check.sh makes the same with sed."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
 def build(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -151,7 +158,7 @@ def main() -> None:
             rows.append({"adapters": count, "load_s": loaded, "capacity": capacity, **result})
             print(rows[-1], flush=True)
             del engine, backbone
-    name = ("cpu-tiny" if args.tiny else torch.cuda.get_device_name().replace(" ", "_")) + (
+    name = ("cpu-tiny" if args.tiny else device_slug(torch.cuda.get_device_name())) + (
         "_compiled" if args.compile else ""
     )
     lines = [

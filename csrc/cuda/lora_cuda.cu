@@ -281,15 +281,31 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, c
 
 // ---- lora_linear: one plan per column, or the fused decode kernel ---------------------
 
-// Which decode kernel lora_linear uses on sm_90+: 0 = shrink then expand (two launches), 1 = fused
-// (one launch, a cluster per row). ADAPTERHUB_CUDA_DECODE=fused|split at start, set_cuda_decode later.
+// Which decode kernel lora_linear uses on sm_90+ builds: 0 = shrink then expand (two launches),
+// 1 = fused (one launch, a cluster per row; elsewhere the two launches run anyway). ADAPTERHUB_CUDA_DECODE=fused|split at start, set_cuda_decode later.
 std::atomic<int> decode_mode{std::getenv("ADAPTERHUB_CUDA_DECODE") != nullptr &&
                              std::string(std::getenv("ADAPTERHUB_CUDA_DECODE")) == "fused"};
 
-bool has_clusters(int device) {
+// Whether the fused kernel for T on `device` was built for sm_90+ (clusters): the device is sm_90+
+// and the code loaded for it came from compute_90+ (a build of sm_80 SASS + PTX would JIT the
+// compute_80 PTX, whose fused kernel is empty). Asked once per device and dtype.
+template <typename T, int VEC>
+bool fused_kernel_ready(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, bool> ready;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = ready.find(device);
+  if (found != ready.end()) return found->second;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 9;
+  bool ok = major >= 9;
+  if (ok) {
+    cudaFuncAttributes attributes;
+    ok = cudaFuncGetAttributes(&attributes, cuda::lora_fused_decode_kernel<T, VEC>) == cudaSuccess &&
+         attributes.ptxVersion >= 90;
+    (void)cudaGetLastError();  // a failed query leaves no sticky error behind
+  }
+  return ready.emplace(device, ok).first->second;
 }
 
 template <typename T, int VEC>
@@ -309,8 +325,10 @@ void launch_fused(const cuda::FusedParams<T>& p, int64_t rows) {
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, cuda::lora_fused_decode_kernel<T, VEC>, p));
 }
 
-void fused_delta(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+// y += the delta in one fused launch, if the fused kernel can run here (else false, nothing done).
+bool fused_delta(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
                  const at::Tensor& scale, const OptTensor& weight, const cuda::Routing& route) {
+  bool launched = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "lora_fused_decode", [&] {
     using T = typename CudaType<scalar_t>::type;
     const cuda::FusedParams<T> p{reinterpret_cast<const T*>(x2.data_ptr<scalar_t>()),
@@ -325,12 +343,16 @@ void fused_delta(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const
     constexpr int V = cuda::kVecWidth<T>;
     const bool vectorized = x2.size(1) % V == 0 && route.max_rank % V == 0 && aligned16(p.x) && aligned16(p.A) &&
                             aligned16(p.B);
-    if (vectorized) {
+    const int device = x2.get_device();
+    if (vectorized && fused_kernel_ready<T, V>(device)) {
       launch_fused<T, V>(p, x2.size(0));
-    } else {
+      launched = true;
+    } else if (!vectorized && fused_kernel_ready<T, 1>(device)) {
       launch_fused<T, 1>(p, x2.size(0));
+      launched = true;
     }
   });
+  return launched;
 }
 
 // lora_linear's DeltaAdder on CUDA (arguments checked by lora_linear_with): errors found on the
@@ -341,10 +363,7 @@ void add_delta_cuda(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, co
   const int64_t rows = x2.size(0), slots = A.size(0), max_rank = A.size(1);
   if (rows == 0 || y.size(1) == 0 || max_rank == 0) return;
   const cuda::Routing route = routing(index, ranks, slots, max_rank, kLinear);
-  if (decode_mode.load() == 1 && rows < kSgmvMinBatchRows && has_clusters(x2.get_device())) {
-    fused_delta(y, x2, A, B, scale, weight, route);
-    return;
-  }
+  if (decode_mode.load() == 1 && rows < kSgmvMinBatchRows && fused_delta(y, x2, A, B, scale, weight, route)) return;
   const Plan plan = plan_routing(index, route);  // one grouping for both kernels
   expand(y, shrink(x2, A, route, plan), B, scale, weight, route, plan);
 }
@@ -352,9 +371,10 @@ void add_delta_cuda(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, co
 at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& W, const OptTensor& bias, const at::Tensor& A,
                             const at::Tensor& B, const at::Tensor& scale, const at::Tensor& index,
                             const OptTensor& ranks, const OptTensor& weight) {
+  check_linear_args("lora_linear", x, W, bias, A, B, scale, index, ranks, weight);  // first: x may be on the CPU
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK_VALUE(A.dim() != 3 || A.size(1) <= kMaxRank, "lora_linear: the CUDA kernels support max_rank up to ",
-                    kMaxRank, ", got A.size(1) = ", A.size(1));
+  TORCH_CHECK_VALUE(A.size(1) <= kMaxRank, "lora_linear: the CUDA kernels support max_rank up to ", kMaxRank,
+                    ", got A.size(1) = ", A.size(1));
   if (!capturing()) raise_pending(x.get_device());
   return lora_linear_with(&add_delta_cuda, x, W, bias, A, B, scale, index, ranks, weight);
 }
@@ -363,6 +383,9 @@ at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& W, const OptT
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& W, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight) {
+  const char* op = "lora_linear_backward";
+  check_backward_args(op, grad_y, x, W);  // first: x may be on the CPU
+  check_linear_args(op, x, W, c10::nullopt, A, B, scale, index, ranks, weight);
   const c10::cuda::CUDAGuard guard(x.device());
   if (!capturing()) raise_pending(x.get_device());
   return lora_linear_backward_composite(grad_y, x, W, A, B, scale, index, ranks, weight);
@@ -370,13 +393,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward_cuda(
 
 }  // namespace
 
-// Raises the first routing error the kernels reported on any device and no op has raised yet;
-// adapterhub.ops.check_routing_errors synchronizes every device first, so every call so far is covered.
+// Waits for every device the ops ran on (those with an error sink), then raises the first routing
+// error their kernels reported and no op has raised yet: every call so far is covered.
 void raise_routing_errors() {
   std::vector<int> devices;
   {
     std::lock_guard<std::mutex> lock(errors_mutex);
     for (const auto& entry : device_errors) devices.push_back(entry.first);
+  }
+  for (int device : devices) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    C10_CUDA_CHECK(cudaDeviceSynchronize());
   }
   for (int device : devices) {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));

@@ -503,8 +503,9 @@ __global__ void __launch_bounds__(kFusedThreads) lora_fused_decode_kernel(FusedP
   const int64_t row = blockIdx.x / kFusedCluster;
   if (part == 0 && threadIdx.x == 0) check_row(p.route, row);
   const int64_t slot = slot_of(p.route, row);
+  // 0: no adapter (every block of the cluster reads the same slot). The blocks still meet at both
+  // barriers: were the index rewritten while they read it, none may wait for one that left.
   const int64_t r = rank_of(p.route, slot);
-  if (r == 0) return;  // the same for every block of the cluster: none waits at a barrier
 
   // Shrink this block's chunk of `in`: warp w takes ranks w, w + warps, ...
   const int warps = kFusedThreads / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -533,6 +534,8 @@ __global__ void __launch_bounds__(kFusedThreads) lora_fused_decode_kernel(FusedP
     t[q] = sum;
   }
   cluster.sync();  // all reads of other blocks' partials are done (none may exit before), t is whole
+
+  if (r == 0) return;  // after the last barrier: nobody reads this block's shared memory any more
 
   // Expand this block's chunk of `out`: a thread per output, its B row read in vectors.
   const Acc coef = static_cast<Acc>(p.scale[slot]) * (p.weight != nullptr ? static_cast<Acc>(p.weight[row]) : Acc(1));
