@@ -151,6 +151,38 @@ inline void check_expand_args(const char* op, const at::Tensor& y, const at::Ten
   check_routing(op, index, ranks, y.size(0), B.size(0), y, weight);
 }
 
+// y (rows, out), x (rows, in), A (slots, max_rank, in), B (slots, out, max_rank), scale (slots,) fp32,
+// index (rows,), weight (rows,) fp32 or none: lora_delta.
+inline void check_delta_args(const char* op, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
+                             const at::Tensor& B, const at::Tensor& scale, const at::Tensor& index,
+                             const c10::optional<at::Tensor>& ranks, const c10::optional<at::Tensor>& weight) {
+  check_floating(op, x);
+  check_dim(op, "x", x, 2, "(rows, in)");
+  check_dim(op, "y", y, 2, "(rows, out)");
+  check_size(op, "y", y, 0, x.size(0), "rows, = x.size(0)");
+  check_dim(op, "A", A, 3, "(slots, max_rank, in)");
+  check_size(op, "A", A, 2, x.size(1), "in features, = x.size(1)");
+  check_dim(op, "B", B, 3, "(slots, out, max_rank)");
+  check_size(op, "B", B, 0, A.size(0), "slots, = A.size(0)");
+  check_size(op, "B", B, 1, y.size(1), "out features, = y.size(1)");
+  check_size(op, "B", B, 2, A.size(1), "max_rank, = A.size(1)");
+  for (auto [name, tensor] : {std::pair<const char*, const at::Tensor*>{"y", &y}, {"A", &A}, {"B", &B}}) {
+    check_dtype(op, name, *tensor, x.scalar_type(), "the dtype of x");
+  }
+  check_dim(op, "scale", scale, 1, "(slots,)");
+  check_size(op, "scale", scale, 0, A.size(0), "slots, = A.size(0)");
+  check_dtype(op, "scale", scale, at::kFloat, "one float32 scaling per slot");
+  for (auto [name, tensor] :
+       {std::pair<const char*, const at::Tensor*>{"y", &y}, {"A", &A}, {"B", &B}, {"scale", &scale}}) {
+    check_same_device(op, name, *tensor, x);
+  }
+  for (auto [name, tensor] : {std::pair<const char*, const at::Tensor*>{"x", &x}, {"y", &y}, {"A", &A}, {"B", &B},
+                              {"scale", &scale}}) {
+    check_contiguous(op, name, *tensor);
+  }
+  check_routing(op, index, ranks, x.size(0), A.size(0), x, weight);
+}
+
 // x (rows..., in), W (out, in), bias (out,), A (slots, max_rank, in), B (slots, out, max_rank),
 // index (rows,) or (rows, K), weight none or fp32 of index's shape.
 inline void check_linear_args(const char* op, const at::Tensor& x, const at::Tensor& W,

@@ -1,4 +1,4 @@
-// lora_linear and its backward, composed from ATen and the per-device kernels of
+// lora_linear, its backward and lora_delta, composed from ATen and the per-device kernels of
 // lora_shrink / lora_expand, so every device that has those two gets these too.
 //
 //   y[i] = x[i] @ W.T + bias + sum_k w[i, k] * scale[s] * (x[i] @ A[s, :r].T) @ B[s, :, :r].T
@@ -136,7 +136,23 @@ at::Tensor lora_linear_with(DeltaAdder add, const at::Tensor& x, const at::Tenso
   return y.view(shape);
 }
 
+namespace {
+
+// lora_delta for any device with lora_shrink and lora_expand (CPU: values checked here, under its name).
+void lora_delta(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& scale,
+                const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight) {
+  check_delta_args("lora_delta", y, x, A, B, scale, index, ranks, weight);
+  if (index.device().is_cpu()) {
+    check_routing_values("lora_delta", index.data_ptr<int64_t>(), index.size(0),
+                         ranks.has_value() ? ranks->data_ptr<int64_t>() : nullptr, A.size(0), A.size(1));
+  }
+  add_delta_by_ops(y, x, A, B, scale, index, ranks, weight);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(adapterhub, CompositeExplicitAutograd, m) {
+  m.impl("lora_delta", &lora_delta);
   m.impl("lora_linear", &lora_linear);
   m.impl("lora_linear_backward", &lora_linear_backward_composite);
 }

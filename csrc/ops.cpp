@@ -13,6 +13,9 @@ TORCH_LIBRARY(adapterhub, m) {
       "lora_expand(Tensor(a!) y, Tensor t, Tensor B, Tensor scale, Tensor index, Tensor? ranks=None, "
       "Tensor? weight=None) -> ()");
   m.def(
+      "lora_delta(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor index, Tensor? ranks=None, "
+      "Tensor? weight=None) -> ()");
+  m.def(
       "lora_linear(Tensor x, Tensor W, Tensor? bias, Tensor A, Tensor B, Tensor scale, Tensor index, "
       "Tensor? ranks=None, Tensor? weight=None) -> Tensor");
   m.def(

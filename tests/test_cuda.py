@@ -132,10 +132,23 @@ def check_all_ops(c, dtype):
     assert torch.equal(y.cpu()[untouched], c["y"][untouched])
     assert_close(y, expected, dtype)
 
+    check_delta(c, dtype)
     args = (x, c["W"], c["bias"], A, B, scale, index, ranks)
     got = ops.lora_linear(*map(cuda, args))
     assert got.dtype == dtype
     assert_close(got, reference.lora_linear(*map(f64, args[:5]), scale, index, ranks), dtype)
+
+
+def check_delta(c, dtype, weight=None):
+    """lora_delta (shrink and expand in one op: what the adapted layers call) on CUDA vs float64."""
+    x, A, B, index, ranks, scale = c["x"], c["A"], c["B"], c["index"], c["ranks"], c["scale"]
+    y = cuda(c["y"].clone())
+    ops.lora_delta(y, cuda(x), cuda(A), cuda(B), cuda(scale), cuda(index), cuda(ranks), cuda(weight))
+    expected = c["y"].double()
+    reference.lora_delta(expected, f64(x), f64(A), f64(B), scale, index, ranks, weight)
+    untouched = index == -1 if ranks is None else (index == -1) | (ranks[index.clamp(min=0)] == 0)
+    assert torch.equal(y.cpu()[untouched], c["y"][untouched])
+    assert_close(y, expected, dtype)
 
 
 # rank -> (in, out): odd sizes (scalar loads) for rank 1, vector-friendly ones for the rest.
@@ -546,6 +559,8 @@ def test_fused_decode_matches_reference(fused, rank, rows, pattern, dtype):
     args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], c["index"], c["ranks"])
     got = ops.lora_linear(*map(cuda, args))
     assert_close(got, reference.lora_linear(*map(f64, args[:5]), *args[5:]), dtype)
+    weight = torch.rand(rows, generator=torch.Generator().manual_seed(rows)) * 3 - 1
+    check_delta(c, dtype, weight)
 
 
 @needs_clusters

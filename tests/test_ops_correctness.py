@@ -135,6 +135,30 @@ def test_expand_matches_oracle_in_place(impl, dtype, c):
 @parametrize_impl
 @parametrize_dtype
 @parametrize_case
+def test_delta_is_shrink_then_expand(impl, dtype, c):
+    """lora_delta gives the bits of lora_expand(lora_shrink(...)) (what it replaces in the adapted layers)."""
+    case = build(c, dtype)
+    mod = IMPLS[impl]
+    y, expected = case.y.clone(), case.y.clone()
+    weight = torch.rand(case.x.size(0), generator=torch.Generator().manual_seed(7)) * 2 - 0.5
+    assert mod.lora_delta(y, case.x, case.A, case.B, case.scale, case.index, case.ranks, weight) is None
+    mod.lora_expand(
+        expected,
+        mod.lora_shrink(case.x, case.A, case.index, case.ranks),
+        case.B,
+        case.scale,
+        case.index,
+        case.ranks,
+        weight,
+    )
+    assert torch.equal(y, expected)
+    keep = untouched_rows(case)
+    assert torch.equal(y[keep], case.y[keep])
+
+
+@parametrize_impl
+@parametrize_dtype
+@parametrize_case
 def test_linear_matches_oracle(impl, dtype, c):
     case = build(c, dtype)
     y = IMPLS[impl].lora_linear(*case.linear_args)
@@ -355,6 +379,7 @@ def test_opcheck(name, case):
     t = oracle_shrink(x2, case.A, index, case.ranks).to(case.t.dtype)
     torch.library.opcheck(lib.lora_shrink.default, (x2, case.A, index, case.ranks))
     torch.library.opcheck(lib.lora_expand.default, (y, t, case.B, case.scale, index, case.ranks))
+    torch.library.opcheck(lib.lora_delta.default, (y, x2, case.A, case.B, case.scale, index, case.ranks))
     torch.library.opcheck(lib.lora_linear.default, case.linear_args)
     grads = [v.clone().requires_grad_() for v in (case.x, case.W, case.bias, case.A, case.B)]
     torch.library.opcheck(lib.lora_linear.default, (*grads, case.scale, case.index, case.ranks))

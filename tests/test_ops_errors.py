@@ -19,6 +19,7 @@ from adapterhub.ops import backend, reference
 ARGS = {
     "lora_shrink": ("x", "A", "index", "ranks"),
     "lora_expand": ("y", "t", "B", "scale", "index", "ranks", "weight"),
+    "lora_delta": ("y", "x", "A", "B", "scale", "index", "ranks", "weight"),
     "lora_linear": ("x", "W", "bias", "A", "B", "scale", "index", "ranks", "weight"),
     "lora_linear_backward": ("grad_y", "x", "W", "A", "B", "scale", "index", "ranks", "weight"),
 }
@@ -59,6 +60,7 @@ class Bad:
 
 
 SHRINK, EXPAND, LINEAR, BACKWARD = "lora_shrink", "lora_expand", "lora_linear", "lora_linear_backward"
+DELTA = "lora_delta"
 
 CASES = {
     # wrong dtype
@@ -86,7 +88,27 @@ CASES = {
     "backward-grad_y-fp64": Bad(
         BACKWARD, {"grad_y": lambda a: a["grad_y"].double()}, ["grad_y must be Float", "got Double"]
     ),
+    "delta-B-bf16": Bad(DELTA, {"B": lambda a: a["B"].bfloat16()}, ["B must be Float", "got BFloat16"]),
+    "delta-y-fp64": Bad(DELTA, {"y": lambda a: a["y"].double()}, ["y must be Float", "got Double"]),
+    "delta-weight-fp64": Bad(DELTA, {"weight": lambda a: torch.ones(4, dtype=torch.float64)}, ["weight must be Float"]),
     # wrong shape
+    "delta-y-rows": Bad(DELTA, {"y": lambda a: torch.randn(3, 5)}, ["y.size(0)", "must be 4, got 3"]),
+    "delta-B-out": Bad(DELTA, {"B": lambda a: torch.randn(3, 4, 2)}, ["B.size(1)", "must be 5, got 4"]),
+    "delta-B-rank": Bad(DELTA, {"B": lambda a: torch.randn(3, 5, 3)}, ["B.size(2)", "must be 2, got 3"]),
+    "delta-index-2d": Bad(DELTA, {"index": lambda a: torch.zeros(4, 2, dtype=torch.long)}, ["index must be 1-D"]),
+    "delta-y-strided": Bad(DELTA, {"y": lambda a: strided(a["y"])}, ["y must be contiguous"]),
+    "delta-index-high": Bad(
+        DELTA,
+        {"index": lambda a: torch.tensor([0, 1, 3, -1])},
+        ["index values must be in [-1, 3)", "got 3 at row 2"],
+        reads_values=True,
+    ),
+    "delta-ranks-high": Bad(
+        DELTA,
+        {"ranks": lambda a: torch.tensor([2, 3, 1])},
+        ["ranks values must be in [0, max_rank = 2]", "got 3 for slot 1"],
+        reads_values=True,
+    ),
     "shrink-A-in": Bad(SHRINK, {"A": lambda a: torch.randn(3, 2, 7)}, ["A.size(2)", "must be 6, got 7"]),
     "shrink-A-2d": Bad(SHRINK, {"A": lambda a: a["A"][0]}, ["A must be 3-D", "got shape [2, 6]"]),
     "shrink-index-length": Bad(

@@ -34,6 +34,7 @@ def test_routing_arguments_end_the_schemas():
     for name, tail in [
         ("lora_shrink", ["index", "ranks"]),
         ("lora_expand", ["index", "ranks", "weight"]),
+        ("lora_delta", ["index", "ranks", "weight"]),
         ("lora_linear", ["index", "ranks", "weight"]),
         ("lora_linear_backward", ["index", "ranks", "weight"]),
     ]:
@@ -64,6 +65,7 @@ def test_compiled_backend_dispatches_to_the_cpp_kernels():
     for name, source in [
         ("lora_shrink", "lora_cpu.cpp"),
         ("lora_expand", "lora_cpu.cpp"),
+        ("lora_delta", "lora_linear.cpp"),
         ("lora_linear", "lora_linear.cpp"),
         ("lora_linear_backward", "lora_linear.cpp"),
     ]:

@@ -47,6 +47,25 @@ def lora_expand(
     torch.ops.adapterhub.lora_expand(y, t, B, scale, index, ranks, weight)
 
 
+def lora_delta(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    index: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> None:
+    """y (rows, out) += weight * scale[s] * (x (rows, in) @ A[s].T) @ B[s].T per row, in place; -1 rows untouched.
+
+    lora_shrink then lora_expand in one op, so a device can fuse them (CUDA: one grouping of the rows
+    for both launches, or, on sm_90+ with `_C.set_cuda_decode("fused")`, one launch for decode batches).
+    What an adapted layer calls to add its adapters' deltas to the base output.
+    """
+    torch.ops.adapterhub.lora_delta(y, x, A, B, scale, index, ranks, weight)
+
+
 def lora_linear(
     x: torch.Tensor,
     W: torch.Tensor,
@@ -87,4 +106,4 @@ def check_routing_errors() -> None:
         _C.raise_routing_errors()  # waits for each device the ops ran on first
 
 
-__all__ = ["backend", "check_routing_errors", "lora_expand", "lora_linear", "lora_shrink"]
+__all__ = ["backend", "check_routing_errors", "lora_delta", "lora_expand", "lora_linear", "lora_shrink"]

@@ -166,6 +166,31 @@ def check_expand_args(op: str, y, t, B, scale, index, ranks, weight=None) -> Non
     check_routing(op, index, ranks, y.size(0), B.size(0), y, weight)
 
 
+def check_delta_args(op: str, y, x, A, B, scale, index, ranks, weight=None) -> None:
+    """y (rows, out), x (rows, in), A (slots, max_rank, in), B (slots, out, max_rank), scale (slots,) fp32,
+    index (rows,) int64, weight (rows,) fp32 or None."""
+    check_floating(op, x)
+    check_dim(op, "x", x, 2, "(rows, in)")
+    check_dim(op, "y", y, 2, "(rows, out)")
+    check_size(op, "y", y, 0, x.size(0), "rows, = x.size(0)")
+    check_dim(op, "A", A, 3, "(slots, max_rank, in)")
+    check_size(op, "A", A, 2, x.size(1), "in features, = x.size(1)")
+    check_dim(op, "B", B, 3, "(slots, out, max_rank)")
+    check_size(op, "B", B, 0, A.size(0), "slots, = A.size(0)")
+    check_size(op, "B", B, 1, y.size(1), "out features, = y.size(1)")
+    check_size(op, "B", B, 2, A.size(1), "max_rank, = A.size(1)")
+    for name, tensor in (("y", y), ("A", A), ("B", B)):
+        check_dtype(op, name, tensor, x.dtype, "the dtype of x")
+    check_dim(op, "scale", scale, 1, "(slots,)")
+    check_size(op, "scale", scale, 0, A.size(0), "slots, = A.size(0)")
+    check_dtype(op, "scale", scale, torch.float32, "one float32 scaling per slot")
+    for name, tensor in (("y", y), ("A", A), ("B", B), ("scale", scale)):
+        check_same_device(op, name, tensor, x)
+    for name, tensor in (("x", x), ("y", y), ("A", A), ("B", B), ("scale", scale)):
+        check_contiguous(op, name, tensor)
+    check_routing(op, index, ranks, x.size(0), A.size(0), x, weight)
+
+
 def check_linear_args(op: str, x, W, bias, A, B, scale, index, ranks, weight=None) -> None:
     """x (n0, ..., in), W (out, in), bias (out,) or None, A (slots, max_rank, in), B (slots, out, max_rank),
     index (n0,) or (n0, K), weight None or fp32 of index's shape."""

@@ -3,6 +3,7 @@
 Registered for whichever backend defined the ops; shapes follow the op contract:
     lora_shrink: x (rows, in), A (slots, R, in)                 -> t (rows, R) fp32 (fp64 for fp64)
     lora_expand: y (rows, out) += ..., B (slots, out, R)       -> None, y mutated
+    lora_delta:  y (rows, out) += delta of x (rows, in)        -> None, y mutated
     lora_linear: x (n0, ..., in), W (out, in), index (n0,) or (n0, K) -> y (n0, ..., out)
 """
 
@@ -10,7 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_backward_args, check_expand_args, check_linear_args, check_shrink_args, intermediate_dtype
+from .checks import (
+    check_backward_args,
+    check_delta_args,
+    check_expand_args,
+    check_linear_args,
+    check_shrink_args,
+    intermediate_dtype,
+)
 from .reference import index_per_row
 
 
@@ -23,6 +31,11 @@ def _shrink_fake(x, A, index, ranks=None):
 @torch.library.register_fake("adapterhub::lora_expand")
 def _expand_fake(y, t, B, scale, index, ranks=None, weight=None):
     check_expand_args("lora_expand", y, t, B, scale, index, ranks, weight)
+
+
+@torch.library.register_fake("adapterhub::lora_delta")
+def _delta_fake(y, x, A, B, scale, index, ranks=None, weight=None):
+    check_delta_args("lora_delta", y, x, A, B, scale, index, ranks, weight)
 
 
 @torch.library.register_fake("adapterhub::lora_linear")

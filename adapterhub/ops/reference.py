@@ -15,6 +15,7 @@ import torch
 
 from .checks import (
     check_backward_args,
+    check_delta_args,
     check_expand_args,
     check_linear_args,
     check_routing_values,
@@ -63,6 +64,22 @@ def lora_expand(
         ts = t[rows, :r] if weight is None else t[rows, :r] * weight[rows, None].to(t.dtype)  # (n, r)
         delta = ts @ B[s, :, :r].to(t.dtype).T  # (n, out)
         y[rows] = (y[rows].to(t.dtype) + float(scale[s]) * delta).to(y.dtype)
+
+
+def lora_delta(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    index: torch.Tensor,
+    ranks: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+) -> None:
+    """y (rows, out) += weight * scale[s] * (x (rows, in) @ A[s, :r].T) @ B[s, :, :r].T per row; in place."""
+    check_delta_args("lora_delta", y, x, A, B, scale, index, ranks, weight)
+    check_routing_values("lora_delta", index, ranks, A.size(0), A.size(1))
+    lora_expand(y, lora_shrink(x, A, index, ranks), B, scale, index, ranks, weight)
 
 
 def index_per_row(index: torch.Tensor, rows: int) -> torch.Tensor:

@@ -10,6 +10,10 @@ SCHEMAS: dict[str, str] = {
         "lora_expand(Tensor(a!) y, Tensor t, Tensor B, Tensor scale, Tensor index, Tensor? ranks=None, "
         "Tensor? weight=None) -> ()"
     ),
+    "lora_delta": (
+        "lora_delta(Tensor(a!) y, Tensor x, Tensor A, Tensor B, Tensor scale, Tensor index, Tensor? ranks=None, "
+        "Tensor? weight=None) -> ()"
+    ),
     "lora_linear": (
         "lora_linear(Tensor x, Tensor W, Tensor? bias, Tensor A, Tensor B, Tensor scale, Tensor index, "
         "Tensor? ranks=None, Tensor? weight=None) -> Tensor"

@@ -62,7 +62,7 @@ def _add_columns(y, x2, A, B, scale, pairs, ranks) -> None:
     """y (rows, out) += each row's delta, one shrink/expand per column of (slot (rows,), weight (rows,)
     or None) pairs: one column for plain rows, K for a "cat" composition's."""
     for index, weight in pairs:
-        ops.lora_expand(y, ops.lora_shrink(x2, A, index, ranks), B, scale, index, ranks, weight)
+        ops.lora_delta(y, x2, A, B, scale, index, ranks, weight)
 
 
 class LowRankSlots(ModuleSlots):

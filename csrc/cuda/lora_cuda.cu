@@ -78,8 +78,8 @@ bool capturing() {
 
 // ---- routing errors found on the device ----------------------------------------------
 
-constexpr const char* kOpNames[] = {"lora_shrink", "lora_expand", "lora_linear"};
-enum OpCode : int64_t { kShrink = 0, kExpand = 1, kLinear = 2 };
+constexpr const char* kOpNames[] = {"lora_shrink", "lora_expand", "lora_linear", "lora_delta"};
+enum OpCode : int64_t { kShrink = 0, kExpand = 1, kLinear = 2, kDelta = 3 };
 
 // One per device, made at the first call outside capture and kept for the process: the claim word
 // (device) and the record (pinned host memory the device writes through its mapping).
@@ -128,7 +128,7 @@ void raise_pending(int device) {
       C10_CUDA_CHECK(cudaMemsetAsync(found->second.claim, 0, sizeof(unsigned long long),
                                      c10::cuda::getCurrentCUDAStream(device)));
     }
-    const char* op = kOpNames[field[1] >= kShrink && field[1] <= kLinear ? field[1] : kShrink];
+    const char* op = kOpNames[field[1] >= kShrink && field[1] <= kDelta ? field[1] : kShrink];
     if (field[2] == cuda::kBadIndex) {
       message << op << ": index values must be in [-1, " << field[5] << ") (slots = " << field[5] << "), got "
               << field[4] << " at row " << field[3];
@@ -355,17 +355,35 @@ bool fused_delta(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const
   return launched;
 }
 
-// lora_linear's DeltaAdder on CUDA (arguments checked by lora_linear_with): errors found on the
-// device are reported as lora_linear's, and raised by the next op (never half-way through this one).
-void add_delta_cuda(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
-                    const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks,
-                    const OptTensor& weight) {
+// y += the delta of x2 for checked arguments: the fused decode kernel where chosen and built, else one
+// grouping of the rows for both launches. Errors found on the device are reported as `op`'s, and
+// raised by the next op (never half-way through this one).
+void add_delta(OpCode op, at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+               const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks, const OptTensor& weight) {
   const int64_t rows = x2.size(0), slots = A.size(0), max_rank = A.size(1);
   if (rows == 0 || y.size(1) == 0 || max_rank == 0) return;
-  const cuda::Routing route = routing(index, ranks, slots, max_rank, kLinear);
+  const cuda::Routing route = routing(index, ranks, slots, max_rank, op);
   if (decode_mode.load() == 1 && rows < kSgmvMinBatchRows && fused_delta(y, x2, A, B, scale, weight, route)) return;
   const Plan plan = plan_routing(index, route);  // one grouping for both kernels
   expand(y, shrink(x2, A, route, plan), B, scale, weight, route, plan);
+}
+
+// lora_linear's DeltaAdder on CUDA (arguments checked by lora_linear_with).
+void add_delta_cuda(at::Tensor& y, const at::Tensor& x2, const at::Tensor& A, const at::Tensor& B,
+                    const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks,
+                    const OptTensor& weight) {
+  add_delta(kLinear, y, x2, A, B, scale, index, ranks, weight);
+}
+
+void lora_delta_cuda(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                     const at::Tensor& scale, const at::Tensor& index, const OptTensor& ranks,
+                     const OptTensor& weight) {
+  check_delta_args("lora_delta", y, x, A, B, scale, index, ranks, weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK_VALUE(A.size(1) <= kMaxRank, "lora_delta: the CUDA kernels support max_rank up to ", kMaxRank,
+                    ", got A.size(1) = ", A.size(1));
+  if (!capturing()) raise_pending(x.get_device());
+  add_delta(kDelta, y, x, A, B, scale, index, ranks, weight);
 }
 
 at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& W, const OptTensor& bias, const at::Tensor& A,
@@ -421,6 +439,7 @@ std::string set_cuda_decode(const std::string& mode) {
 TORCH_LIBRARY_IMPL(adapterhub, CUDA, m) {
   m.impl("lora_shrink", &lora_shrink_cuda);
   m.impl("lora_expand", &lora_expand_cuda);
+  m.impl("lora_delta", &lora_delta_cuda);
   m.impl("lora_linear", &lora_linear_cuda);
   m.impl("lora_linear_backward", &lora_linear_backward_cuda);
 }
