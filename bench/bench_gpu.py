@@ -608,47 +608,22 @@ def fused_decode_switch(device: torch.device) -> Callable[[str], str] | None:
     return getattr(_C, "set_cuda_decode", None)
 
 
-def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
-    """The decode target's shape: each launch alone and together, eager and graph."""
-    in_f, out_f, rank, rows, workload = cfg.decode
-    g = torch.Generator(device=device).manual_seed(19)
-    W = randn((out_f, in_f), in_f**-0.5, g, device)
-    A = randn((cfg.slots, rank, in_f), in_f**-0.5, g, device)
-    B = randn((cfg.slots, out_f, rank), rank**-0.5, g, device)
-    scale = torch.rand(cfg.slots, generator=g, device=device) + 0.5
-    index_cpu = routing(workload, rows, torch.Generator().manual_seed(19), cfg.slots, cfg.pool)
-    index = index_cpu.to(device)
-    x = randn((rows, in_f), 1.0, g, device)
-    distinct = distinct_adapters(index_cpu)
-    t = ops.lora_shrink(x, A, index)
-    y = F.linear(x, W)
-    a_b, b_b, w_b = distinct * rank * in_f * ELEM, distinct * out_f * rank * ELEM, weight_bytes(in_f, out_f)
-    calls = {
-        "base (x @ W.T)": (lambda: F.linear(x, W), w_b),
-        "lora_shrink": (lambda: ops.lora_shrink(x, A, index), a_b),
-        "lora_expand": (lambda: ops.lora_expand(y, t, B, scale, index), b_b),
-        "lora_shrink + lora_expand": (
-            lambda: ops.lora_expand(y, ops.lora_shrink(x, A, index), B, scale, index),
-            a_b + b_b,
-        ),
-        "lora_linear (base + both)": (lambda: ops.lora_linear(x, W, None, A, B, scale, index), w_b + a_b + b_b),
-    }
-    fused_note = ""
-    decode = fused_decode_switch(device)
-    if decode is not None:  # lora_linear's fused decode kernel (sm_90+), checked against the split one first
-        initial = decode("split")  # the other rows time the two launches, whatever ADAPTERHUB_CUDA_DECODE says
-        base_y = F.linear(x, W).double()
-        split = ops.lora_linear(x, W, None, A, B, scale, index).double() - base_y
-        decode("fused")
-        fused = ops.lora_linear(x, W, None, A, B, scale, index).double() - base_y
-        decode("split")
-        err = rel_err(fused, split)
-        fused_note = f" Fused vs split lora_linear deltas (output - base): max error {err:.1e} of the largest delta."
-        calls["lora_linear, fused decode kernel"] = (
-            lambda: ops.lora_linear(x, W, None, A, B, scale, index),
-            w_b + a_b + b_b,
-            "fused",
-        )
+def fused_check(decode: Callable[[str], str], x, A, B, scale, index, out_f: int) -> str:
+    """A sentence comparing the fused decode kernel's delta with the split one's (lora_delta into zeros)."""
+    deltas = {}
+    for mode in ("split", "fused"):
+        decode(mode)
+        y0 = torch.zeros(x.size(0), out_f, dtype=x.dtype, device=x.device)
+        ops.lora_delta(y0, x, A, B, scale, index)
+        deltas[mode] = y0.double()
+    decode("split")
+    if torch.equal(deltas["fused"], deltas["split"]):  # another summation order cannot give every bit
+        return " Fused and split deltas are bit-identical: the fused kernel probably did not run (no sm_90 code?)."
+    return f" Fused vs split deltas: max error {rel_err(deltas['fused'], deltas['split']):.1e} of the largest."
+
+
+def time_launches(timer, device, peak, calls: dict, decode) -> tuple[dict, list]:
+    """Each call eager and from a CUDA graph (a third element: the decode mode to time it in)."""
     res, rows_md = {}, []
     for name, (fn, nbytes, *mode) in calls.items():
         before = decode(mode[0]) if mode else None
@@ -672,6 +647,58 @@ def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
             ]
         )
         print(f"launches: {name}: eager {us(eager)} µs, graph {us(graph)} µs", flush=True)
+    return res, rows_md
+
+
+def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
+    """The decode target's shape: each launch alone and together, eager and graph."""
+    in_f, out_f, rank, rows, workload = cfg.decode
+    g = torch.Generator(device=device).manual_seed(19)
+    W = randn((out_f, in_f), in_f**-0.5, g, device)
+    A = randn((cfg.slots, rank, in_f), in_f**-0.5, g, device)
+    B = randn((cfg.slots, out_f, rank), rank**-0.5, g, device)
+    scale = torch.rand(cfg.slots, generator=g, device=device) + 0.5
+    index_cpu = routing(workload, rows, torch.Generator().manual_seed(19), cfg.slots, cfg.pool)
+    index = index_cpu.to(device)
+    x = randn((rows, in_f), 1.0, g, device)
+    distinct = distinct_adapters(index_cpu)
+    t = ops.lora_shrink(x, A, index)
+    y = F.linear(x, W)
+    a_b, b_b, w_b = distinct * rank * in_f * ELEM, distinct * out_f * rank * ELEM, weight_bytes(in_f, out_f)
+    calls = {
+        "base (x @ W.T)": (lambda: F.linear(x, W), w_b),
+        "lora_shrink": (lambda: ops.lora_shrink(x, A, index), a_b),
+        "lora_expand": (lambda: ops.lora_expand(y, t, B, scale, index), b_b),
+        "lora_shrink + lora_expand": (
+            lambda: ops.lora_expand(y, ops.lora_shrink(x, A, index), B, scale, index),
+            a_b + b_b,
+        ),
+        "lora_delta (both as one op: what the adapted layers call)": (
+            lambda: ops.lora_delta(y, x, A, B, scale, index),
+            a_b + b_b,
+        ),
+        "lora_linear (base + both)": (lambda: ops.lora_linear(x, W, None, A, B, scale, index), w_b + a_b + b_b),
+    }
+    fused_note = ""
+    decode = fused_decode_switch(device)
+    initial = decode("split") if decode is not None else None  # the other rows time two launches, whatever the env
+    try:
+        if decode is not None:  # the fused decode kernel (sm_90+), checked against the split one first
+            fused_note = fused_check(decode, x, A, B, scale, index, out_f)
+            calls["lora_delta, fused decode kernel"] = (
+                lambda: ops.lora_delta(y, x, A, B, scale, index),
+                a_b + b_b,
+                "fused",
+            )
+            calls["lora_linear, fused decode kernel"] = (
+                lambda: ops.lora_linear(x, W, None, A, B, scale, index),
+                w_b + a_b + b_b,
+                "fused",
+            )
+        res, rows_md = time_launches(timer, device, peak, calls, decode)
+    finally:
+        if initial is not None:
+            decode(initial)
     pair, lin, base = res["lora_shrink + lora_expand"], res["lora_linear (base + both)"], res["base (x @ W.T)"]
     sh, ex = res["lora_shrink"]["graph"], res["lora_expand"]["graph"]
     gain = max(0.0, pair["graph"] - pair["floor"])

@@ -462,6 +462,8 @@ def render(report: dict) -> str:
     if report["errors"]:
         lines += ["", "Errors (each stopped only its own part of the run):", ""]
         lines += [f"- {where}: `{what}`" for where, what in report["errors"].items()]
+    if report.get("reached", "done") != "done":
+        lines += ["", f"Run cut short after: {report['reached']} (the later parts are missing)."]
     lines += ["", f"All checks: {yes[report['ok']]}."]
     return "\n".join(lines) + "\n"
 
@@ -495,11 +497,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"gpu_stack_{device_slug(env['device'] if device.type == 'cuda' else 'cpu')}"
 
-    def save() -> str:
-        """Writes the report so far (a run cut short by its time limit still leaves what it measured)."""
+    def save(reached: str) -> str:
+        """Writes the report so far (a run cut short by its time limit still leaves what it measured, and
+        says so: only the last call, reached == "done", may report the checks as passed)."""
         checks = [(r["ok_bf16"], r["ok_fp32"]) for r in report["logits"]]
         checks += [(report["grads"]["ok_bf16"], report["grads"]["ok_fp32"])] if report["grads"] else []
-        report["ok"] = not errors and bool(checks) and all(a and b for a, b in checks)
+        report["reached"] = reached
+        report["ok"] = reached == "done" and not errors and bool(checks) and all(a and b for a, b in checks)
         report["wall_s"] = time.perf_counter() - start
         text = render(report)
         (args.out / f"{name}.md").write_text(text)
@@ -507,17 +511,17 @@ def main(argv: list[str] | None = None) -> int:
         return text
 
     report["logits"] = compare_logits(stacks, ids, errors)
-    save()
+    save("logits")
     report["grads"] = attempt("gradients", lambda: compare_grads(stacks, ids), errors)
-    save()
+    save("gradients")
     del stacks["fp32"]
     if device.type == "cuda":
         torch.cuda.empty_cache()
     report["times"] = timings(stacks["bf16"], size, vocab, device, errors)
-    save()
+    save("forward times")
     train = attempt("time: train step", lambda: train_timing(stacks["bf16"], size, vocab, device), errors)
     report["times"] += [train] if train else []
-    text = save()
+    text = save("done")
     print(text, flush=True)
     print(f"written: {args.out / name}.md, .json", flush=True)
     return 0 if report["ok"] else 1

@@ -1,6 +1,6 @@
 // The op schemas of the `adapterhub` library and the Python module `adapterhub._C`.
 // Kernels register themselves per device (csrc/cpu, csrc/cuda); the composite
-// lora_linear and its backward live in csrc/lora_linear.cpp.
+// lora_delta, lora_linear and its backward live in csrc/lora_linear.cpp.
 // adapterhub/ops/schemas.py holds the same schema strings for the pure-PyTorch
 // fallback; tests/test_ops_registration.py checks that the two agree.
 #include <torch/extension.h>
@@ -38,7 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Waits for the devices the ops ran on, then raises the first out-of-range routing value their "
         "kernels reported and no op raised yet");
   m.def("set_cuda_decode", &adapterhub::set_cuda_decode,
-        "lora_linear's decode kernel on sm_90+ from now on: 'split' (shrink, expand) or 'fused' (one launch); "
+        "the decode kernel of lora_delta and lora_linear on sm_90+ from now on: 'split' (shrink, expand) or "
+        "'fused' (one launch); "
         "returns the previous one");
 #else
   m.attr("with_cuda") = false;

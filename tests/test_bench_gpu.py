@@ -259,7 +259,7 @@ def test_dry_run_end_to_end_on_the_cpu(tmp_path):
     sweep_rows = sum(len(rows) * len(wl) for ranks, rows, wl in bg.QUICK.sweep.values())
     assert len(tables["in->out"]) == 1 + sweep_rows
     assert all(row[-1] == "yes" for row in tables["in->out"][1:]), "ours matches the fallback"
-    assert len(tables["call"]) == 1 + 5
+    assert len(tables["call"]) == 1 + 6
     prefill = tables["tokens"]
     assert len(prefill) == 1 + len(bg.QUICK.prefill_tokens) * len(bg.QUICK.prefill_adapters)
     head = prefill[0]

@@ -293,6 +293,11 @@ def test_bad_rows_run_as_no_adapter(rows):
     c = make_inputs(rows, 6, 8, 64, 48, torch.float32, seed=seed_of("bad rows", rows))
     index = c["index"].clone()
     index[::3] = 99
+    y = cuda(c["y"].clone())
+    ops.lora_delta(y, *map(cuda, (c["x"], c["A"], c["B"], c["scale"], index, c["ranks"])))
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"lora_delta: index values must be in \[-1, 6\) \(slots = 6\), got 99 at row"):
+        ops.check_routing_errors()
     args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"])
     got = ops.lora_linear(*map(cuda, args), cuda(index), cuda(c["ranks"]))  # raises only what was pending before
     torch.cuda.synchronize()

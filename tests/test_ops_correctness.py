@@ -379,7 +379,8 @@ def test_opcheck(name, case):
     t = oracle_shrink(x2, case.A, index, case.ranks).to(case.t.dtype)
     torch.library.opcheck(lib.lora_shrink.default, (x2, case.A, index, case.ranks))
     torch.library.opcheck(lib.lora_expand.default, (y, t, case.B, case.scale, index, case.ranks))
-    torch.library.opcheck(lib.lora_delta.default, (y, x2, case.A, case.B, case.scale, index, case.ranks))
+    weight = torch.rand(x2.size(0), generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(lib.lora_delta.default, (y, x2, case.A, case.B, case.scale, index, case.ranks, weight))
     torch.library.opcheck(lib.lora_linear.default, case.linear_args)
     grads = [v.clone().requires_grad_() for v in (case.x, case.W, case.bias, case.A, case.B)]
     torch.library.opcheck(lib.lora_linear.default, (*grads, case.scale, case.index, case.ranks))

@@ -383,6 +383,8 @@ def test_compiled_and_fallback_say_the_same(bad):
         "shrink-index-int32",
         "linear-weight-1d-for-2d",
         "expand-weight-length",
+        "delta-B-rank",
+        "delta-y-strided",
     ],
 )
 def test_compiled_graph_reports_the_error(name):

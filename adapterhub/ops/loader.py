@@ -34,9 +34,15 @@ def load_backend() -> str:
         _register_fallback()
         return "fallback"
     try:
-        from adapterhub import _C  # noqa: F401  (registers the ops with the dispatcher)
+        from adapterhub import _C  # (registers the ops with the dispatcher)
     except ImportError as error:
         log.info("adapterhub._C is not built (%s); using the pure-PyTorch fallback", error)
         _register_fallback()
         return "fallback"
+    missing = [name for name in SCHEMAS if not hasattr(torch.ops.adapterhub, name)]
+    if missing:  # the namespace is taken now: the fallback cannot take over
+        raise ImportError(
+            f"{_C.__file__} was built from older sources: it lacks the ops {missing}; rebuild it "
+            "(make test, or pip install -e . --no-build-isolation), or delete it to use the pure-PyTorch fallback"
+        )
     return "compiled"

@@ -1,7 +1,8 @@
-// CUDA impls of lora_shrink and lora_expand (the kernels are in lora_kernels.cuh).
-// Same contract as the CPU impls (expand's optional per-row weight is read on the device and
-// multiplies scale in the fp32/fp64 accumulation); lora_linear and its backward come for free from
-// csrc/lora_linear.cpp (CompositeExplicitAutograd over these two and at::mm).
+// CUDA impls of lora_shrink, lora_expand, lora_delta, lora_linear and lora_linear_backward (the
+// kernels are in lora_kernels.cuh). Same contract as the CPU impls (expand's optional per-row weight
+// is read on the device and multiplies scale in the fp32/fp64 accumulation). lora_linear runs over
+// lora_linear_with (csrc/lora_linear.h) with this file's per-column delta; the backward is the
+// composite one after raising pending errors.
 //
 // Dispatch rule, per call, by shape only (nothing is read back from the device):
 //   - rows < kSgmvMinBatchRows (decode batches): BGMV, one block row per row, each reading its
@@ -281,8 +282,8 @@ void lora_expand_cuda(at::Tensor& y, const at::Tensor& t, const at::Tensor& B, c
 
 // ---- lora_linear: one plan per column, or the fused decode kernel ---------------------
 
-// Which decode kernel lora_linear uses on sm_90+ builds: 0 = shrink then expand (two launches),
-// 1 = fused (one launch, a cluster per row; elsewhere the two launches run anyway). ADAPTERHUB_CUDA_DECODE=fused|split at start, set_cuda_decode later.
+// Which decode kernel lora_delta and lora_linear use on sm_90+ builds: 0 = shrink then expand (two
+// launches), 1 = fused (one launch, a cluster per row; elsewhere the two launches run anyway). ADAPTERHUB_CUDA_DECODE=fused|split at start, set_cuda_decode later.
 std::atomic<int> decode_mode{std::getenv("ADAPTERHUB_CUDA_DECODE") != nullptr &&
                              std::string(std::getenv("ADAPTERHUB_CUDA_DECODE")) == "fused"};
 
@@ -298,14 +299,13 @@ bool fused_kernel_ready(int device) {
   if (found != ready.end()) return found->second;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  bool ok = major >= 9;
-  if (ok) {
-    cudaFuncAttributes attributes;
-    ok = cudaFuncGetAttributes(&attributes, cuda::lora_fused_decode_kernel<T, VEC>) == cudaSuccess &&
-         attributes.ptxVersion >= 90;
-    (void)cudaGetLastError();  // a failed query leaves no sticky error behind
+  if (major < 9) return ready.emplace(device, false).first->second;
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, cuda::lora_fused_decode_kernel<T, VEC>) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear this query's (non-sticky) error; ask again next time
+    return false;
   }
-  return ready.emplace(device, ok).first->second;
+  return ready.emplace(device, attributes.ptxVersion >= 90).first->second;
 }
 
 template <typename T, int VEC>
@@ -429,7 +429,8 @@ void raise_routing_errors() {
   }
 }
 
-// "fused" or "split": lora_linear's decode kernel on sm_90+ from now on; returns the previous one.
+// "fused" or "split": the decode kernel of lora_delta and lora_linear on sm_90+ from now on; returns
+// the previous one.
 std::string set_cuda_decode(const std::string& mode) {
   TORCH_CHECK_VALUE(mode == "fused" || mode == "split", "set_cuda_decode: mode must be 'fused' or 'split', got '",
                     mode, "'");
