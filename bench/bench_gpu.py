@@ -716,8 +716,6 @@ def run_launches(timer, device, peak, cfg: Config) -> tuple[str, dict]:
             f"{us(base['graph'] + pair['graph'])} µs." + fused_note,
         ]
     )
-    if decode is not None:
-        decode(initial)
     return text, res
 
 

@@ -443,7 +443,8 @@ def render(report: dict) -> str:
     if report["grads"]:
         lines += ["", f"bf16: {yes[g['ok_bf16']]} (tol {g['bf16_tol']:.2e}); fp32: {yes[g['ok_fp32']]}.", ""]
     else:
-        lines += ["", "Not measured: see the errors below.", ""]
+        cut = report.get("reached") == "logits"
+        lines += ["", "Not measured: the run was cut short." if cut else "Not measured: see the errors below.", ""]
     timer = "CUDA events" if env["device_type"] == "cuda" else "perf_counter"
     lines += [
         f"### 3. Times, bf16 (median ms after warm-up, {timer})",

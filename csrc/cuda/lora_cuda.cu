@@ -289,7 +289,8 @@ std::atomic<int> decode_mode{std::getenv("ADAPTERHUB_CUDA_DECODE") != nullptr &&
 
 // Whether the fused kernel for T on `device` was built for sm_90+ (clusters): the device is sm_90+
 // and the code loaded for it came from compute_90+ (a build of sm_80 SASS + PTX would JIT the
-// compute_80 PTX, whose fused kernel is empty). Asked once per device and dtype.
+// compute_80 PTX, whose fused kernel is empty). Asked once per device and dtype (again after a
+// failed query).
 template <typename T, int VEC>
 bool fused_kernel_ready(int device) {
   static std::mutex mutex;
