@@ -7,6 +7,7 @@ Skipped without an NVIDIA GPU or without the CUDA build of adapterhub._C.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,6 +35,43 @@ pytestmark = [
 ]
 
 DEV = "cuda"
+
+
+def _has_clusters() -> bool:
+    return _cuda_build() and torch.cuda.get_device_capability()[0] >= 9
+
+
+needs_clusters = pytest.mark.skipif(not _has_clusters(), reason="the fused decode kernel needs sm_90+")
+# "split" (shrink, expand) or "fused" (one launch, sm_90+): the decode kernels a test runs with
+DECODE_MODES = ["split", pytest.param("fused", marks=needs_clusters)]
+
+
+@contextlib.contextmanager
+def decode_mode(mode: str):
+    """Inside the block, decode batches of lora_delta / lora_linear run with `mode`'s kernels."""
+    from adapterhub import _C
+
+    previous = _C.set_cuda_decode(mode)
+    try:
+        yield
+    finally:
+        _C.set_cuda_decode(previous)
+
+
+def captured(fn):
+    """(graph, its output): fn warmed up on a side stream, then captured once."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 # dtype -> (rtol, atol) against float64 for O(1) values; t is float32 whatever the input dtype.
 TOL = {
     torch.float64: (1e-10, 1e-10),
@@ -310,20 +348,22 @@ def test_bad_rows_run_as_no_adapter(rows):
     ops.check_routing_errors()  # raised once, then cleared
 
 
+@pytest.mark.parametrize("decode", DECODE_MODES)
 @pytest.mark.parametrize("rows", [8, 512])  # BGMV and SGMV
-def test_eager_ops_do_not_sync(rows):
+def test_eager_ops_do_not_sync(rows, decode):
     """An eager lora_linear forward issues no host synchronization (torch's sync debug mode errors on one)."""
     c = {k: cuda(v) for k, v in make_inputs(rows, 6, 8, 64, 48, torch.bfloat16, seed=seed_of("sync", rows)).items()}
     args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], c["index"], c["ranks"])
-    ops.lora_linear(*args)  # the first call on a device sets up its error sink
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            y = ops.lora_linear(*args)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
+    with decode_mode(decode):
+        ops.lora_linear(*args)  # the first call on a device sets up its error sink
+        torch.cuda.synchronize()
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                y = ops.lora_linear(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
     assert_close(
         y,
         reference.lora_linear(
@@ -385,22 +425,17 @@ def test_compile_fullgraph():
     assert_close(got, expected, torch.bfloat16)
 
 
-@pytest.mark.parametrize("rows", [48, 300])  # BGMV and SGMV (grouped on the device, inside the graph)
-def test_cuda_graph_replay_follows_index_in_place(rows):
-    """Captured once; the index is rewritten in place between replays; out-of-range values act as -1."""
+@pytest.mark.parametrize("decode", DECODE_MODES)
+@pytest.mark.parametrize("rows", [48, 300])  # BGMV (or fused) and SGMV (grouped on the device, inside the graph)
+def test_cuda_graph_replay_follows_index_in_place(rows, decode):
+    """Captured once; the index is rewritten in place between replays; out-of-range values act as -1 and
+    are raised once, as lora_linear's."""
     slots = 8
     c = make_inputs(rows, slots, 16, 128, 96, torch.bfloat16, seed=9)
     W, bias, A, B, scale, ranks = (cuda(c[n]) for n in ("W", "bias", "A", "B", "scale", "ranks"))
     x, index = cuda(c["x"]), cuda(c["index"])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            ops.lora_linear(x, W, bias, A, B, scale, index, ranks)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = ops.lora_linear(x, W, bias, A, B, scale, index, ranks)
+    with decode_mode(decode):
+        graph, y = captured(lambda: ops.lora_linear(x, W, bias, A, B, scale, index, ranks))
 
     g = torch.Generator().manual_seed(3)
     invalid = torch.randint(-1, slots, (rows,), generator=g)
@@ -511,15 +546,7 @@ def test_cuda_graph_replay_follows_composed_routing_in_place():
     g = torch.Generator().manual_seed(4)
     index, weight = (cuda(v) for v in composed_routing(rows, slots, g))
     x = cuda(c["x"])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            ops.lora_linear(x, W, bias, A, B, scale, index, ranks, weight)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = ops.lora_linear(x, W, bias, A, B, scale, index, ranks, weight)
+    graph, y = captured(lambda: ops.lora_linear(x, W, bias, A, B, scale, index, ranks, weight))
 
     for new_index, new_weight in (composed_routing(rows, slots, g), (torch.full((rows, 3), 3), torch.ones(rows, 3))):
         index.copy_(new_index)
@@ -535,21 +562,11 @@ def test_cuda_graph_replay_follows_composed_routing_in_place():
 # ---- lora_linear's fused decode kernel (sm_90+: one launch, a thread block cluster per row) -----------
 
 
-def _has_clusters() -> bool:
-    return _cuda_build() and torch.cuda.get_device_capability()[0] >= 9
-
-
-needs_clusters = pytest.mark.skipif(not _has_clusters(), reason="the fused decode kernel needs sm_90+")
-
-
 @pytest.fixture
 def fused():
-    """lora_linear's decode batches (< 128 rows) run the fused kernel in the test, split again after."""
-    from adapterhub import _C
-
-    previous = _C.set_cuda_decode("fused")
-    yield
-    _C.set_cuda_decode(previous)
+    """lora_delta's and lora_linear's decode batches (< 128 rows) run the fused kernel in the test."""
+    with decode_mode("fused"):
+        yield
 
 
 @needs_clusters
@@ -579,54 +596,6 @@ def test_fused_decode_large_and_composed(fused, in_f, out_f):
         args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], idx, c["ranks"], w)
         got = ops.lora_linear(*map(cuda, args))
         assert_close(got, reference.lora_linear(*map(f64, args[:5]), *args[5:]), torch.bfloat16)
-
-
-@needs_clusters
-def test_fused_decode_in_a_graph_follows_index_and_reports(fused):
-    """Captured with the fused kernel; the index is rewritten between replays; bad slots act as -1 and
-    are raised once, as lora_linear's."""
-    rows, slots = 48, 8
-    c = make_inputs(rows, slots, 16, 128, 96, torch.bfloat16, seed=21)
-    W, bias, A, B, scale, ranks = (cuda(c[n]) for n in ("W", "bias", "A", "B", "scale", "ranks"))
-    x, index = cuda(c["x"]), cuda(c["index"])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ops.lora_linear(x, W, bias, A, B, scale, index, ranks)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = ops.lora_linear(x, W, bias, A, B, scale, index, ranks)
-    g = torch.Generator().manual_seed(5)
-    invalid = torch.randint(-1, slots, (rows,), generator=g)
-    invalid[::4] = 50
-    for new in (torch.randint(-1, slots, (rows,), generator=g), torch.full((rows,), 0), invalid):
-        index.copy_(new)
-        graph.replay()
-        torch.cuda.synchronize()
-        if new is invalid:
-            with pytest.raises(ValueError, match="lora_linear: index values must be in"):
-                ops.check_routing_errors()
-        ops.check_routing_errors()
-        effective = torch.where((new >= 0) & (new < slots), new, -1)
-        expected = reference.lora_linear(
-            *map(f64, (c["x"], c["W"], c["bias"], c["A"], c["B"])), c["scale"], effective, c["ranks"]
-        )
-        assert_close(y, expected, torch.bfloat16)
-
-
-@needs_clusters
-def test_fused_decode_does_not_sync(fused):
-    c = {k: cuda(v) for k, v in make_inputs(16, 6, 8, 64, 48, torch.bfloat16, seed=22).items()}
-    args = (c["x"], c["W"], c["bias"], c["A"], c["B"], c["scale"], c["index"], c["ranks"])
-    ops.lora_linear(*args)
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        ops.lora_linear(*args)
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 def test_set_cuda_decode_refuses_unknown_modes():
