@@ -38,7 +38,7 @@ Prefill, 4096x4096, r = 16: 512 or 4096 tokens in 1, 4 or 16 contiguous segments
 each). The LoRA delta y += scale * (x @ A.T) @ B.T, every column replayed from a CUDA graph:
   base            x @ W.T (F.linear)
   ours            lora_linear; ours / base is the prefill target
-  ours delta      lora_shrink + lora_expand (our SGMV kernels)
+  ours delta      lora_delta: shrink then expand as one op (our SGMV kernels), what the layers call
   grouped         torch._grouped_mm twice (CUTLASS or cuBLASLt grouped GEMM, by build) over the tokens
                   grouped by adapter (contiguous here, so no permutation), the used slots' A and B
                   gathered per call, then y += the result (_grouped_mm cannot accumulate into y)
@@ -747,7 +747,7 @@ def prefill_case(timer, device, W, A, B, scale, x, index_cpu: torch.Tensor) -> d
     y = F.linear(x, W)  # the delta methods add into this, as lora_expand does
     s, err, why = {}, {}, {}
     methods = {
-        "ours": lambda y: ops.lora_expand(y, ops.lora_shrink(x, A, index), B, scale, index),
+        "ours": lambda y: ops.lora_delta(y, x, A, B, scale, index),
         "loop": lambda y: segment_loop_delta(y, x, A, B, scales, plan),
     }
     if grouped_mm is None:
