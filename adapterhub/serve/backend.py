@@ -182,11 +182,10 @@ async def generate(
 async def _events(queue: asyncio.Queue, unfinished: int, deadline: float | None, timeout: float | None, scored):
     """(choice index, event) until every choice finished, its logprobs `scored` (while the index is still the
     engine's: prompt k's choices at k * rows); ApiError for a failure or the deadline."""
-    loop = asyncio.get_running_loop()
     while unfinished:
-        left = None if deadline is None else deadline - loop.time()
         try:
-            offset, event = await asyncio.wait_for(queue.get(), left)
+            async with asyncio.timeout_at(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
+                offset, event = await queue.get()
         except TimeoutError:
             raise ApiError(
                 504,

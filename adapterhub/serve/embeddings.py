@@ -130,7 +130,8 @@ class EmbedBackend(LocalBackend):
             raise ApiError(error.status, str(error), retry_after=error.retry_after) from None
         timeout = engine.limits.request_timeout
         try:
-            result = await asyncio.wait_for(done, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancellation
+                result = await done
         except TimeoutError:
             raise ApiError(
                 504, f"the request did not finish within the server's request timeout of {timeout:g} s; retry later"

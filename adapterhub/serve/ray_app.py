@@ -154,7 +154,8 @@ def replica_class(settings: EngineSettings):
         async def _is_dead(self, model_id: str) -> bool:
             """Asks the store (this replica's copy may be a moment behind the ingress that sent the request)."""
             try:
-                current = await asyncio.wait_for(self.registry.store.get(split(model_id)[0]), REFRESH_TIMEOUT)
+                async with asyncio.timeout(REFRESH_TIMEOUT):
+                    current = await self.registry.store.get(split(model_id)[0])
             except Exception:  # the store restarting: this replica's copy decides
                 return self.registry.is_dead(model_id)
             return is_dead(current, model_id)
@@ -292,7 +293,8 @@ class RayBackend:
         version = self.registry.live(name)
         if refresh or version is None or not self.registry.fresh():
             try:
-                await asyncio.wait_for(self.registry.refresh(), REFRESH_TIMEOUT)
+                async with asyncio.timeout(REFRESH_TIMEOUT):
+                    await self.registry.refresh()
             except Exception as error:
                 if version is None or refresh:
                     raise _unreachable(error) from None
@@ -347,7 +349,8 @@ class RayBackend:
     async def adapters(self) -> list[dict]:
         await self.start()
         try:
-            await asyncio.wait_for(self.registry.refresh(), REFRESH_TIMEOUT)
+            async with asyncio.timeout(REFRESH_TIMEOUT):
+                await self.registry.refresh()
         except Exception as error:
             log.warning("adapter registry did not answer (%s); listing this ingress's copy", error)
         return [
@@ -400,7 +403,8 @@ class RayBackend:
         while self._in_flight[name] and (left := deadline - asyncio.get_running_loop().time()) > 0:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._idle.wait()
         return self._in_flight[name]
 
     async def health(self) -> dict:

@@ -165,7 +165,8 @@ class Store:
         if incarnation == self._incarnation and since == self._epoch and timeout > 0:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait_for(lambda: self._epoch != since), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._changed.wait_for(lambda: self._epoch != since)
         if incarnation != self._incarnation:
             return self._incarnation, self._epoch, True, list(self._entries.values())
         changed = []
@@ -257,7 +258,8 @@ class RemoteStore:
         if self._actor is None:
             self._actor = await asyncio.to_thread(connect, self.app_name)
         try:
-            return await asyncio.wait_for(getattr(self._actor, method).remote(*args), timeout)
+            async with asyncio.timeout(timeout):
+                return await getattr(self._actor, method).remote(*args)
         except RayActorError:
             self._actor = None  # restarting: the same handle would do; dead for good: a new actor
             raise
@@ -315,7 +317,9 @@ class View:
 
     async def refresh(self) -> None:
         """Brings the copy up to date with the store now."""
-        self._apply(*await asyncio.wait_for(self.store.watch(self.incarnation, self.epoch, 0), CALL_TIMEOUT))
+        async with asyncio.timeout(CALL_TIMEOUT):
+            changes = await self.store.watch(self.incarnation, self.epoch, 0)
+        self._apply(*changes)
 
     async def _follow(self) -> None:
         pause = 0.1

@@ -1,0 +1,51 @@
+"""A request's event stream stops when its consumer is cancelled (its client went away), even when
+the cancellation lands in the very tick its next event arrives: asyncio.wait_for on Python 3.11
+returns that event instead and swallows the cancellation, so the generation ran to max_tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adapterhub.serve.backend import _events
+from adapterhub.serve.engine import Token
+from adapterhub.serve.errors import ApiError
+
+
+def _unscored(index: int, event):
+    return event
+
+
+async def _cancelled_as_an_event_arrives(deadline_in: float | None) -> None:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    deadline = None if deadline_in is None else loop.time() + deadline_in
+    events = _events(queue, 1, deadline, deadline_in, _unscored)
+    consumer = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0)  # the consumer waits on the queue
+    queue.put_nowait((0, Token(0, "a")))  # the event arrives ...
+    consumer.cancel()  # ... in the tick the client goes away
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert queue.qsize() == 1, "the event a cancelled consumer did not take stays in the queue"
+
+
+@pytest.mark.parametrize("deadline_in", [30.0, None], ids=["request-timeout", "no-timeout"])
+def test_a_consumer_cancelled_as_its_event_arrives_stops(deadline_in):
+    asyncio.run(_cancelled_as_an_event_arrives(deadline_in))
+
+
+async def _past_the_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    events = _events(queue, 2, loop.time() + 0.05, 0.05, _unscored)
+    queue.put_nowait((0, Token(0, "a")))
+    assert await anext(events) == (0, Token(0, "a"))
+    with pytest.raises(ApiError, match="--request-timeout") as raised:
+        await anext(events)
+    assert raised.value.status == 504
+
+
+def test_no_event_before_the_deadline_is_a_504():
+    asyncio.run(_past_the_deadline())
