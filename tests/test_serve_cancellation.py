@@ -1,6 +1,8 @@
 """A request's event stream stops when its consumer is cancelled (its client went away), even when
-the cancellation lands in the very tick its next event arrives: asyncio.wait_for on Python 3.11
-returns that event instead and swallows the cancellation, so the generation ran to max_tokens."""
+the cancellation lands in the very tick its next event arrives: asyncio.wait_for, used while a
+--request-timeout was set, returned that event on Python 3.11 and swallowed the cancellation, so the
+generation ran on to max_tokens (the no-timeout case guards the other branch). And the deadline holds
+while events are waiting: a consumer behind on a backlog still gets its 504."""
 
 from __future__ import annotations
 
@@ -49,3 +51,18 @@ async def _past_the_deadline() -> None:
 
 def test_no_event_before_the_deadline_is_a_504():
     asyncio.run(_past_the_deadline())
+
+
+async def _behind_at_the_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    events = _events(queue, 1, loop.time() - 0.001, 1.0, _unscored)  # the deadline has passed
+    for _ in range(3):
+        queue.put_nowait((0, Token(0, "a")))  # a backlog: getting an event would not wait
+    with pytest.raises(ApiError, match="--request-timeout") as raised:
+        await anext(events)
+    assert raised.value.status == 504
+
+
+def test_a_consumer_behind_on_a_backlog_gets_504_at_the_deadline():
+    asyncio.run(_behind_at_the_deadline())

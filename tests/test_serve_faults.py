@@ -363,6 +363,39 @@ def test_a_request_past_its_deadline_gets_504_and_leaves(dirs):
         engine.stop()
 
 
+def _generated(engine: Engine) -> float:
+    return engine.metrics.registry.get_sample_value("adapterhub_generated_tokens_total")
+
+
+def test_a_consumer_that_stops_reading_still_stops_its_request_at_the_deadline():
+    model = served_llama()
+    model.config.max_position_embeddings = 4096  # room for a generation far longer than the deadline
+    limits = Limits(request_timeout=0.5)
+    engine = Engine(Backbone(model, max_adapters=1, max_rank=4), tiny_tokenizer(), base_name="tiny", limits=limits)
+    engine.start()
+    before, max_tokens = _generated(engine), 4000
+    try:
+
+        async def run() -> None:
+            body = CompletionRequest(
+                model="tiny", prompt=[5, 6, 7], max_tokens=max_tokens, temperature=0, ignore_eos=True
+            )
+            events = generate(engine, None, body, "here")
+            await anext(events)  # Start
+            await anext(events)  # a first token; then nothing is read (a client that stopped reading)
+            deadline = time.monotonic() + 30
+            while engine.running_rows() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # the loop runs: the deadline's callback can fire
+            await events.aclose()
+
+        asyncio.run(run())
+        assert engine.running_rows() == 0 and engine.queue_depth() == 0
+        generated = _generated(engine) - before
+        assert generated < max_tokens, "the request ran to max_tokens although its deadline passed"
+    finally:
+        engine.stop()
+
+
 def test_listings_survive_adapter_churn(dirs):
     engine = _engine(dirs, slots=2, adapters=()).start()
     backend = LocalBackend(engine)

@@ -182,13 +182,13 @@ def _idle(http, within: float = 10) -> bool:
 
 
 def _stopped_early(http, before: float, max_tokens: int, why: str) -> None:
-    """Asserts a request left running (ignore_eos) would have generated all of its `max_tokens`
-    since the metric read `before`, but stopped with under half of them: judged by tokens, not by a
-    time bound, so a slow machine cannot fail it. No token comes after it stopped."""
+    """Asserts a request that, left running (ignore_eos), would generate all of its `max_tokens`
+    stopped short of them (counted since the metric read `before`): judged by tokens, not by a time
+    bound, so neither a slow machine nor a fast one decides it. No token comes after it stopped."""
     since = time.monotonic()
     assert _idle(http, 120), "the request neither stopped nor finished within 120 s"
     generated = _generated(http) - before
-    assert generated < max_tokens / 2, (
+    assert generated < max_tokens, (
         f"{generated} of {max_tokens} tokens were generated, idle {time.monotonic() - since:.1f} s after {why}"
     )
     time.sleep(0.5)

@@ -160,6 +160,8 @@ async def generate(
         raise ApiError(error.status, str(error), retry_after=error.retry_after) from None
     timeout = engine.limits.request_timeout
     deadline = None if timeout is None else loop.time() + timeout
+    # The engine stops at the deadline even while the consumer is not reading (stuck sending to a client).
+    expiry = None if deadline is None else loop.call_at(deadline, engine.cancel, requests)
     scored = _scorer(engine.tokenizer, prompts, rows)
     try:
         tooled = isinstance(body, ChatRequest) and bool(body.tools) and body.tool_choice != "none"
@@ -176,14 +178,19 @@ async def generate(
         async for index, event in events:
             yield index, event
     finally:
+        if expiry is not None:
+            expiry.cancel()
         engine.cancel(requests)  # a no-op for those that finished
 
 
 async def _events(queue: asyncio.Queue, unfinished: int, deadline: float | None, timeout: float | None, scored):
     """(choice index, event) until every choice finished, its logprobs `scored` (while the index is still the
     engine's: prompt k's choices at k * rows); ApiError for a failure or the deadline."""
+    loop = asyncio.get_running_loop()
     while unfinished:
         try:
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError  # events waiting: a get would not suspend, so timeout_at could not fire
             async with asyncio.timeout_at(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
                 offset, event = await queue.get()
         except TimeoutError:
