@@ -2,7 +2,8 @@
 the cancellation lands in the very tick its next event arrives: asyncio.wait_for, used while a
 --request-timeout was set, returned that event on Python 3.11 and swallowed the cancellation, so the
 generation ran on to max_tokens (the no-timeout case guards the other branch). And the deadline holds
-while events are waiting: a consumer behind on a backlog still gets its 504."""
+while events are waiting: a consumer behind on a backlog gets what arrived in time, then its 504; an
+answer that finished in time goes out whole."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import asyncio
 import pytest
 
 from adapterhub.serve.backend import _events
-from adapterhub.serve.engine import Token
+from adapterhub.serve.engine import Finished, Token
 from adapterhub.serve.errors import ApiError
 
 
@@ -53,16 +54,25 @@ def test_no_event_before_the_deadline_is_a_504():
     asyncio.run(_past_the_deadline())
 
 
-async def _behind_at_the_deadline() -> None:
+async def _behind_at_the_deadline(finished: bool) -> list:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     events = _events(queue, 1, loop.time() - 0.001, 1.0, _unscored)  # the deadline has passed
-    for _ in range(3):
-        queue.put_nowait((0, Token(0, "a")))  # a backlog: getting an event would not wait
+    backlog = [(0, Token(0, "a")), (0, Token(0, "b"))] + ([(0, Finished(0, "length", 2))] if finished else [])
+    for item in backlog:
+        queue.put_nowait(item)  # what arrived before the deadline; getting it would not wait
+    received = []
+    async for item in events:
+        received.append(item)
+    return received
+
+
+def test_a_consumer_behind_at_the_deadline_gets_what_arrived_then_504():
     with pytest.raises(ApiError, match="--request-timeout") as raised:
-        await anext(events)
+        asyncio.run(_behind_at_the_deadline(finished=False))
     assert raised.value.status == 504
 
 
-def test_a_consumer_behind_on_a_backlog_gets_504_at_the_deadline():
-    asyncio.run(_behind_at_the_deadline())
+def test_an_answer_that_finished_in_time_goes_out_whole_to_a_late_reader():
+    received = asyncio.run(_behind_at_the_deadline(finished=True))
+    assert [event for _, event in received] == [Token(0, "a"), Token(0, "b"), Finished(0, "length", 2)]

@@ -386,6 +386,7 @@ def test_a_consumer_that_stops_reading_still_stops_its_request_at_the_deadline()
             deadline = time.monotonic() + 30
             while engine.running_rows() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)  # the loop runs: the deadline's callback can fire
+            assert not engine.running_rows(), "the request still ran 30 s after its 0.5 s deadline"
             await events.aclose()
 
         asyncio.run(run())

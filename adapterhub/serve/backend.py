@@ -190,10 +190,13 @@ async def _events(queue: asyncio.Queue, unfinished: int, deadline: float | None,
     while unfinished:
         try:
             if deadline is not None and loop.time() >= deadline:
-                raise TimeoutError  # events waiting: a get would not suspend, so timeout_at could not fire
-            async with asyncio.timeout_at(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
-                offset, event = await queue.get()
-        except TimeoutError:
+                # Past it (the engine stopped the request then): what arrived in time still goes out, a
+                # finished answer whole; with nothing left, 504. (timeout_at fires only while get waits.)
+                offset, event = queue.get_nowait()
+            else:
+                async with asyncio.timeout_at(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
+                    offset, event = await queue.get()
+        except (TimeoutError, asyncio.QueueEmpty):
             raise ApiError(
                 504,
                 f"the request did not finish within the server's request timeout of {timeout:g} s "
