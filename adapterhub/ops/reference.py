@@ -38,6 +38,11 @@ def lora_shrink(
     """x (rows, in), A (slots, max_rank, in) -> t (rows, max_rank)."""
     check_shrink_args("lora_shrink", x, A, index, ranks)
     check_routing_values("lora_shrink", index, ranks, A.size(0), A.size(1))
+    return _shrink(x, A, index, ranks)
+
+
+def _shrink(x: torch.Tensor, A: torch.Tensor, index: torch.Tensor, ranks: torch.Tensor | None) -> torch.Tensor:
+    """lora_shrink on checked arguments."""
     acc = intermediate_dtype(x.dtype)
     t = torch.zeros(x.size(0), A.size(1), dtype=acc, device=x.device)
     for s, r, rows in _segments(index, ranks, A.size(1)):
@@ -60,6 +65,11 @@ def lora_expand(
     """
     check_expand_args("lora_expand", y, t, B, scale, index, ranks, weight)
     check_routing_values("lora_expand", index, ranks, B.size(0), B.size(2))
+    _expand(y, t, B, scale, index, ranks, weight)
+
+
+def _expand(y, t, B, scale, index, ranks, weight) -> None:
+    """lora_expand on checked arguments."""
     for s, r, rows in _segments(index, ranks, B.size(2)):
         ts = t[rows, :r] if weight is None else t[rows, :r] * weight[rows, None].to(t.dtype)  # (n, r)
         delta = ts @ B[s, :, :r].to(t.dtype).T  # (n, out)
@@ -79,7 +89,12 @@ def lora_delta(
     """y (rows, out) += weight * scale[s] * (x (rows, in) @ A[s, :r].T) @ B[s, :, :r].T per row; in place."""
     check_delta_args("lora_delta", y, x, A, B, scale, index, ranks, weight)
     check_routing_values("lora_delta", index, ranks, A.size(0), A.size(1))
-    lora_expand(y, lora_shrink(x, A, index, ranks), B, scale, index, ranks, weight)
+    _delta(y, x, A, B, scale, index, ranks, weight)
+
+
+def _delta(y, x, A, B, scale, index, ranks, weight) -> None:
+    """lora_delta on checked arguments (each op checks once, not again per shrink and expand)."""
+    _expand(y, _shrink(x, A, index, ranks), B, scale, index, ranks, weight)
 
 
 def index_per_row(index: torch.Tensor, rows: int) -> torch.Tensor:
@@ -118,7 +133,7 @@ def lora_linear(
     idx = index_per_row(index, x2.size(0))  # (rows,) or (rows, K)
     w = None if weight is None else index_per_row(weight, x2.size(0))
     for idx_k, w_k in columns(idx, w):
-        lora_expand(y, lora_shrink(x2, A, idx_k, ranks), B, scale, idx_k, ranks, w_k)
+        _delta(y, x2, A, B, scale, idx_k, ranks, w_k)
     return y.view(*x.shape[:-1], W.size(0))
 
 
